@@ -1,0 +1,26 @@
+# Two entry points, each sets itself up idempotently: `make demo`, `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ensdiv demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check ensdiv tests benchmarks
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-enable -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
