@@ -1,0 +1,192 @@
+"""Member architectures: small, sample-independent, normalizing inside themselves.
+
+Every model takes pixel-space inputs in [0, 1] of shape [B, C, H, W], normalizes them with the
+data set's per-channel mean/std inside (so attacks and noise work in pixel space), and returns
+logits [B, num_classes]. Each exposes ``features(x) -> [B, F]`` (the penultimate representation)
+and a linear ``head`` (``logits = head(features(x))``) so representations can be matched.
+
+Normalization layers are GroupNorm: train-mode BatchNorm couples the samples of a batch, which
+breaks per-sample input gradients and ``vmap`` over samples.
+
+Example:
+    >>> import torch
+    >>> net = build_model("cnn", in_shape=(1, 8, 8), num_classes=10)
+    >>> net(torch.rand(4, 1, 8, 8)).shape
+    torch.Size([4, 10])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from ensdiv.errors import EnsdivError, check_choice
+
+Arch = Literal["mlp", "cnn", "resnet20"]
+ARCHS: tuple[str, ...] = get_args(Arch)
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` as a layer, with mean/std kept as buffers.
+
+    Example:
+        >>> Normalize((0.5,), (0.25,))(torch.ones(1, 1, 2, 2)).flatten().tolist()
+        [2.0, 2.0, 2.0, 2.0]
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` [B, C, H, W]."""
+        return (x - self.mean) / self.std
+
+
+class Member(nn.Module):
+    """Base of all members: ``forward(x) = head(features(x))`` on pixel-space input."""
+
+    normalize: Normalize
+    head: nn.Linear
+
+    def embed(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Map a normalized input to the penultimate representation."""
+        raise NotImplementedError
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate representation [B, F] of pixel-space ``x`` [B, C, H, W]."""
+        return self.embed(self.normalize(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits [B, num_classes] of pixel-space ``x`` [B, C, H, W]."""
+        return self.head(self.features(x))
+
+
+class MLP(Member):
+    """Two hidden layers of width ``hidden`` with ReLU; features are the second hidden layer."""
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
+                 std: Sequence[float], hidden: int = 256) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        self.normalize = Normalize(mean, std)
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+    def embed(self, z: Tensor) -> Tensor:
+        """Hidden representation [B, hidden]."""
+        return self.body(z)
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+class CNN(Member):
+    """A small LeNet-like net: two conv-GN-ReLU-maxpool blocks, adaptive pooling, one FC layer.
+
+    Adaptive pooling to 4×4 makes it work from 8×8 inputs (digits) up to 32×32 (CIFAR).
+    """
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
+                 std: Sequence[float], width: int = 32, feat_dim: int = 128) -> None:
+        super().__init__()
+        c = in_shape[0]
+        self.normalize = Normalize(mean, std)
+        self.body = nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1), _gn(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), _gn(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(2 * width * 16, feat_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(feat_dim, num_classes)
+
+    def embed(self, z: Tensor) -> Tensor:
+        """Representation [B, feat_dim] after the FC layer."""
+        return self.body(z)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016) with GroupNorm and an option-B 1×1 shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = _gn(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = _gn(cout)
+        self.short: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _gn(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Residual block output."""
+        out = torch.relu(self.n1(self.conv1(x)))
+        return torch.relu(self.n2(self.conv2(out)) + self.short(x))
+
+
+class ResNet20(Member):
+    """CIFAR-style ResNet-20 (He et al. 2016): 3 stages × 3 blocks, 16/32/64 channels."""
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
+                 std: Sequence[float], width: int = 16) -> None:
+        super().__init__()
+        c = in_shape[0]
+        self.normalize = Normalize(mean, std)
+        layers: list[nn.Module] = [nn.Conv2d(c, width, 3, 1, 1, bias=False), _gn(width), nn.ReLU()]
+        cin = width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for block in range(3):
+                layers.append(BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
+                cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def embed(self, z: Tensor) -> Tensor:
+        """Globally pooled representation [B, 4·width]."""
+        return self.body(z)
+
+
+_ARCH_CLASSES: dict[str, type[Member]] = {"mlp": MLP, "cnn": CNN, "resnet20": ResNet20}
+
+
+def build_model(arch: str, *, in_shape: Sequence[int], num_classes: int,
+                mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> Member:
+    """Build one member network.
+
+    Args:
+        arch: one of ``ARCHS`` ("mlp", "cnn", "resnet20").
+        in_shape: (C, H, W) of the pixel-space input; H, W ≥ 8.
+        num_classes: number of logits (≥ 2).
+        mean, std: per-channel normalization constants (default 0 and 1: no normalization).
+
+    Returns:
+        A :class:`Member` mapping [B, C, H, W] in [0, 1] to logits [B, num_classes].
+
+    Example:
+        >>> build_model("mlp", in_shape=(1, 8, 8), num_classes=10).head.out_features
+        10
+    """
+    check_choice("arch", arch, ARCHS)
+    in_shape = tuple(int(s) for s in in_shape)
+    if len(in_shape) != 3 or min(in_shape[1:]) < 8 or in_shape[0] < 1:
+        raise EnsdivError(f"in_shape must be (C, H, W) with H, W >= 8; got {in_shape}")
+    if num_classes < 2:
+        raise EnsdivError(f"num_classes must be >= 2; got {num_classes}")
+    c = in_shape[0]
+    mean = tuple(mean) if mean is not None else (0.0,) * c
+    std = tuple(std) if std is not None else (1.0,) * c
+    if len(mean) != c or len(std) != c:
+        raise EnsdivError(f"mean/std need {c} channel values; got {len(mean)} and {len(std)}")
+    if min(std) <= 0:
+        raise EnsdivError(f"std must be positive; got {std}")
+    return _ARCH_CLASSES[arch](in_shape, num_classes, mean, std)
