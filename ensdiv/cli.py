@@ -1,0 +1,202 @@
+"""The ``ensdiv`` command line: ``ensdiv --help`` lists every command.
+
+Bad input prints one line (``ensdiv: error: ...``) and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from ensdiv import __version__
+from ensdiv.data import DATASETS
+from ensdiv.ensemble import Ensemble
+from ensdiv.errors import EnsdivError
+from ensdiv.models import ARCHS
+from ensdiv.train import DIVERSITY_CHOICES, ENSEMBLE, TrainConfig, evaluate, train_run
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _fmt_acc(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.3f}" for v in values)
+
+
+def _print_epoch(record: dict[str, Any]) -> None:
+    extra = "".join(f" {k}={record[k]:.4f}" for k in ("mean_cos", "gdr") if k in record)
+    print(f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  members "
+          f"{_fmt_acc(record['member_acc'])}  ensemble {record['ensemble_acc']:.4f}{extra}  "
+          f"({record['seconds']:.1f}s)", flush=True)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--dataset", default=d.dataset, metavar="NAME",
+                   help=f"one of: {', '.join(DATASETS)} (default {d.dataset})")
+    p.add_argument("--arch", default=d.arch, metavar="ARCH",
+                   help=f"one of: {', '.join(ARCHS)} (default {d.arch})")
+    p.add_argument("--members", type=int, default=d.members, help="ensemble size M")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--diversity", default=d.diversity, metavar="NAME",
+                   help=f"regularizer, one of: {', '.join(DIVERSITY_CHOICES)}")
+    p.add_argument("--lam", type=float, default=d.lam, help="regularizer weight λ")
+    p.add_argument("--noise-sigma", type=float, default=d.noise_sigma,
+                   help="std of Gaussian input noise added to training batches")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding torchvision-format data sets (never downloads)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _config_from(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(dataset=args.dataset, arch=args.arch, members=args.members,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       weight_decay=args.weight_decay, seed=args.seed,
+                       diversity=args.diversity, lam=args.lam,
+                       noise_sigma=args.noise_sigma).validate()
+
+
+def _device(name: str | None) -> str | None:
+    if name is not None and name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise EnsdivError(f"unknown device {name!r}; choose one of: cpu, cuda")
+    return name
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``ensdiv train``: train one ensemble into ``--out``."""
+    config = _config_from(args)
+    print(f"training {config.members} x {config.arch} on {config.dataset} "
+          f"-> {args.out}", flush=True)
+    ens, records = train_run(config, out_dir=args.out, resume=args.resume,
+                             overwrite=args.overwrite, device=_device(args.device),
+                             data_root=args.data_root, progress=not args.quiet,
+                             on_epoch_end=_print_epoch)
+    if records:
+        print(f"done: ensemble test accuracy {records[-1]['ensemble_acc']:.4f} "
+              f"after {records[-1]['epoch']} epochs; files in {args.out}")
+    return 0
+
+
+def demo_report(epochs: int = 8, seed: int = 0, device: str | None = None,
+                progress: bool = False) -> list[str]:
+    """Train the demo ensembles on digits and return the report lines."""
+    config = TrainConfig(dataset="digits", arch="cnn", members=3, epochs=epochs, seed=seed,
+                         lr=3e-3)
+    t0 = time.perf_counter()
+    _, records = train_run(config, device=device, progress=progress)
+    last = records[-1]
+    return [
+        f"digits (8x8, 10 classes, n_test={last['n']}), 3 x cnn, {epochs} epochs, seed {seed}",
+        f"  member test accuracy:   {_fmt_acc(last['member_acc'])}",
+        f"  ensemble test accuracy: {last['ensemble_acc']:.3f} "
+        f"(majority vote {last['vote_acc']:.3f})",
+        f"  trained in {time.perf_counter() - t0:.1f}s",
+    ]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``ensdiv demo``: train a small ensemble on the embedded digits and report."""
+    for line in demo_report(epochs=args.epochs, seed=args.seed, device=_device(args.device),
+                            progress=not args.quiet):
+        print(line, flush=True)
+    return 0
+
+
+def _ensemble_path(run: str) -> Path:
+    p = Path(run)
+    if p.is_dir():
+        p = p / ENSEMBLE
+    if not p.is_file():
+        raise EnsdivError(f"no ensemble at {run} (expected a run folder with {ENSEMBLE} "
+                          "or an ensemble file)")
+    return p
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``ensdiv info RUN``: describe a saved ensemble and report its test accuracy."""
+    from ensdiv.data import load_dataset
+
+    path = _ensemble_path(args.run)
+    ens = Ensemble.load(path)
+    desc = ens.description()
+    print(json.dumps({k: desc[k] for k in ("format", "version", "num_members", "config")},
+                     indent=2, sort_keys=True))
+    archs = sorted({m["arch"] for m in desc["members"]})
+    print(f"members: {desc['num_members']} x {', '.join(archs)}, input "
+          f"{tuple(desc['members'][0]['in_shape'])}, {desc['members'][0]['num_classes']} classes")
+    dataset = desc["config"].get("dataset")
+    if dataset:
+        _, test, _ = load_dataset(dataset, root=args.data_root)
+        acc = evaluate(ens, test)
+        print(f"test accuracy on {dataset} (n={acc['n']}): members "
+              f"{_fmt_acc(acc['member_acc'])}, ensemble {acc['ensemble_acc']:.4f}, "
+              f"vote {acc['vote_acc']:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = _Parser(prog="ensdiv", description="Diverse ensembles: train, measure, certify.")
+    parser.add_argument("--version", action="version", version=f"ensdiv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train an ensemble (plain or with a diversity term)")
+    _add_train_args(p)
+    p.add_argument("--out", required=True, help="run folder (metrics, checkpoint, ensemble)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="train small ensembles on the embedded digits and report")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="describe a saved ensemble and report its test accuracy")
+    p.add_argument("run", help="run folder or ensemble file")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ensdiv`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EnsdivError as e:
+        print(f"ensdiv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ensdiv: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - needs a GPU
+        print(f"ensdiv: error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

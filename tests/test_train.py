@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+
+from ensdiv.ensemble import Ensemble
+from ensdiv.errors import EnsdivError
+from ensdiv.train import (
+    CHECKPOINT,
+    CONFIG,
+    ENSEMBLE,
+    METRICS,
+    TrainConfig,
+    ce_loss,
+    evaluate,
+    gaussian_noise,
+    train_run,
+)
+
+
+def test_ce_loss_is_sum_of_member_ces():
+    ens = Ensemble.build("mlp", 3, in_shape=(1, 8, 8), num_classes=10, seed=0)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    loss, stats = ce_loss(ens, x, y)
+    ref = [torch.nn.functional.cross_entropy(m(x), y) for m in ens.members]
+    torch.testing.assert_close(loss, sum(ref))
+    assert stats == pytest.approx({f"ce_{i}": float(r.detach()) for i, r in enumerate(ref)})
+
+
+def test_two_epochs_on_digits_beats_chance(tmp_path):
+    cfg = TrainConfig(dataset="digits", arch="cnn", members=3, epochs=2, lr=3e-3, seed=0)
+    ens, recs = train_run(cfg, out_dir=tmp_path / "run", progress=False)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    last = recs[-1]
+    assert last["ensemble_acc"] > 0.8
+    assert len(last["member_acc"]) == 3 and all(a > 0.5 for a in last["member_acc"])
+    assert last["loss"] < recs[0]["loss"]
+    for name in (CHECKPOINT, ENSEMBLE, METRICS, CONFIG):
+        assert (tmp_path / "run" / name).exists()
+    lines = (tmp_path / "run" / METRICS).read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2]
+    assert json.loads((tmp_path / "run" / CONFIG).read_text()) == cfg.to_dict()
+    # the saved ensemble reproduces the evaluation
+    loaded = Ensemble.load(tmp_path / "run" / ENSEMBLE)
+    from ensdiv.data import load_dataset
+    _, test, _ = load_dataset("digits")
+    assert evaluate(loaded, test)["ensemble_acc"] == pytest.approx(last["ensemble_acc"])
+    assert loaded.config["members"] == 3
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    cfg = TrainConfig(dataset="digits", arch="mlp", members=2, epochs=3, seed=1,
+                      noise_sigma=0.05)
+    full, full_recs = train_run(cfg, out_dir=tmp_path / "a", progress=False)
+
+    def stop_after_first(rec):
+        if rec["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_run(cfg, out_dir=tmp_path / "b", progress=False, on_epoch_end=stop_after_first)
+    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    seen = []
+    resumed, recs = train_run(cfg, out_dir=tmp_path / "b", resume=True, progress=False,
+                              on_epoch_end=lambda r: seen.append(r["epoch"]))
+    assert seen == [2, 3]  # epoch 1 was not retrained
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    for pa, pb in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert recs[-1]["ensemble_acc"] == full_recs[-1]["ensemble_acc"]
+    # resuming a finished run trains nothing; extending epochs continues it
+    seen.clear()
+    train_run(cfg, out_dir=tmp_path / "b", resume=True, progress=False,
+              on_epoch_end=lambda r: seen.append(r["epoch"]))
+    assert seen == []
+
+
+def test_run_folder_guards(tmp_path):
+    cfg = TrainConfig(arch="mlp", members=2, epochs=1)
+    train_run(cfg, out_dir=tmp_path, progress=False)
+    with pytest.raises(EnsdivError, match="holds this run already"):
+        train_run(cfg, out_dir=tmp_path, progress=False)
+    other = TrainConfig(arch="mlp", members=3, epochs=1)
+    with pytest.raises(EnsdivError, match="holds a different run"):
+        train_run(other, out_dir=tmp_path, progress=False)
+    with pytest.raises(EnsdivError, match=r"members: 2 -> 3"):
+        train_run(other, out_dir=tmp_path, resume=True, progress=False)
+    _, recs = train_run(other, out_dir=tmp_path, overwrite=True, progress=False)
+    assert len(recs[-1]["member_acc"]) == 3
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "x.txt").write_text("mine")
+    with pytest.raises(EnsdivError, match="holds no ensdiv run"):
+        train_run(cfg, out_dir=tmp_path / "stray", progress=False)
+    assert (tmp_path / "stray" / "x.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dataset": "imagenet"}, "cifar10, digits, fashion-mnist, mnist, mnist5k"),
+    ({"arch": "vgg"}, "cnn, mlp, resnet20"),
+    ({"members": 0}, "members must be >= 1"),
+    ({"epochs": 0}, "epochs must be positive"),
+    ({"lr": 0.0}, "learning rate must be positive"),
+    ({"lr": -1.0}, "learning rate must be positive"),
+    ({"batch_size": 0}, "batch size"),
+    ({"noise_sigma": -0.1}, "noise sigma"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(EnsdivError, match=message):
+        TrainConfig(**kwargs).validate()
+
+
+def test_gaussian_noise_augment():
+    assert gaussian_noise(0.0) is None
+    aug = gaussian_noise(0.1)
+    x = torch.full((100, 1, 8, 8), 0.5)
+    out = aug(x, torch.Generator().manual_seed(0))
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out - x).std().item() == pytest.approx(0.1, rel=0.05)
+    again = aug(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
