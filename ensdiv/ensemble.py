@@ -76,6 +76,7 @@ class Ensemble(nn.Module):
         self.path = check_choice("execution path", path, EXEC_PATHS)
         self.config: dict[str, Any] = dict(config or {})
         self._tuned: dict[str, str] = {}
+        self.refresh_skeleton()  # built now: a deepcopy fails once parameters are swapped out
         if path == "stacked" and not self.homogeneous:
             raise EnsdivError("path='stacked' needs members of one architecture; use 'loop'")
 
@@ -132,13 +133,15 @@ class Ensemble(nn.Module):
         buffers = {k: torch.stack([d[k] for d in bufs]) for k in bufs[0]}
         return params, buffers
 
+    def refresh_skeleton(self) -> None:
+        """Rebuild the skeleton from member 0; call after editing the members' layers in place."""
+        # kept out of the submodules, so it stays out of state_dict() and .to()
+        self.__dict__["_skeleton"] = copy.deepcopy(self.members[0]).to("meta")
+
     def skeleton(self) -> nn.Module:
         """A parameter-free ('meta') copy of member 0 in the ensemble's mode, to call
         functionally with stacked parameters."""
-        sk = self.__dict__.get("_skeleton")
-        if sk is None:
-            sk = copy.deepcopy(self.members[0]).to("meta")
-            self.__dict__["_skeleton"] = sk  # not a submodule: stays out of state_dict and .to()
+        sk = self.__dict__["_skeleton"]
         sk.train(self.training)
         return sk
 
