@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,8 +37,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ensdiv.data import DATASETS, load_dataset
+from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.gdr import gdr, summarize_gdr
+from ensdiv.gradients import input_gradients
 from ensdiv.io import (
     atomic_torch_save,
     atomic_write_json,
@@ -46,6 +50,9 @@ from ensdiv.io import (
     read_jsonl,
 )
 from ensdiv.models import ARCHS
+from ensdiv.objective import DIVERSITIES, ce_loss, ensemble_loss
+
+DIVERSITY_CHOICES: tuple[str, ...] = DIVERSITIES
 
 LossFn = Callable[[Ensemble, Tensor, Tensor], tuple[Tensor, dict[str, float]]]
 """A training objective: ``(ensemble, x [B,C,H,W], y [B]) -> (scalar loss, detached stats)``."""
@@ -119,29 +126,12 @@ class TrainConfig:
         return cls(**d)
 
 
-DIVERSITY_CHOICES: tuple[str, ...] = ("none",)
-
-
-def ce_loss(ensemble: Ensemble, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """Sum over members of each member's batch-mean cross-entropy (independent training).
-
-    Example:
-        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10)
-        >>> loss, stats = ce_loss(ens, torch.rand(4, 1, 8, 8), torch.arange(4))
-        >>> sorted(stats)
-        ['ce_0', 'ce_1']
-    """
-    logits = ensemble.member_logits(x)  # [M, B, K]
-    m, b, k = logits.shape
-    ce = torch.nn.functional.cross_entropy(
-        logits.reshape(m * b, k), y.repeat(m), reduction="none").view(m, b).mean(1)
-    return ce.sum(), {f"ce_{i}": float(v) for i, v in enumerate(ce.detach())}
-
-
 def make_loss(config: TrainConfig) -> LossFn:
-    """The objective a config asks for (``diversity="none"``: :func:`ce_loss`)."""
+    """The objective a config asks for: summed CE plus λ·regularizer (:func:`ensemble_loss`)."""
     check_choice("diversity", config.diversity, DIVERSITY_CHOICES)
-    return ce_loss
+    if config.diversity == "none":
+        return ce_loss
+    return functools.partial(ensemble_loss, diversity=config.diversity, lam=config.lam)
 
 
 def gaussian_noise(sigma: float) -> Callable[[Tensor, torch.Generator], Tensor] | None:
@@ -349,6 +339,28 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
     return ensemble.eval(), records
 
 
+HELD_OUT = 256
+"""Size of the fixed held-out batch (the first test samples) for per-epoch diversity metrics."""
+
+
+def diversity_hook(test_set: Dataset, n: int = HELD_OUT) -> EpochHook:
+    """Epoch hook: mean pairwise input-gradient cosine and ensemble GDR on a fixed held-out
+    batch (the first ``n`` test samples), so plain and diverse runs are comparable."""
+    x, y = next(iter(DataLoader(test_set, batch_size=n)))
+
+    def hook(ensemble: Ensemble) -> dict[str, Any]:
+        device = next(ensemble.parameters()).device
+        was_training = ensemble.training
+        ensemble.eval()
+        grads = input_gradients(ensemble, x.to(device), y.to(device))
+        ensemble.train(was_training)
+        res = summarize_gdr(gdr(grads))
+        return {"mean_cos": float(cosine_loss(grads)), "gdr": res.mean,
+                "gdr_sem": res.sem, "gdr_n": res.n_used, "gdr_excluded": res.n_excluded}
+
+    return hook
+
+
 def make_epoch_hooks(config: TrainConfig, test_set: Dataset) -> list[EpochHook]:
-    """Per-epoch extra metrics for a config (none for plain training)."""
-    return []
+    """Per-epoch extra metrics for a config: diversity metrics whenever M ≥ 2."""
+    return [diversity_hook(test_set)] if config.members >= 2 else []

@@ -11,20 +11,10 @@ from ensdiv.train import (
     ENSEMBLE,
     METRICS,
     TrainConfig,
-    ce_loss,
     evaluate,
     gaussian_noise,
     train_run,
 )
-
-
-def test_ce_loss_is_sum_of_member_ces():
-    ens = Ensemble.build("mlp", 3, in_shape=(1, 8, 8), num_classes=10, seed=0)
-    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
-    loss, stats = ce_loss(ens, x, y)
-    ref = [torch.nn.functional.cross_entropy(m(x), y) for m in ens.members]
-    torch.testing.assert_close(loss, sum(ref))
-    assert stats == pytest.approx({f"ce_{i}": float(r.detach()) for i, r in enumerate(ref)})
 
 
 def test_two_epochs_on_digits_beats_chance(tmp_path):
@@ -122,3 +112,31 @@ def test_gaussian_noise_augment():
     assert (out - x).std().item() == pytest.approx(0.1, rel=0.05)
     again = aug(x, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+
+
+def test_gal_training_lowers_cosine_and_gdr_at_comparable_accuracy():
+    from ensdiv.data import load_dataset
+    from ensdiv.gdr import ensemble_gdr
+
+    _, test, _ = load_dataset("digits")
+    results = {}
+    for diversity in ("none", "gal"):
+        cfg = TrainConfig(dataset="digits", arch="cnn", members=3, epochs=6, lr=3e-3, seed=0,
+                          diversity=diversity, lam=0.5)
+        ens, recs = train_run(cfg, progress=False)
+        results[diversity] = (recs[-1], ensemble_gdr(ens, test))
+    (plain, plain_gdr), (gal, gal_gdr) = results["none"], results["gal"]
+    assert gal["mean_cos"] < plain["mean_cos"] - 0.3
+    assert gal_gdr.mean < plain_gdr.mean - 0.05
+    assert gal_gdr.mean + 3 * gal_gdr.sem < plain_gdr.mean - 3 * plain_gdr.sem
+    assert gal["ensemble_acc"] > plain["ensemble_acc"] - 0.03
+    assert {"gdr", "gdr_sem", "gdr_n", "gdr_excluded", "reg"} <= set(gal)
+
+
+def test_diversity_needs_two_members():
+    with pytest.raises(EnsdivError, match="at least 2 members"):
+        TrainConfig(members=1, diversity="gal").validate()
+    with pytest.raises(EnsdivError, match="cos, gal, gdr, none"):
+        TrainConfig(diversity="trs").validate()
+    with pytest.raises(EnsdivError, match="lam"):
+        TrainConfig(diversity="gal", lam=-1).validate()
