@@ -72,3 +72,23 @@ def test_console_script_entry_point():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("ensdiv: error: no ensemble at")
+
+
+def test_gal_train_then_gdr(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "train", "--arch", "mlp", "--members", "2", "--epochs", "1",
+                           "--diversity", "gal", "--lam", "0.5", "--noise-sigma", "0.05",
+                           "--out", str(tmp_path / "r"), "--quiet")
+    assert code == 0 and "mean_cos=" in out and "gdr=" in out
+    code, out, _ = run_cli(capsys, "gdr", str(tmp_path / "r"), "--limit", "50")
+    assert code == 0 and "GDR (loss gradients) on digits test" in out and "n=50" in out
+    code, out, _ = run_cli(capsys, "gdr", str(tmp_path / "r"), "--limit", "20",
+                           "--mode", "margin")
+    assert code == 0 and "margin" in out
+    code, _, err = run_cli(capsys, "gdr", str(tmp_path / "r"), "--mode", "logit")
+    assert code == 2 and "choose one of: loss, margin" in err
+
+
+def test_diversity_with_one_member_is_an_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--members", "1", "--diversity", "gal",
+                           "--out", str(tmp_path / "r"))
+    assert code == 2 and "needs at least 2 members" in err and err.count("\n") == 1
