@@ -20,7 +20,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks --benchmark-enable -q
+	mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks --benchmark-enable -q --benchmark-json=.benchmarks/latest.json
+	$(PY) benchmarks/report.py .benchmarks/latest.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
