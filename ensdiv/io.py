@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from ensdiv.errors import EnsdivError
 
 
 def is_main_process() -> bool:
@@ -79,3 +82,50 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` atomically."""
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, config_name: str,
+                    resume: bool, overwrite: bool, resumable: frozenset[str] = frozenset(),
+                    kind: str = "run") -> Path:
+    """Create or check a result folder identified by ``config`` (saved as ``config_name``).
+
+    A folder already holding a ``kind`` is continued only with ``resume`` and a config equal
+    but for the ``resumable`` keys, and replaced (emptied) only with ``overwrite``; a non-empty
+    folder holding no ``kind`` is refused unless ``overwrite``. Raises :class:`EnsdivError`.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = prepare_run_dir(d, {"a": 1}, config_name="c.json", resume=False, overwrite=False)
+        >>> _ = prepare_run_dir(d, {"a": 1}, config_name="c.json", resume=True, overwrite=False)
+    """
+    if resume and overwrite:
+        raise EnsdivError("--resume and --overwrite exclude each other")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EnsdivError(f"{out} exists and is not a folder")
+    cfg_path = out / config_name
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    elif cfg_path.exists():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise EnsdivError(f"{cfg_path} is not valid JSON ({e})") from e
+        diff = sorted(k for k in set(old) | set(config)
+                      if old.get(k) != config.get(k) and k not in resumable)
+        if not resume:
+            what = f"a different {kind}" if old != config else f"this {kind} already"
+            raise EnsdivError(f"{out} holds {what}; pass --resume to continue it or "
+                              "--overwrite to replace it")
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+            raise EnsdivError(f"{out} holds a different {kind} ({changes}); use another --out "
+                              "or --overwrite")
+    elif out.exists() and any(out.iterdir()):
+        raise EnsdivError(f"{out} is not empty and holds no ensdiv {kind}; choose another "
+                          "--out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        atomic_write_json(cfg_path, config)
+    return out

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,9 +42,9 @@ from ensdiv.gdr import gdr, summarize_gdr
 from ensdiv.gradients import input_gradients
 from ensdiv.io import (
     atomic_torch_save,
-    atomic_write_json,
     atomic_write_jsonl,
     is_main_process,
+    prepare_run_dir,
     read_jsonl,
 )
 from ensdiv.models import ARCHS
@@ -66,7 +64,7 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 
 # Fields that may differ between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = frozenset({"epochs"})
+RESUMABLE_CHANGES = frozenset({"epochs"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,49 +256,6 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
     return records
 
 
-def prepare_run_dir(out_dir: str | os.PathLike, config: TrainConfig, *, resume: bool,
-                    overwrite: bool) -> Path:
-    """Create or check a run folder; refuse to mix runs.
-
-    An existing run is continued only with ``resume`` (and a config equal but for the
-    number of epochs) and replaced only with ``overwrite``.
-    """
-    if resume and overwrite:
-        raise EnsdivError("--resume and --overwrite exclude each other")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise EnsdivError(f"{out} exists and is not a folder")
-    cfg_path = out / CONFIG
-    if cfg_path.exists():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise EnsdivError(f"{cfg_path} is not valid JSON ({e})") from e
-        new = config.to_dict()
-        diff = sorted(k for k in set(old) | set(new)
-                      if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
-        if overwrite:
-            for name in (CHECKPOINT, ENSEMBLE, METRICS, CONFIG):
-                (out / name).unlink(missing_ok=True)
-        elif not resume:
-            what = "a different run" if diff or old != new else "this run already"
-            raise EnsdivError(f"{out} holds {what}; pass --resume to continue it or "
-                              "--overwrite to replace it")
-        elif diff:
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-            raise EnsdivError(f"{out} holds a different run ({changes}); use another --out "
-                              "or --overwrite")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise EnsdivError(f"{out} is not empty and holds no ensdiv run; choose another --out "
-                          "or pass --overwrite")
-    elif overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        atomic_write_json(cfg_path, config.to_dict())
-    return out
-
-
 def default_device() -> torch.device:
     """cuda if available, else cpu."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -323,7 +278,8 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EnsdivError("--device cuda requested but CUDA is not available")
-    out = (prepare_run_dir(out_dir, config, resume=resume, overwrite=overwrite)
+    out = (prepare_run_dir(out_dir, config.to_dict(), config_name=CONFIG, resume=resume,
+                           overwrite=overwrite, resumable=RESUMABLE_CHANGES)
            if out_dir is not None else None)
     train_set, test_set, info = load_dataset(config.dataset, root=data_root, seed=0)
     torch.manual_seed(config.seed)

@@ -140,3 +140,20 @@ def test_diversity_needs_two_members():
         TrainConfig(diversity="trs").validate()
     with pytest.raises(EnsdivError, match="lam"):
         TrainConfig(diversity="gal", lam=-1).validate()
+
+
+@pytest.mark.slow
+def test_gal_on_mnist5k_real_data():
+    """Real-data check (minutes): GAL on mnist5k keeps accuracy and lowers GDR."""
+    from ensdiv.data import load_dataset
+    from ensdiv.gdr import ensemble_gdr
+
+    _, test, _ = load_dataset("mnist5k")
+    out = {}
+    for diversity in ("none", "gal"):
+        cfg = TrainConfig(dataset="mnist5k", arch="cnn", members=3, epochs=3, lr=3e-3,
+                          diversity=diversity)
+        ens, recs = train_run(cfg, progress=False)
+        out[diversity] = (recs[-1]["ensemble_acc"], ensemble_gdr(ens, test).mean)
+    assert out["none"][0] > 0.9 and out["gal"][0] > out["none"][0] - 0.03
+    assert out["gal"][1] < out["none"][1] - 0.05
