@@ -11,6 +11,7 @@ Example:
     >>> import functools, torch
     >>> from ensdiv.attacks import fgsm
     >>> from ensdiv.ensemble import Ensemble
+from ensdiv.errors import EnsdivError
     >>> ens = Ensemble.build("mlp", 3, in_shape=(1, 8, 8), num_classes=10)
     >>> x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     >>> res = transfer_matrix(ens, x, y, attack=functools.partial(fgsm, eps=0.1))
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ensdiv.ensemble import Ensemble
+from ensdiv.errors import EnsdivError
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -169,7 +171,7 @@ def transfer_matrix(ensemble: Ensemble, x: Tensor, y: Tensor, *,
 
 
 def surrogate_transfer(surrogate: nn.Module, target: nn.Module, x: Tensor, y: Tensor, *,
-                       attack: Attack, x_adv: Tensor | None = None) -> Success:
+                       attack: Attack | None = None, x_adv: Tensor | None = None) -> Success:
     """Black-box success: adversarials crafted on ``surrogate`` (e.g. an independently trained
     ensemble), evaluated on ``target``, over inputs ``target`` classifies correctly.
 
@@ -186,5 +188,7 @@ def surrogate_transfer(surrogate: nn.Module, target: nn.Module, x: Tensor, y: Te
         True
     """
     if x_adv is None:
+        if attack is None:
+            raise EnsdivError("surrogate_transfer needs an attack or precomputed x_adv")
         x_adv = attack(surrogate, x, y)
     return success_counts(target, x, y, x_adv)
