@@ -184,6 +184,64 @@ def cmd_gdr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``ensdiv sweep``: one ensemble per (λ, seed), attacked; one record each."""
+    from ensdiv.sweep import RECORDS, SweepConfig, run_sweep
+
+    config = SweepConfig(dataset=args.dataset, arch=args.arch, members=args.members,
+                         diversity=args.diversity, lams=args.lams, seeds=args.seeds,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         noise_sigma=args.noise_sigma, attacks=args.attacks, eps=args.eps,
+                         steps=args.steps, n_eval=args.n_eval, eval_seed=args.eval_seed)
+    records = run_sweep(config, args.out, overwrite=args.overwrite,
+                        device=_device(args.device), data_root=args.data_root,
+                        progress=not args.quiet, log=lambda line: print(line, flush=True))
+    print(f"{len(records)} records in {Path(args.out) / RECORDS}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``ensdiv plot gdr-vs-attack RUN``: figures and correlations from a sweep's records."""
+    from ensdiv.io import read_jsonl
+    from ensdiv.plots import plot_gdr_vs_attack, plot_transfer_heatmaps
+    from ensdiv.sweep import RECORDS
+
+    path = Path(args.run)
+    path = path / RECORDS if path.is_dir() else path
+    records = read_jsonl(path)
+    if not records:
+        raise EnsdivError(f"no sweep records at {path}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corr = plot_gdr_vs_attack(records, out / "gdr_vs_attack.png")
+    try:
+        high, low = plot_transfer_heatmaps(records, out / "transfer_heatmaps.png",
+                                           attack=args.attack, eps=args.eps)
+    except ValueError as e:
+        raise EnsdivError(str(e)) from e
+    gdrs = [r["gdr"] for r in records]
+    print(f"{len(records)} ensembles, GDR {min(gdrs):.4f} .. {max(gdrs):.4f}; figures in {out}")
+    print("attack  eps    measure    spearman_rho  p       n")
+    for c in corr:
+        print(f"{c['attack']:<7} {c['eps']:<6g} {c['measure']:<10} {c['rho']:>12.3f}  "
+              f"{c['p']:<7.3g} {c['n']}")
+    print(f"heatmaps: plain-most λ={high['lam']:g} (GDR {high['gdr']:.4f}) vs diverse-most "
+          f"λ={low['lam']:g} (GDR {low['gdr']:.4f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = _Parser(prog="ensdiv", description="Diverse ensembles: train, measure, certify.")
@@ -205,6 +263,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    from ensdiv.sweep import SweepConfig
+
+    sd = SweepConfig()
+    p = sub.add_parser("sweep", help="GDR vs attack success: train and attack one ensemble "
+                       "per (lambda, seed)")
+    p.add_argument("--dataset", default=sd.dataset)
+    p.add_argument("--arch", default=sd.arch)
+    p.add_argument("--members", type=int, default=sd.members)
+    p.add_argument("--diversity", default=sd.diversity)
+    p.add_argument("--lams", type=_float_list, default=sd.lams, help="comma-separated λ values")
+    p.add_argument("--seeds", type=int, default=sd.seeds, help="seeds per λ (0..N-1)")
+    p.add_argument("--epochs", type=int, default=sd.epochs)
+    p.add_argument("--batch-size", type=int, default=sd.batch_size)
+    p.add_argument("--lr", type=float, default=sd.lr)
+    p.add_argument("--noise-sigma", type=float, default=sd.noise_sigma)
+    p.add_argument("--attacks", type=_name_list, default=sd.attacks,
+                   help="comma-separated: fgsm, pgd, mifgsm")
+    p.add_argument("--eps", type=_float_list, default=sd.eps, help="comma-separated L∞ radii")
+    p.add_argument("--steps", type=int, default=sd.steps, help="PGD / MI-FGSM steps")
+    p.add_argument("--n-eval", type=int, default=sd.n_eval, help="test inputs attacked")
+    p.add_argument("--eval-seed", type=int, default=sd.eval_seed)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="sweep folder (records.jsonl, one run each)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plot", help="figures from records: gdr-vs-attack")
+    p.add_argument("kind", choices=["gdr-vs-attack"], help="which figure")
+    p.add_argument("run", help="sweep folder or records.jsonl")
+    p.add_argument("--out-dir", default="figures")
+    p.add_argument("--attack", default="pgd", help="attack of the transfer heatmaps")
+    p.add_argument("--eps", type=float, default=None, help="eps of the heatmaps (default: "
+                   "largest)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("gdr", help="Gradient Diversity Rating of a saved ensemble (test split)")
     p.add_argument("run", help="run folder or ensemble file")

@@ -1,0 +1,178 @@
+"""Figures drawn from sweep records only (``records.jsonl``), never from live models.
+
+- :func:`plot_gdr_vs_attack`: attack success (log y) against ensemble GDR, one panel per attack
+  (columns) and success measure (rows: white-box on the ensemble, mean transfer between members,
+  black-box from the surrogate), one colour per eps, a fitted line of log10(success) on GDR,
+  and Spearman's ρ in the legend.
+- :func:`plot_transfer_heatmaps`: the member-to-member transfer matrix of the plainest and the
+  most diverse ensemble, side by side.
+
+Example:
+    >>> records = []  # from ensdiv.io.read_jsonl("runs/sweep/records.jsonl")
+    >>> correlations(records)
+    []
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+MEASURES: dict[str, str] = {"whitebox": "white-box on ensemble",
+                            "transfer": "member → member transfer",
+                            "blackbox": "black-box from surrogate"}
+
+
+def _success(entry: dict[str, Any], measure: str) -> tuple[float, float]:
+    """(rate, floor): a zero rate is drawn at half a count, 0.5 / total."""
+    if measure == "transfer":
+        t = entry["transfer"]
+        off = [(f, n) for i, (fr, nr) in enumerate(zip(t["fooled"], t["total"], strict=True))
+               for j, (f, n) in enumerate(zip(fr, nr, strict=True)) if i != j]
+        total = sum(n for _, n in off)
+        return entry["transfer_mean"], 0.5 / max(total, 1)
+    s = entry[measure]
+    return s["rate"], 0.5 / max(s["total"], 1)
+
+
+def _series(records: Sequence[dict[str, Any]], attack: str, eps: float,
+            measure: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    g, rate, floor = [], [], []
+    for r in records:
+        for a in r["attacks"]:
+            if a["attack"] == attack and a["eps"] == eps and math.isfinite(r["gdr"]):
+                s, f = _success(a, measure)
+                if math.isfinite(s):
+                    g.append(r["gdr"])
+                    rate.append(s)
+                    floor.append(f)
+    return np.array(g), np.array(rate), np.array(floor)
+
+
+def _grid(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[float]]:
+    attacks: list[str] = []
+    eps: list[float] = []
+    for r in records:
+        for a in r["attacks"]:
+            if a["attack"] not in attacks:
+                attacks.append(a["attack"])
+            if a["eps"] not in eps:
+                eps.append(a["eps"])
+    return attacks, sorted(eps)
+
+
+def correlations(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Spearman's ρ (scipy) between ensemble GDR and each success measure, per attack × eps.
+
+    Returns rows ``{"attack", "eps", "measure", "rho", "p", "n"}``.
+    """
+    attacks, eps_values = _grid(records)
+    rows = []
+    for attack in attacks:
+        for eps in eps_values:
+            for measure in MEASURES:
+                g, s, _ = _series(records, attack, eps, measure)
+                if len(g) >= 3 and np.ptp(g) > 0 and np.ptp(s) > 0:
+                    res = stats.spearmanr(g, s)
+                    rho, p = float(res.statistic), float(res.pvalue)
+                else:
+                    rho = p = math.nan
+                rows.append({"attack": attack, "eps": eps, "measure": measure, "rho": rho,
+                             "p": p, "n": int(len(g))})
+    return rows
+
+
+def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLike,
+                       *, title: str | None = None) -> list[dict[str, Any]]:
+    """Draw success (log y) vs GDR panels to ``path`` and return :func:`correlations`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks, eps_values = _grid(records)
+    corr = {(c["attack"], c["eps"], c["measure"]): c for c in correlations(records)}
+    colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(eps_values), 1)))
+    fig, axes = plt.subplots(len(MEASURES), len(attacks), squeeze=False,
+                             figsize=(4.2 * len(attacks), 3.3 * len(MEASURES)))
+    for col, attack in enumerate(attacks):
+        for row, measure in enumerate(MEASURES):
+            ax = axes[row][col]
+            for eps, colour in zip(eps_values, colours, strict=True):
+                g, s, floor = _series(records, attack, eps, measure)
+                if not len(g):
+                    continue
+                shown = np.maximum(s, floor)
+                c = corr[(attack, eps, measure)]
+                ax.scatter(g, shown, color=colour, s=18,
+                           label=f"eps={eps:g}  ρ={c['rho']:.2f}")
+                if len(g) >= 2 and np.ptp(g) > 0:
+                    slope, icpt = np.polyfit(g, np.log10(shown), 1)
+                    xs = np.linspace(g.min(), g.max(), 20)
+                    ax.plot(xs, 10 ** (icpt + slope * xs), color=colour, lw=1)
+            ax.set_yscale("log")
+            ax.set_title(f"{attack.upper()}: {MEASURES[measure]}", fontsize=9)
+            ax.set_xlabel("ensemble GDR (lower = more diverse)", fontsize=8)
+            ax.set_ylabel("attack success", fontsize=8)
+            ax.legend(fontsize=7, loc="lower right")
+            ax.grid(alpha=0.3, which="both")
+    n = records[0]["n"] if records else 0
+    fig.suptitle(title or f"GDR vs attack success ({len(records)} ensembles, n={n} each; "
+                 "zero success drawn at half a count)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return list(corr.values())
+
+
+def plot_transfer_heatmaps(records: Sequence[dict[str, Any]], path: str | os.PathLike, *,
+                           attack: str = "pgd", eps: float | None = None) -> tuple[dict, dict]:
+    """Transfer matrices of the highest-GDR and the lowest-GDR ensemble, side by side.
+
+    Returns the two records drawn (plain-most, diverse-most).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = [r for r in records if math.isfinite(r["gdr"])]
+    if not usable:
+        raise ValueError("no record with a finite GDR to draw")
+    _, eps_values = _grid(usable)
+    eps = eps_values[-1] if eps is None else eps
+    high = max(usable, key=lambda r: r["gdr"])
+    low = min(usable, key=lambda r: r["gdr"])
+    entries = []
+    for rec in (high, low):
+        entry = next((a for a in rec["attacks"] if a["attack"] == attack and a["eps"] == eps),
+                     None)
+        if entry is None:
+            raise ValueError(f"records hold no {attack} at eps={eps}")
+        entries.append(entry)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, rec, entry in zip(axes, (high, low), entries, strict=True):
+        mat = np.array(entry["transfer"]["matrix"], dtype=float)
+        im = ax.imshow(mat, vmin=0, vmax=1, cmap="magma")
+        m = mat.shape[0]
+        for i in range(m):
+            for j in range(m):
+                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center",
+                        color="white" if mat[i, j] < 0.5 else "black", fontsize=9)
+        ax.set_xticks(range(m))
+        ax.set_yticks(range(m))
+        ax.set_xlabel("evaluated on member j")
+        ax.set_ylabel("crafted on member i")
+        ax.set_title(f"λ={rec['lam']:g} seed {rec['seed']}: GDR {rec['gdr']:.3f}, "
+                     f"acc {rec['ensemble_acc']:.3f}", fontsize=9)
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="attack success")
+    fig.suptitle(f"{attack.upper()} eps={eps:g} ({entries[0]['steps']} steps), n={high['n']}: "
+                 "success on member j of adversarials crafted on member i", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return high, low

@@ -1,0 +1,56 @@
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ensdiv.plots import correlations, plot_gdr_vs_attack, plot_transfer_heatmaps
+
+
+def fake_records(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i in range(n):
+        g = 0.03 + 0.03 * i
+        attacks = []
+        for eps in (0.03, 0.09):
+            rate = min(1.0, g * eps * 40 + rng.uniform(0, 0.01))
+            fooled = int(rate * 200)
+            mat = [[1.0, rate], [rate, 1.0]]
+            attacks.append({
+                "attack": "fgsm", "eps": eps, "steps": 1,
+                "whitebox": {"rate": fooled / 200, "fooled": fooled, "total": 200},
+                "blackbox": {"rate": fooled / 400, "fooled": fooled // 2, "total": 200},
+                "transfer_mean": rate,
+                "transfer": {"matrix": mat, "fooled": [[200, fooled], [fooled, 200]],
+                             "total": [[200, 200], [200, 200]]}})
+        recs.append({"lam": float(i), "seed": 0, "gdr": g, "n": 200, "ensemble_acc": 0.9,
+                     "attacks": attacks})
+    return recs
+
+
+def test_correlations_match_scipy():
+    recs = fake_records()
+    rows = correlations(recs)
+    assert len(rows) == 2 * 3
+    row = next(r for r in rows if r["eps"] == 0.03 and r["measure"] == "whitebox")
+    g = [r["gdr"] for r in recs]
+    s = [r["attacks"][0]["whitebox"]["rate"] for r in recs]
+    assert row["rho"] == pytest.approx(stats.spearmanr(g, s).statistic)
+    assert row["n"] == 6 and row["rho"] > 0.9
+
+
+def test_constant_series_gives_nan_not_error():
+    recs = fake_records(n=2)
+    assert all(math.isnan(r["rho"]) for r in correlations(recs))
+
+
+def test_figures_written(tmp_path):
+    recs = fake_records()
+    rows = plot_gdr_vs_attack(recs, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 10_000 and len(rows) == 6
+    high, low = plot_transfer_heatmaps(recs, tmp_path / "b.png", attack="fgsm")
+    assert high["gdr"] == max(r["gdr"] for r in recs) and low["gdr"] == min(
+        r["gdr"] for r in recs)
+    with pytest.raises(ValueError, match="no pgd"):
+        plot_transfer_heatmaps(recs, tmp_path / "c.png", attack="pgd")
