@@ -220,7 +220,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         t0 = time.perf_counter()
         total, sums, n = 0.0, {}, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False,
-                   disable=not (progress and main))
+                   disable=None if progress and main else True)  # None: off when not a TTY
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             if augment is not None:
