@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.errors import EnsdivError, check_batch, check_choice
 
 Norm = Literal["linf", "l2"]
 NORMS: tuple[str, ...] = get_args(Norm)
@@ -246,19 +246,8 @@ def _check_alpha(alpha: float, eps: Tensor) -> Tensor:
 
 def _check_inputs(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
     """Validate ``x``, ``y`` (against one forward pass) and ``eps``; return eps as [B, 1, ...]."""
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
-        raise EnsdivError("x must be a floating-point tensor of shape [B, ...] with ndim >= 2; "
-                          f"got {_describe(x)}")
-    if not bool(((x >= 0) & (x <= 1)).all()):
-        bad = x[~((x >= 0) & (x <= 1))]
-        raise EnsdivError(f"x must lie in [0, 1]; found {bad.numel()} values outside, e.g. "
-                          f"{bad.flatten()[0].item()}")
+    check_batch(x, y)
     b = x.shape[0]
-    if not isinstance(y, Tensor) or y.dtype == torch.bool or y.is_floating_point() \
-            or y.is_complex():
-        raise EnsdivError(f"y must be an integer tensor of labels; got {_describe(y)}")
-    if tuple(y.shape) != (b,):
-        raise EnsdivError(f"y must have shape ({b},) to match x's batch; got {tuple(y.shape)}")
     eps_t = _check_eps(eps, x)
     if b > 0:
         with torch.no_grad():
@@ -266,10 +255,7 @@ def _check_inputs(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -
         if logits.ndim != 2 or logits.shape[0] != b:
             raise EnsdivError(f"the model must return logits of shape ({b}, K); got "
                               f"{tuple(logits.shape)}")
-        k = logits.shape[1]
-        if bool(((y < 0) | (y >= k)).any()):
-            raise EnsdivError(f"labels must lie in [0, {k}) for this {k}-class model; got values "
-                              f"from {y.min().item()} to {y.max().item()}")
+        check_batch(x, y, num_classes=logits.shape[1])
     return eps_t
 
 
@@ -279,7 +265,7 @@ def _check_eps(eps: float | Tensor, x: Tensor) -> Tensor:
         if eps.is_complex() or eps.dtype == torch.bool or eps.ndim > 1 or (
                 eps.ndim == 1 and eps.shape[0] != b):
             raise EnsdivError(f"eps must be a number or a real tensor of shape ({b},); got "
-                              f"{_describe(eps)}")
+                              f"eps of dtype {eps.dtype} and shape {tuple(eps.shape)}")
         eps_t = eps.detach().to(device=x.device, dtype=x.dtype).expand(b)
     elif isinstance(eps, (int, float)) and not isinstance(eps, bool):
         eps_t = torch.full((b,), float(eps), dtype=x.dtype, device=x.device)
@@ -288,12 +274,6 @@ def _check_eps(eps: float | Tensor, x: Tensor) -> Tensor:
     if not bool((torch.isfinite(eps_t) & (eps_t >= 0)).all()):
         raise EnsdivError(f"eps must be finite and >= 0; got {eps!r}")
     return _per_sample_view(eps_t, x)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
-    return repr(value)
 
 
 def _per_sample_view(v: Tensor, x: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.errors import check_batch, check_choice
 
 GradMode = Literal["loss", "margin"]
 GRAD_MODES: tuple[str, ...] = get_args(GradMode)
@@ -52,18 +52,6 @@ def _objective(mode: str, target: Tensor | None, y: Tensor) -> Callable[[Tensor]
         return lambda logits: nn.functional.cross_entropy(logits, y, reduction="sum")
     # margin toward the common wrong class: rises as the member moves toward being fooled
     return lambda logits: (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).sum()
-
-
-def check_batch(ensemble: Ensemble, x: Tensor, y: Tensor) -> None:
-    """Validate an input batch at the public edge: [B, ...] in [0, 1], labels [B] in range."""
-    if x.ndim < 2:
-        raise EnsdivError(f"x must be a batch [B, ...]; got shape {tuple(x.shape)}")
-    if y.shape != x.shape[:1]:
-        raise EnsdivError(f"y must have shape [{x.shape[0]}]; got {tuple(y.shape)}")
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise EnsdivError(f"y must hold integer labels; got {y.dtype}")
-    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
-        raise EnsdivError("inputs must lie in [0, 1] (pixel space; models normalize inside)")
 
 
 def members_grad_and_value(ensemble: Ensemble, x: Tensor, y: Tensor, *, mode: str = "loss",
@@ -121,6 +109,8 @@ def input_gradients(ensemble: Ensemble, x: Tensor, y: Tensor, *, create_graph: b
         >>> g.shape, g.requires_grad
         (torch.Size([2, 3, 1, 8, 8]), False)
     """
-    check_batch(ensemble, x, y)
+    check_batch(x, y)
+    with torch.no_grad():
+        check_batch(x, y, num_classes=ensemble.members[0](x[:1]).shape[-1])
     grads, _ = members_grad_and_value(ensemble, x, y, mode=mode, create_graph=create_graph)
     return grads

@@ -134,5 +134,7 @@ def test_bad_input():
         input_gradients(ens, x, torch.tensor([0, 1, 2]))
     with pytest.raises(EnsdivError, match="integer"):
         input_gradients(ens, x, torch.tensor([0.0, 1.0]))
+    with pytest.raises(EnsdivError, match=r"labels must lie in \[0, 3\)"):
+        input_gradients(ens, x, torch.tensor([0, 3]))
     with pytest.raises(EnsdivError, match="loss, margin"):
         input_gradients(ens, x, torch.tensor([0, 1]), mode="logit")
