@@ -218,11 +218,7 @@ class Ensemble(nn.Module):
     def vote(self, x: Tensor) -> Tensor:
         """Majority vote of the members' argmax classes [B]; ties go to the class with the
         higher mean softmax."""
-        logits = self.member_logits(x)
-        k = logits.shape[-1]
-        counts = nn.functional.one_hot(logits.argmax(-1), k).sum(0).to(logits.dtype)
-        # mean probability is < 1, so adding it only ever breaks ties between equal counts
-        return (counts + mean_log_softmax(logits).exp() * 0.5).argmax(-1)
+        return majority_vote(self.member_logits(x))
 
     # ------------------------------------------------------------------ persistence
     def description(self) -> dict[str, Any]:
@@ -285,6 +281,20 @@ def mean_log_softmax(member_logits: Tensor) -> Tensor:
     """
     m = member_logits.shape[0]
     return torch.logsumexp(torch.log_softmax(member_logits, -1), dim=0) - math.log(m)
+
+
+def majority_vote(member_logits: Tensor) -> Tensor:
+    """Majority vote [B] of the members' argmax classes from logits [M, B, K]; ties go to the
+    class with the higher mean softmax.
+
+    Example:
+        >>> majority_vote(torch.tensor([[[2.0, 0.0]], [[0.0, 1.0]], [[0.0, 1.0]]]))
+        tensor([1])
+    """
+    k = member_logits.shape[-1]
+    counts = nn.functional.one_hot(member_logits.argmax(-1), k).sum(0).to(member_logits.dtype)
+    # the mean probability is < 1, so adding half of it only ever breaks ties
+    return (counts + mean_log_softmax(member_logits).exp() * 0.5).argmax(-1)
 
 
 def _build_described(arch: str, in_shape: Sequence[int], num_classes: int,

@@ -29,7 +29,7 @@ from ensdiv.data import load_dataset
 from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice
-from ensdiv.gdr import ensemble_gdr
+from ensdiv.gdr import gdr, summarize_gdr
 from ensdiv.gradients import input_gradients
 from ensdiv.io import atomic_write_jsonl, is_main_process, prepare_run_dir, read_jsonl
 from ensdiv.train import TrainConfig, train_run
@@ -136,8 +136,8 @@ def evaluate_point(ensemble: Ensemble, x: Tensor, y: Tensor, config: SweepConfig
                    surrogate: Ensemble) -> dict[str, Any]:
     """GDR, gradient cosine and every attack's success for one trained ensemble."""
     ensemble.eval()
-    res = ensemble_gdr(ensemble, torch.utils.data.TensorDataset(x, y))
-    grads = input_gradients(ensemble, x, y)
+    grads = input_gradients(ensemble, x, y)  # one pass serves GDR, cosine and the zero check
+    res = summarize_gdr(gdr(grads))
     zero = float((grads.flatten(2).abs().amax(-1) == 0).any(0).float().mean())
     attacks = []
     for name in config.attacks:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ensdiv.data import DATASETS, load_dataset
 from ensdiv.diversity import cosine_loss
-from ensdiv.ensemble import Ensemble
+from ensdiv.ensemble import Ensemble, majority_vote, mean_log_softmax
 from ensdiv.errors import EnsdivError, check_choice
 from ensdiv.gdr import gdr, summarize_gdr
 from ensdiv.gradients import input_gradients
@@ -160,10 +160,10 @@ def evaluate(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
     correct_ens = correct_vote = n = 0
     for x, y in DataLoader(dataset, batch_size=batch_size):
         x, y = x.to(device), y.to(device)
-        logits = ensemble.member_logits(x)
+        logits = ensemble.member_logits(x)  # one pass serves all three accuracies
         correct_members += (logits.argmax(-1) == y).sum(1).cpu()
-        correct_ens += int((ensemble(x).argmax(-1) == y).sum())
-        correct_vote += int((ensemble.vote(x) == y).sum())
+        correct_ens += int((mean_log_softmax(logits).argmax(-1) == y).sum())
+        correct_vote += int((majority_vote(logits) == y).sum())
         n += len(y)
     ensemble.train(was_training)
     return {"member_acc": [float(c) / n for c in correct_members],
