@@ -10,7 +10,7 @@ An ``attack`` is any callable ``(model, x, y) -> x_adv``, for instance
 Example:
     >>> import functools, torch
     >>> from ensdiv.attacks import fgsm
-    >>> from ensdiv.ensemble import Ensemble
+    >>> from ensdiv.ensemble import Ensemble, mean_log_softmax
 from ensdiv.errors import EnsdivError
     >>> ens = Ensemble.build("mlp", 3, in_shape=(1, 8, 8), num_classes=10)
     >>> x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ensdiv.ensemble import Ensemble
+from ensdiv.ensemble import Ensemble, mean_log_softmax
 from ensdiv.errors import EnsdivError
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -151,19 +151,27 @@ def transfer_matrix(ensemble: Ensemble, x: Tensor, y: Tensor, *,
     """
     members = list(ensemble.members)
     m = len(members)
-    correct = torch.stack([_predict(mod, x) == y for mod in members])  # [M, B]
-    ens_correct = _predict(ensemble, x) == y
+
+    @torch.no_grad()
+    def wrong(xx: Tensor) -> tuple[Tensor, Tensor]:
+        """Members' [M, B] and the ensemble's [B] errors from one pass over the members."""
+        logits = ensemble.member_logits(xx)
+        return logits.argmax(-1) != y, mean_log_softmax(logits).argmax(-1) != y
+
+    members_wrong, ens_wrong = wrong(x)
+    correct, ens_correct = ~members_wrong, ~ens_wrong
     fooled = torch.zeros(m, m, dtype=torch.long)
     total = torch.zeros(m, m, dtype=torch.long)
     to_ensemble = []
     for i, source in enumerate(members):
-        x_adv = attack(source, x, y)
-        wrong = torch.stack([_predict(mod, x_adv) != y for mod in members])  # [M, B]
+        adv_members_wrong, adv_ens_wrong = wrong(attack(source, x, y))
         both = correct[i] & correct  # [M, B]
-        fooled[i] = (wrong & both).sum(1).cpu()
+        fooled[i] = (adv_members_wrong & both).sum(1).cpu()
         total[i] = both.sum(1).cpu()
-        to_ensemble.append(success_counts(ensemble, x, y, x_adv, mask=correct[i]))
-    whitebox = success_counts(ensemble, x, y, attack(ensemble, x, y))
+        counted = correct[i] & ens_correct
+        to_ensemble.append(Success(int((adv_ens_wrong & counted).sum()), int(counted.sum())))
+    _, white_wrong = wrong(attack(ensemble, x, y))
+    whitebox = Success(int((white_wrong & ens_correct).sum()), int(ens_correct.sum()))
     return TransferResult(
         fooled=fooled, total=total, to_ensemble=tuple(to_ensemble), whitebox=whitebox,
         member_acc=tuple(float(c.float().mean()) for c in correct),
