@@ -16,16 +16,19 @@ from typing import Any, NoReturn
 import torch
 
 from ensdiv import __version__
-from ensdiv.data import DATASETS
+from ensdiv.data import DATASETS, load_dataset
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
+from ensdiv.gdr import ensemble_gdr
+from ensdiv.io import read_jsonl
 from ensdiv.models import ARCHS
+from ensdiv.plots import plot_gdr_vs_attack, plot_transfer_heatmaps
+from ensdiv.sweep import RECORDS, SweepConfig, run_sweep
 from ensdiv.train import DIVERSITY_CHOICES, ENSEMBLE, TrainConfig, evaluate, train_run
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line."""
-
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -98,9 +101,6 @@ DEMO_RUNS: tuple[tuple[str, str, float], ...] = (("plain", "none", 0.0), ("GAL",
 def demo_report(epochs: int = 8, seed: int = 0, device: str | None = None,
                 progress: bool = False) -> list[str]:
     """Train a plain and a GAL ensemble on digits and return the report lines."""
-    from ensdiv.data import load_dataset
-    from ensdiv.gdr import ensemble_gdr
-
     _, test, info = load_dataset("digits")
     lines = [f"digits ({info.in_shape[1]}x{info.in_shape[2]}, {info.num_classes} classes, "
              f"n_test={info.n_test}), 3 x cnn, {epochs} epochs, seed {seed}; "
@@ -144,8 +144,6 @@ def _ensemble_path(run: str) -> Path:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``ensdiv info RUN``: describe a saved ensemble and report its test accuracy."""
-    from ensdiv.data import load_dataset
-
     path = _ensemble_path(args.run)
     ens = Ensemble.load(path)
     desc = ens.description()
@@ -166,9 +164,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_gdr(args: argparse.Namespace) -> int:
     """``ensdiv gdr RUN``: the ensemble's Gradient Diversity Rating on the test split."""
-    from ensdiv.data import load_dataset
-    from ensdiv.gdr import ensemble_gdr
-
     ens = Ensemble.load(_ensemble_path(args.run), map_location=_device(args.device) or "cpu")
     dataset = args.dataset or ens.config.get("dataset")
     if not dataset:
@@ -198,8 +193,6 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``ensdiv sweep``: one ensemble per (λ, seed), attacked; one record each."""
-    from ensdiv.sweep import RECORDS, SweepConfig, run_sweep
-
     config = SweepConfig(dataset=args.dataset, arch=args.arch, members=args.members,
                          diversity=args.diversity, lams=args.lams, seeds=args.seeds,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -214,10 +207,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """``ensdiv plot gdr-vs-attack RUN``: figures and correlations from a sweep's records."""
-    from ensdiv.io import read_jsonl
-    from ensdiv.plots import plot_gdr_vs_attack, plot_transfer_heatmaps
-    from ensdiv.sweep import RECORDS
-
     path = Path(args.run)
     path = path / RECORDS if path.is_dir() else path
     records = read_jsonl(path)
@@ -263,8 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
-
-    from ensdiv.sweep import SweepConfig
 
     sd = SweepConfig()
     p = sub.add_parser("sweep", help="GDR vs attack success: train and attack one ensemble "
