@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ensdiv.errors import EnsdivError, check_batch, check_choice
+from ensdiv.errors import EnsdivError, check_batch, check_choice, check_input
 
 Norm = Literal["linf", "l2"]
 NORMS: tuple[str, ...] = get_args(Norm)
@@ -245,8 +245,11 @@ def _check_alpha(alpha: float, eps: Tensor) -> Tensor:
 
 
 def _check_inputs(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
-    """Validate ``x``, ``y`` (against one forward pass) and ``eps``; return eps as [B, 1, ...]."""
-    check_batch(x, y)
+    """Validate ``x``, ``y`` (against the model's declared input shape and dtype, and one
+    forward pass) and ``eps``; return eps as [B, 1, ...]."""
+    if not isinstance(model, nn.Module):
+        raise EnsdivError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    check_input(model, x, y)
     b = x.shape[0]
     eps_t = _check_eps(eps, x)
     if b > 0:

@@ -1,36 +1,67 @@
-"""The ``ensdiv`` command line: ``ensdiv --help`` lists every command.
+"""The ``ensdiv`` command line: ``ensdiv --help`` lists every command (``python -m ensdiv``
+works the same).
 
-Bad input prints one line (``ensdiv: error: ...``) and exits with status 2; no traceback.
+Bad input prints one line (``ensdiv: error: ...``) and exits with status 2, never a
+traceback; every argument is checked before any work starts. ``train`` and ``sweep`` resume
+from ``--out`` alone (``ensdiv train --out RUN --resume``): the folder's config holds every
+setting, and an option given with ``--resume`` that differs from it is an error listing it
+(except ``--epochs``, which may extend a run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
 from ensdiv import __version__
+from ensdiv.attacks import ATTACKS
 from ensdiv.data import DATASETS, load_dataset
 from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError
+from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int
 from ensdiv.gdr import ensemble_gdr
-from ensdiv.io import read_jsonl
+from ensdiv.gradients import GRAD_MODES
+from ensdiv.io import os_error, read_json, read_jsonl
 from ensdiv.models import ARCHS
-from ensdiv.plots import plot_gdr_vs_attack, plot_transfer_heatmaps
-from ensdiv.sweep import RECORDS, SweepConfig, run_sweep
-from ensdiv.train import DIVERSITY_CHOICES, ENSEMBLE, TrainConfig, evaluate, train_run
+from ensdiv.plots import check_plot_options, plot_gdr_vs_attack, plot_transfer_heatmaps
+from ensdiv.runtime import available_cores, resolve_device, set_threads
+from ensdiv.sweep import RECORDS, SWEEP_CONFIG, SweepConfig, run_sweep
+from ensdiv.train import (
+    CONFIG,
+    DEFAULT_LAM,
+    DIVERSITY_CHOICES,
+    ENSEMBLE,
+    METRICS,
+    TrainConfig,
+    evaluate,
+    train_run,
+)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line."""
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows every option's default (unless its help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text and action.option_strings
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _fmt_acc(values: Sequence[float]) -> str:
@@ -38,55 +69,140 @@ def _fmt_acc(values: Sequence[float]) -> str:
 
 
 def _print_epoch(record: dict[str, Any]) -> None:
-    extra = "".join(f" {k}={record[k]:.4f}" for k in ("mean_cos", "gdr") if k in record)
+    extra = "".join(f" {k}={record[k]:.4f}" for k in ("mean_cos", "gdr")
+                    if record.get(k) is not None)
     print(f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  members "
           f"{_fmt_acc(record['member_acc'])}  ensemble {record['ensemble_acc']:.4f}{extra}  "
           f"({record['seconds']:.1f}s)", flush=True)
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument("--dataset", default=d.dataset, metavar="NAME",
-                   help=f"one of: {', '.join(DATASETS)} (default {d.dataset})")
-    p.add_argument("--arch", default=d.arch, metavar="ARCH",
-                   help=f"one of: {', '.join(ARCHS)} (default {d.arch})")
-    p.add_argument("--members", type=int, default=d.members, help="ensemble size M")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--diversity", default=d.diversity, metavar="NAME",
-                   help=f"regularizer, one of: {', '.join(DIVERSITY_CHOICES)}")
-    p.add_argument("--lam", type=float, default=d.lam, help="regularizer weight λ")
-    p.add_argument("--noise-sigma", type=float, default=d.noise_sigma,
-                   help="std of Gaussian input noise added to training batches")
-    p.add_argument("--data-root", default=None,
-                   help="folder holding torchvision-format data sets (never downloads)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+def _choices(values: Sequence[str]) -> str:
+    return "{" + ",".join(values) + "}"
 
 
-def _config_from(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(dataset=args.dataset, arch=args.arch, members=args.members,
-                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       weight_decay=args.weight_decay, seed=args.seed,
-                       diversity=args.diversity, lam=args.lam,
-                       noise_sigma=args.noise_sigma).validate()
+def _show(v: Any) -> str:
+    return ",".join(f"{e:g}" if isinstance(e, float) else str(e) for e in v) \
+        if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _device(name: str | None) -> str | None:
-    if name is not None and name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise EnsdivError(f"unknown device {name!r}; choose one of: cpu, cuda")
-    return name
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+# Options that set a field of a config dataclass: (flag, field, type, metavar, help). Their
+# parser default is None, so the command knows which the user gave (for --resume).
+_TRAIN_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], ...] = (
+    ("--dataset", "dataset", str, _choices(DATASETS), "data set"),
+    ("--arch", "arch", str, _choices(ARCHS), "member architecture"),
+    ("--members", "members", int, "M", "ensemble size M"),
+    ("--epochs", "epochs", int, None, "training epochs (with --resume: may extend the run)"),
+    ("--batch-size", "batch_size", int, None, "training batch size"),
+    ("--lr", "lr", float, None, "Adam learning rate"),
+    ("--weight-decay", "weight_decay", float, None, "Adam weight decay"),
+    ("--seed", "seed", int, None, "seed of the members' initialization and the shuffling"),
+    ("--diversity", "diversity", str, _choices(DIVERSITY_CHOICES),
+     "gradient-diversity regularizer"),
+    ("--lam", "lam", float, "λ", f"regularizer weight λ (default: {DEFAULT_LAM:g} with a "
+     "diversity term; 0 and not settable without one)"),
+    ("--noise-sigma", "noise_sigma", float, "σ",
+     "std of Gaussian pixel noise added to training batches"),
+)
+
+_SWEEP_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], ...] = (
+    ("--dataset", "dataset", str, _choices(DATASETS), "data set"),
+    ("--arch", "arch", str, _choices(ARCHS), "member architecture"),
+    ("--members", "members", int, "M", "ensemble size M"),
+    ("--diversity", "diversity", str, _choices(DIVERSITY_CHOICES[1:]),
+     "gradient-diversity regularizer (λ = 0 trains plain)"),
+    ("--lams", "lams", _float_list, "L1,L2,...", "comma-separated λ values, each once"),
+    ("--seeds", "seeds", int, "N", "ensembles per λ (seeds 0..N-1)"),
+    ("--epochs", "epochs", int, None, "training epochs of each ensemble"),
+    ("--batch-size", "batch_size", int, None, "training batch size"),
+    ("--lr", "lr", float, None, "Adam learning rate"),
+    ("--noise-sigma", "noise_sigma", float, "σ", "std of Gaussian training noise"),
+    ("--attacks", "attacks", _name_list, "A1,A2,...",
+     f"comma-separated attacks from: {', '.join(sorted(ATTACKS))}"),
+    ("--eps", "eps", _float_list, "E1,E2,...", "comma-separated L∞ radii, each once"),
+    ("--steps", "steps", int, None, "PGD / MI-FGSM steps"),
+    ("--n-eval", "n_eval", int, "N", "test inputs attacked (the first N)"),
+    ("--eval-seed", "eval_seed", int, None, "seed of PGD's random start"),
+)
+
+
+def _add_config_options(p: argparse.ArgumentParser, options: Sequence[tuple], defaults: Any,
+                        ) -> None:
+    for flag, field, type_, metavar, text in options:
+        default = getattr(defaults, field)
+        if "default" not in text:
+            text = f"{text} (default: {_show(default)})"
+        p.add_argument(flag, dest=field, type=type_, default=None, metavar=metavar,
+                       help=text)
+
+
+def _given(args: argparse.Namespace, options: Sequence[tuple]) -> dict[str, Any]:
+    """The config fields set on the command line (None means: not given)."""
+    return {o[1]: getattr(args, o[1]) for o in options if getattr(args, o[1]) is not None}
+
+
+def _resolve_config(cls: type, given: dict[str, Any], out: str, resume: bool,
+                    config_name: str, kind: str, command: str) -> Any:
+    """The config a command runs: the given options over the defaults, or, with ``--resume``,
+    over the config saved in ``out`` (a difference is reported by the run folder check)."""
+    path = Path(out) / config_name
+    if resume and path.exists():
+        saved = read_json(path, what=f"{kind} config",
+                          fix=f"restore it, or start the {kind} in another --out")
+        try:
+            base = cls.from_dict(saved)
+        except (EnsdivError, TypeError) as e:
+            raise EnsdivError(f"{path} is not a valid {kind} config ({e}); restore it, or "
+                              f"start the {kind} in another --out") from None
+        return dataclasses.replace(base, **given)
+    if resume and not given:
+        raise EnsdivError(f"{out} holds no {kind} to resume (no {config_name}); start one with "
+                          f"`{command} --out {out} [options]`")
+    return cls(**given)
+
+
+def _add_common(p: argparse.ArgumentParser, *, data: bool = True, quiet: bool = True) -> None:
+    if data:
+        p.add_argument("--data-root", default=None, metavar="DIR",
+                       help="folder holding torchvision-format data sets, never downloaded "
+                            "(default: $ENSDIV_DATA or ./data)")
+    p.add_argument("--device", default=None, metavar="{cpu,cuda,cuda:N}",
+                   help="where to compute (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"CPU threads (default: the cores available, {available_cores()})")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _setup(args: argparse.Namespace) -> torch.device:
+    """Threads and device from the common options, checked before any work."""
+    if args.threads is not None:
+        check_int("--threads", args.threads)
+    set_threads(args.threads)
+    return resolve_device(args.device)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``ensdiv train``: train one ensemble into ``--out``."""
-    config = _config_from(args)
+    """``ensdiv train``: train one ensemble into ``--out`` (or continue it with --resume)."""
+    args.resume_hint = f"ensdiv train --out {args.out} --resume"
+    config = _resolve_config(TrainConfig, _given(args, _TRAIN_OPTIONS), args.out, args.resume,
+                             CONFIG, "run", "ensdiv train").validate()
+    device = _setup(args)
     print(f"training {config.members} x {config.arch} on {config.dataset} "
           f"-> {args.out}", flush=True)
     ens, records = train_run(config, out_dir=args.out, resume=args.resume,
-                             overwrite=args.overwrite, device=_device(args.device),
+                             overwrite=args.overwrite, device=device,
                              data_root=args.data_root, progress=not args.quiet,
                              on_epoch_end=_print_epoch)
     if records:
@@ -98,16 +214,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 DEMO_RUNS: tuple[tuple[str, str, float], ...] = (("plain", "none", 0.0), ("GAL", "gal", 0.5))
 
 
-def demo_report(epochs: int = 8, seed: int = 0, device: str | None = None,
+def demo_report(epochs: int = 8, seed: int = 0, device: str | torch.device | None = None,
                 progress: bool = False) -> list[str]:
     """Train a plain and a GAL ensemble on digits and return the report lines."""
+    configs = [TrainConfig(dataset="digits", arch="cnn", members=3, epochs=epochs, seed=seed,
+                           diversity=diversity, lam=lam).validate()
+               for _, diversity, lam in DEMO_RUNS]
     _, test, info = load_dataset("digits")
     lines = [f"digits ({info.in_shape[1]}x{info.in_shape[2]}, {info.num_classes} classes, "
              f"n_test={info.n_test}), 3 x cnn, {epochs} epochs, seed {seed}; "
              "GDR on the whole test split (lower = more diverse; 0.125 = independent)"]
-    for label, diversity, lam in DEMO_RUNS:
-        config = TrainConfig(dataset="digits", arch="cnn", members=3, epochs=epochs, seed=seed,
-                             lr=3e-3, diversity=diversity, lam=lam)
+    for (label, diversity, lam), config in zip(DEMO_RUNS, configs, strict=True):
         t0 = time.perf_counter()
         ens, records = train_run(config, device=device, progress=progress)
         seconds = time.perf_counter() - t0
@@ -126,7 +243,10 @@ def demo_report(epochs: int = 8, seed: int = 0, device: str | None = None,
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``ensdiv demo``: train a small ensemble on the embedded digits and report."""
-    for line in demo_report(epochs=args.epochs, seed=args.seed, device=_device(args.device),
+    check_int("--epochs", args.epochs)
+    check_int("--seed", args.seed, minimum=0)
+    device = _setup(args)
+    for line in demo_report(epochs=args.epochs, seed=args.seed, device=device,
                             progress=not args.quiet):
         print(line, flush=True)
     return 0
@@ -142,19 +262,38 @@ def _ensemble_path(run: str) -> Path:
     return p
 
 
+def _check_dataset_fits(ens: Ensemble, dataset: str, shape: Sequence[int], run: str) -> None:
+    if ens.in_shape is not None and tuple(shape) != tuple(ens.in_shape):
+        trained = ens.config.get("dataset")
+        raise EnsdivError(f"{run} takes inputs of shape {tuple(ens.in_shape)}, but {dataset} "
+                          f"has {tuple(shape)}" + (f"; it was trained on {trained}"
+                                                   if trained else ""))
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    """``ensdiv info RUN``: describe a saved ensemble and report its test accuracy."""
+    """``ensdiv info RUN``: describe a saved ensemble, its training, and its test accuracy."""
+    device = _setup(args)
     path = _ensemble_path(args.run)
-    ens = Ensemble.load(path)
+    ens = Ensemble.load(path, map_location=device)
     desc = ens.description()
     print(json.dumps({k: desc[k] for k in ("format", "version", "num_members", "config")},
                      indent=2, sort_keys=True))
     archs = sorted({m["arch"] for m in desc["members"]})
     print(f"members: {desc['num_members']} x {', '.join(archs)}, input "
           f"{tuple(desc['members'][0]['in_shape'])}, {desc['members'][0]['num_classes']} classes")
+    metrics = path.parent / METRICS
+    if metrics.exists():
+        records = read_jsonl(metrics, what="metrics file", required=("epoch",),
+                             fix="restore it; the ensemble itself is unaffected")
+        planned = desc["config"].get("epochs")
+        if records:
+            print(f"epochs trained: {records[-1]['epoch']}"
+                  + (f" of {planned}" if planned else ""))
+            print(f"last metrics: {json.dumps(records[-1], sort_keys=True)}")
     dataset = desc["config"].get("dataset")
     if dataset:
-        _, test, _ = load_dataset(dataset, root=args.data_root)
+        _, test, info = load_dataset(dataset, root=args.data_root)
+        _check_dataset_fits(ens, dataset, info.in_shape, args.run)
         acc = evaluate(ens, test)
         print(f"test accuracy on {dataset} (n={acc['n']}): members "
               f"{_fmt_acc(acc['member_acc'])}, ensemble {acc['ensemble_acc']:.4f}, "
@@ -164,14 +303,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_gdr(args: argparse.Namespace) -> int:
     """``ensdiv gdr RUN``: the ensemble's Gradient Diversity Rating on the test split."""
-    ens = Ensemble.load(_ensemble_path(args.run), map_location=_device(args.device) or "cpu")
+    check_choice("gradient mode", args.mode, GRAD_MODES)
+    check_int("--batch-size", args.batch_size)
+    if args.limit is not None:
+        check_int("--limit", args.limit)
+    if args.dataset is not None:
+        check_choice("dataset", args.dataset, DATASETS)
+    device = _setup(args)
+    ens = Ensemble.load(_ensemble_path(args.run), map_location=device)
+    if ens.num_members < 2:
+        raise EnsdivError(f"GDR needs at least 2 members; {args.run} has {ens.num_members}")
     dataset = args.dataset or ens.config.get("dataset")
     if not dataset:
         raise EnsdivError("the ensemble records no dataset; pass --dataset")
-    _, test, _ = load_dataset(dataset, root=args.data_root)
+    _, test, info = load_dataset(dataset, root=args.data_root)
+    _check_dataset_fits(ens, dataset, info.in_shape, args.run)
     if args.limit is not None:
-        if args.limit < 1:
-            raise EnsdivError(f"--limit must be positive; got {args.limit}")
         test = torch.utils.data.Subset(test, range(min(args.limit, len(test))))
     res = ensemble_gdr(ens, test, mode=args.mode, batch_size=args.batch_size)
     print(f"GDR ({args.mode} gradients) on {dataset} test: {res.mean:.4f} ± {res.sem:.4f} "
@@ -179,28 +326,15 @@ def cmd_gdr(args: argparse.Namespace) -> int:
     return 0
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _name_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``ensdiv sweep``: one ensemble per (λ, seed), attacked; one record each."""
-    config = SweepConfig(dataset=args.dataset, arch=args.arch, members=args.members,
-                         diversity=args.diversity, lams=args.lams, seeds=args.seeds,
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         noise_sigma=args.noise_sigma, attacks=args.attacks, eps=args.eps,
-                         steps=args.steps, n_eval=args.n_eval, eval_seed=args.eval_seed)
-    records = run_sweep(config, args.out, overwrite=args.overwrite,
-                        device=_device(args.device), data_root=args.data_root,
-                        progress=not args.quiet, log=lambda line: print(line, flush=True))
+    args.resume_hint = f"ensdiv sweep --out {args.out} --resume"
+    config = _resolve_config(SweepConfig, _given(args, _SWEEP_OPTIONS), args.out, args.resume,
+                             SWEEP_CONFIG, "sweep", "ensdiv sweep").validate()
+    device = _setup(args)
+    records = run_sweep(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                        device=device, data_root=args.data_root, progress=not args.quiet,
+                        log=lambda line: print(line, flush=True))
     print(f"{len(records)} records in {Path(args.out) / RECORDS}")
     return 0
 
@@ -208,19 +342,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     """``ensdiv plot gdr-vs-attack RUN``: figures and correlations from a sweep's records."""
     path = Path(args.run)
+    folder = path if path.is_dir() else path.parent
     path = path / RECORDS if path.is_dir() else path
-    records = read_jsonl(path)
+    if not path.exists():
+        raise EnsdivError(f"no sweep records at {path}; run `ensdiv sweep --out {folder}` first")
+    records = read_jsonl(path, what="sweep records file", missing_ok=False,
+                         required=("lam", "seed", "gdr", "attacks", "n"),
+                         fix="restore it, or resume the sweep to rewrite it")
     if not records:
-        raise EnsdivError(f"no sweep records at {path}")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    corr = plot_gdr_vs_attack(records, out / "gdr_vs_attack.png")
+        raise EnsdivError(f"no sweep records in {path}; the sweep has not finished an ensemble")
+    attack, eps = check_plot_options(records, attack=args.attack, eps=args.eps)
+    out = Path(args.out_dir) if args.out_dir is not None else folder / "figures"
     try:
-        high, low = plot_transfer_heatmaps(records, out / "transfer_heatmaps.png",
-                                           attack=args.attack, eps=args.eps)
-    except ValueError as e:
-        raise EnsdivError(str(e)) from e
-    gdrs = [r["gdr"] for r in records]
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error("write", out, e) from None
+    corr = plot_gdr_vs_attack(records, out / "gdr_vs_attack.png")
+    high, low = plot_transfer_heatmaps(records, out / "transfer_heatmaps.png",
+                                       attack=attack, eps=eps)
+    gdrs = [r["gdr"] for r in records if r["gdr"] is not None]
     print(f"{len(records)} ensembles, GDR {min(gdrs):.4f} .. {max(gdrs):.4f}; figures in {out}")
     print("attack  eps    measure    spearman_rho  p       n")
     for c in corr:
@@ -233,93 +373,117 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = _Parser(prog="ensdiv", description="Diverse ensembles: train, measure, certify.")
+    parser = _Parser(prog="ensdiv", formatter_class=_Formatter,
+                     description="Diverse ensembles: train, measure, attack. "
+                                 "Run `ensdiv COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"ensdiv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
 
-    p = sub.add_parser("train", help="train an ensemble (plain or with a diversity term)")
-    _add_train_args(p)
-    p.add_argument("--out", required=True, help="run folder (metrics, checkpoint, ensemble)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=_Formatter)
+
+    p = add("train", "train an ensemble (plain or with a diversity term); resumable")
+    _add_config_options(p, _TRAIN_OPTIONS, TrainConfig())
+    p.add_argument("--out", required=True, metavar="RUN",
+                   help="run folder (config, metrics, checkpoint, ensemble)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its saved settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what --out holds and start again")
+    _add_common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train small ensembles on the embedded digits and report")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true")
+    p = add("demo", "train plain and GAL ensembles on the embedded digits and report")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per ensemble")
+    p.add_argument("--seed", type=int, default=0, help="seed of both ensembles")
+    _add_common(p, data=False)
     p.set_defaults(func=cmd_demo)
 
-    sd = SweepConfig()
-    p = sub.add_parser("sweep", help="GDR vs attack success: train and attack one ensemble "
-                       "per (lambda, seed)")
-    p.add_argument("--dataset", default=sd.dataset)
-    p.add_argument("--arch", default=sd.arch)
-    p.add_argument("--members", type=int, default=sd.members)
-    p.add_argument("--diversity", default=sd.diversity)
-    p.add_argument("--lams", type=_float_list, default=sd.lams, help="comma-separated λ values")
-    p.add_argument("--seeds", type=int, default=sd.seeds, help="seeds per λ (0..N-1)")
-    p.add_argument("--epochs", type=int, default=sd.epochs)
-    p.add_argument("--batch-size", type=int, default=sd.batch_size)
-    p.add_argument("--lr", type=float, default=sd.lr)
-    p.add_argument("--noise-sigma", type=float, default=sd.noise_sigma)
-    p.add_argument("--attacks", type=_name_list, default=sd.attacks,
-                   help="comma-separated: fgsm, pgd, mifgsm")
-    p.add_argument("--eps", type=_float_list, default=sd.eps, help="comma-separated L∞ radii")
-    p.add_argument("--steps", type=int, default=sd.steps, help="PGD / MI-FGSM steps")
-    p.add_argument("--n-eval", type=int, default=sd.n_eval, help="test inputs attacked")
-    p.add_argument("--eval-seed", type=int, default=sd.eval_seed)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True, help="sweep folder (records.jsonl, one run each)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p = add("sweep", "GDR vs attack success: train and attack one ensemble per (λ, seed); "
+                     "resumable")
+    _add_config_options(p, _SWEEP_OPTIONS, SweepConfig())
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="sweep folder (sweep.json, records.jsonl, one run folder each)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out with its saved settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what --out holds and start again")
+    _add_common(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("plot", help="figures from records: gdr-vs-attack")
+    p = add("plot", "figures and Spearman correlations from a sweep's records")
     p.add_argument("kind", choices=["gdr-vs-attack"], help="which figure")
-    p.add_argument("run", help="sweep folder or records.jsonl")
-    p.add_argument("--out-dir", default="figures")
-    p.add_argument("--attack", default="pgd", help="attack of the transfer heatmaps")
-    p.add_argument("--eps", type=float, default=None, help="eps of the heatmaps (default: "
-                   "largest)")
+    p.add_argument("run", help="sweep folder or its records.jsonl")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="where the figures go (default: RUN/figures)")
+    p.add_argument("--attack", default=None, metavar=_choices(sorted(ATTACKS)),
+                   help="attack of the transfer heatmaps (default: pgd if the records hold "
+                        "it, else their first)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="eps of the heatmaps (default: the largest in the records)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("gdr", help="Gradient Diversity Rating of a saved ensemble (test split)")
+    p = add("gdr", "Gradient Diversity Rating of a saved ensemble on a test split")
     p.add_argument("run", help="run folder or ensemble file")
-    p.add_argument("--mode", default="loss", help="gradients of: loss (CE) or margin")
-    p.add_argument("--dataset", default=None, help="default: the dataset it was trained on")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--limit", type=int, default=None, help="use the first N test samples")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
+    p.add_argument("--mode", default="loss", metavar=_choices(GRAD_MODES),
+                   help="gradients of the cross-entropy (loss) or of the margin toward the "
+                        "runner-up class (margin)")
+    p.add_argument("--dataset", default=None, metavar=_choices(DATASETS),
+                   help="test split to use (default: the data set it was trained on)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use the first N test samples (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="inputs per gradient pass")
+    _add_common(p, quiet=False)
     p.set_defaults(func=cmd_gdr)
 
-    p = sub.add_parser("info", help="describe a saved ensemble and report its test accuracy")
+    p = add("info", "describe a saved ensemble, its training and its test accuracy")
     p.add_argument("run", help="run folder or ensemble file")
-    p.add_argument("--data-root", default=None)
+    _add_common(p, quiet=False)
     p.set_defaults(func=cmd_info)
     return parser
 
 
+_shown: set[str] = set()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: Any = None, line: str | None = None) -> None:
+    if issubclass(category, EnsdivWarning):
+        if str(message) not in _shown:  # a config is validated at several layers: say it once
+            _shown.add(str(message))
+            print(f"ensdiv: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ensdiv`` console script."""
+    """Entry point of the ``ensdiv`` console script and of ``python -m ensdiv``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except EnsdivError as e:
-        print(f"ensdiv: error: {e}", file=sys.stderr)
+    if args.command is None:
+        parser.print_help()
         return 2
-    except KeyboardInterrupt:
-        print("ensdiv: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
-    except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - needs a GPU
-        print(f"ensdiv: error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
-        return 1
+    _shown.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", EnsdivWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.func(args))
+        except EnsdivError as e:
+            print(f"ensdiv: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # any file problem not already named: still one line
+            print(f"ensdiv: error: {os_error('use', e.filename or '?', e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            hint = getattr(args, "resume_hint", None)
+            print("ensdiv: interrupted" + (f"; continue with: {hint}" if hint else ""),
+                  file=sys.stderr)
+            return 130
+        except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - needs a GPU
+            print(f"ensdiv: error: out of GPU memory ({str(e).splitlines()[0]})",
+                  file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

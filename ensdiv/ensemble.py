@@ -29,6 +29,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -36,9 +37,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ensdiv import __version__
-from ensdiv.errors import EnsdivError, check_choice
-from ensdiv.io import atomic_torch_save
-from ensdiv.models import build_model
+from ensdiv.errors import EnsdivError, check_choice, check_shape, model_input_spec
+from ensdiv.io import atomic_torch_save, first_sentence, read_torch
+from ensdiv.models import Member, build_model
 
 ExecPath = Literal["auto", "stacked", "loop"]
 EXEC_PATHS: tuple[str, ...] = get_args(ExecPath)
@@ -74,6 +75,7 @@ class Ensemble(nn.Module):
             raise EnsdivError("an ensemble needs at least 1 member")
         self.members = nn.ModuleList(members)
         self.path = check_choice("execution path", path, EXEC_PATHS)
+        self.in_shape, self.num_classes = _common_spec(self.members)
         self.config: dict[str, Any] = dict(config or {})
         self._tuned: dict[str, str] = {}
         self.refresh_skeleton()  # built now: a deepcopy fails once parameters are swapped out
@@ -98,7 +100,8 @@ class Ensemble(nn.Module):
         for i in range(int(m)):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(seed) * 1000 + i)
-                members.append(_build_described(arch, in_shape, num_classes, mean, std))
+                members.append(build_model(arch, in_shape=in_shape, num_classes=num_classes,
+                                           mean=mean, std=std))
         return cls(members, path=path, config=config)
 
     @property
@@ -202,7 +205,8 @@ class Ensemble(nn.Module):
         return torch.stack([m(x) for m in self.members])
 
     def member_logits(self, x: Tensor) -> Tensor:
-        """Each member's logits, [M, B, K], for ``x`` [B, ...]."""
+        """Each member's logits, [M, B, K], for ``x`` [B, *in_shape]."""
+        check_shape(x, self.in_shape, model_input_spec(self.members[0])[1])
         return self._member_logits(x, self.resolve_path(x))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -225,11 +229,11 @@ class Ensemble(nn.Module):
         """JSON-able description: format, package version, member specs, training config."""
         specs = []
         for i, m in enumerate(self.members):
-            spec = getattr(m, "ensdiv_spec", None)
-            if spec is None:
-                raise EnsdivError(f"member {i} ({type(m).__name__}) was not built by "
-                                  "ensdiv.models.build_model, so it cannot be saved")
-            specs.append(spec)
+            if not isinstance(m, Member):
+                raise EnsdivError(f"member {i} ({type(m).__name__}) is not an ensdiv model, so "
+                                  "it cannot be saved; build members with "
+                                  "ensdiv.models.build_model")
+            specs.append(m.spec)
         return {"format": FORMAT, "version": __version__, "num_members": self.num_members,
                 "members": specs, "path": self.path, "config": self.config}
 
@@ -250,26 +254,55 @@ class Ensemble(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Ensemble:
         """Rebuild an ensemble saved by :meth:`save`; predictions are reproduced exactly."""
-        blob = read_ensemble_file(path, map_location)
+        blob = read_ensemble_file(path)
         desc = blob["description"]
-        members = [_build_described(**spec) for spec in desc["members"]]
-        ens = cls(members, path=desc.get("path", "auto"), config=desc.get("config"))
-        ens.load_state_dict(blob["state_dict"])
+        fix = _repair(path)
+        try:
+            members = [build_model(**spec) for spec in desc["members"]]
+            ens = cls(members, path=desc.get("path", "auto"), config=desc.get("config"))
+            ens.load_state_dict(blob["state_dict"])
+        except (EnsdivError, KeyError, TypeError, RuntimeError) as e:
+            raise EnsdivError(f"{path} holds an ensemble description that does not match its "
+                              f"weights ({first_sentence(e)}); {fix}") from None
         return ens.to(map_location).eval()
 
 
-def read_ensemble_file(path: str | os.PathLike,
-                       map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a file written by :meth:`Ensemble.save` (``{"description", "state_dict"}``)."""
-    if not os.path.isfile(path):
-        raise EnsdivError(f"no ensemble file at {path}")
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt or foreign file: say which
-        raise EnsdivError(f"{path} is not a readable ensdiv ensemble file ({e})") from e
-    if not isinstance(blob, dict) or blob.get("description", {}).get("format") != FORMAT:
-        raise EnsdivError(f"{path} is not an ensdiv ensemble file (format {FORMAT})")
+def _repair(path: str | os.PathLike) -> str:
+    """What to do about a damaged ensemble file: its run's checkpoint can rebuild it."""
+    run = Path(path).parent
+    if (run / "checkpoint.pt").exists():
+        return f"restore it, or rebuild it from the run's checkpoint with `ensdiv train --out " \
+               f"{run} --resume`"
+    return "restore it, or save the ensemble again"
+
+
+def read_ensemble_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a file written by :meth:`Ensemble.save` (``{"description", "state_dict"}``) onto
+    the CPU; a missing, damaged or foreign file is one :class:`EnsdivError`."""
+    fix = _repair(path)
+    blob = read_torch(path, what="ensdiv ensemble file", fix=fix,
+                      required=("description", "state_dict"))
+    desc = blob["description"]
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT \
+            or not isinstance(desc.get("members"), list):
+        raise EnsdivError(f"{path} is not an ensdiv ensemble file (format {FORMAT}); {fix}")
     return blob
+
+
+def as_ensemble(model: nn.Module) -> Ensemble:
+    """``model`` itself if it is an :class:`Ensemble`, else ``model`` wrapped as a one-member
+    ensemble (so per-member functions such as input gradients work on a single network).
+
+    Example:
+        >>> as_ensemble(nn.Linear(4, 3)).num_members
+        1
+    """
+    if isinstance(model, Ensemble):
+        return model
+    if not isinstance(model, nn.Module):
+        raise EnsdivError(f"expected an Ensemble or a torch.nn.Module; got "
+                          f"{type(model).__name__}")
+    return Ensemble([model])
 
 
 def mean_log_softmax(member_logits: Tensor) -> Tensor:
@@ -297,15 +330,19 @@ def majority_vote(member_logits: Tensor) -> Tensor:
     return (counts + mean_log_softmax(member_logits).exp() * 0.5).argmax(-1)
 
 
-def _build_described(arch: str, in_shape: Sequence[int], num_classes: int,
-                     mean: Sequence[float] | None, std: Sequence[float] | None) -> nn.Module:
-    net = build_model(arch, in_shape=in_shape, num_classes=num_classes, mean=mean, std=std)
-    c = int(in_shape[0])
-    net.ensdiv_spec = {"arch": arch, "in_shape": [int(s) for s in in_shape],
-                       "num_classes": int(num_classes),
-                       "mean": [float(v) for v in (mean if mean is not None else [0.0] * c)],
-                       "std": [float(v) for v in (std if std is not None else [1.0] * c)]}
-    return net
+def _common_spec(members: Sequence[nn.Module]) -> tuple[tuple[int, ...] | None, int | None]:
+    """The input shape and class count every member declares (None where none declares it);
+    members that disagree cannot form an ensemble."""
+    shapes = {tuple(m.in_shape) for m in members if getattr(m, "in_shape", None) is not None}
+    classes = {int(m.num_classes) for m in members
+               if getattr(m, "num_classes", None) is not None}
+    if len(shapes) > 1:
+        raise EnsdivError(f"members take different input shapes {sorted(shapes)}; an ensemble "
+                          "needs one")
+    if len(classes) > 1:
+        raise EnsdivError(f"members predict different numbers of classes {sorted(classes)}; an "
+                          "ensemble needs one")
+    return (next(iter(shapes)) if shapes else None), (next(iter(classes)) if classes else None)
 
 
 def _sync(x: Tensor) -> None:

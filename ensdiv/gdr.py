@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ensdiv._genz import pivoted_cholesky, sobol_points
 from ensdiv.diversity import pairwise_cosine
 from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError
+from ensdiv.errors import EnsdivError, check_int
 from ensdiv.gradients import input_gradients
 
 #: Default number of quasi-random points per matrix for ``M >= 4``.
@@ -295,7 +295,11 @@ def ensemble_gdr(ensemble: Ensemble, data: Dataset | DataLoader, *, mode: str = 
         data: a Dataset of (x [C, H, W] in [0, 1], label) or a DataLoader of such batches.
         mode: ``"loss"`` (cross-entropy gradients) or ``"margin"`` (margin toward the
             ensemble's runner-up class), see :func:`ensdiv.gradients.input_gradients`.
-        batch_size: used when ``data`` is a Dataset.
+        batch_size: used when ``data`` is a Dataset, >= 1.
+
+    Raises:
+        EnsdivError: fewer than 2 members, a bad ``batch_size``, or inputs that break the
+            ensemble's input contract (another shape or dtype, pixels outside [0, 1]).
 
     Example:
         >>> from ensdiv.ensemble import Ensemble
@@ -307,6 +311,7 @@ def ensemble_gdr(ensemble: Ensemble, data: Dataset | DataLoader, *, mode: str = 
     """
     if ensemble.num_members < 2:
         raise EnsdivError(f"GDR needs at least 2 members; got {ensemble.num_members}")
+    check_int("batch size", batch_size)
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
     device = next(ensemble.parameters()).device
     was_training = ensemble.training

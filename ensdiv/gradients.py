@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from ensdiv.ensemble import Ensemble
-from ensdiv.errors import check_batch, check_choice
+from ensdiv.ensemble import Ensemble, as_ensemble
+from ensdiv.errors import check_batch, check_choice, check_input
 
 GradMode = Literal["loss", "margin"]
 GRAD_MODES: tuple[str, ...] = get_args(GradMode)
@@ -92,8 +92,9 @@ def input_gradients(ensemble: Ensemble, x: Tensor, y: Tensor, *, create_graph: b
     """Each member's per-sample input gradient, [M, B, *x.shape[1:]].
 
     Args:
-        ensemble: M members (any mode; dropout, if any, draws independently per member).
-        x: inputs [B, C, H, W] in [0, 1].
+        ensemble: M members (any mode; dropout, if any, draws independently per member). Any
+            other ``nn.Module`` is treated as a one-member ensemble (M = 1).
+        x: inputs [B, C, H, W] in [0, 1], of the members' input shape and dtype.
         y: integer labels [B].
         create_graph: keep the graph so a loss of the gradients can be backpropagated to the
             members' parameters (double backprop, as GAL/GDR training needs).
@@ -109,8 +110,10 @@ def input_gradients(ensemble: Ensemble, x: Tensor, y: Tensor, *, create_graph: b
         >>> g.shape, g.requires_grad
         (torch.Size([2, 3, 1, 8, 8]), False)
     """
-    check_batch(x, y)
-    with torch.no_grad():
-        check_batch(x, y, num_classes=ensemble.members[0](x[:1]).shape[-1])
+    ensemble = as_ensemble(ensemble)
+    check_input(ensemble, x, y)
+    if ensemble.num_classes is None and x.shape[0] > 0:  # undeclared: ask the model
+        with torch.no_grad():
+            check_batch(x, y, num_classes=ensemble.members[0](x[:1]).shape[-1])
     grads, _ = members_grad_and_value(ensemble, x, y, mode=mode, create_graph=create_graph)
     return grads

@@ -1,29 +1,57 @@
-"""Atomic file writes and the rank-0 rule, shared by every driver that writes results.
+"""Every file ensdiv writes and reads goes through here: atomic writes, one reader per format,
+run folders with a lock, and the rank-0 rule.
 
-A checkpoint or record is written to a temporary file in the same folder, flushed to disk and
-renamed over the target, so an interrupted run leaves the previous good state. Under
-``torch.distributed`` only rank 0 writes.
+- **Writes** are atomic: the bytes are built in memory, written to a temporary file in the same
+  folder, fsynced and renamed over the target, so an interrupted run leaves the previous good
+  state. The file gets the mode a plain ``open()`` would give (``0666 & ~umask``, 0644 by
+  default), not ``mkstemp``'s private 0600. A write that fails (full disk, read-only folder) is
+  one :class:`EnsdivError` naming the file and the operating system's reason.
+- **JSON is strict**: NaN and ±inf are written as ``null`` (a rate over zero inputs, an undefined
+  GDR); readers treat ``null`` as "not defined".
+- **Reads** (:func:`read_json`, :func:`read_jsonl`, :func:`read_torch`) turn a missing, empty,
+  truncated or foreign file into one :class:`EnsdivError` naming the file and what to do.
+- **Run folders** (:func:`prepare_run_dir`, :func:`run_lock`): a folder holds one run or sweep,
+  identified by its config file; a second process writing into it at the same time is refused.
+
+Under ``torch.distributed`` only rank 0 writes.
 
 Example:
     >>> import tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.json"
-    >>> atomic_write_json(p, {"a": 1}); p.read_text().strip()
-    '{\\n  "a": 1\\n}'
+    >>> _ = atomic_write_json(p, {"a": 1, "b": float("nan")}); p.read_text().split()
+    ['{', '"a":', '1,', '"b":', 'null', '}']
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import io
 import json
+import math
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from ensdiv.errors import EnsdivError
+
+LOCK = ".ensdiv.lock"
+"""Lock file inside a run folder, held (``flock``) while a process writes into the folder."""
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space, then run the same command again with --resume",
+    errno.EDQUOT: "free some disk space, then run the same command again with --resume",
+    errno.EROFS: "the file system is read-only; choose a writable --out",
+    errno.EACCES: "you may not write there; choose another --out or fix its permissions",
+    errno.EPERM: "you may not write there; choose another --out or fix its permissions",
+}
 
 
 def is_main_process() -> bool:
@@ -32,8 +60,38 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def os_error(action: str, path: str | os.PathLike, e: OSError) -> EnsdivError:
+    """One-line :class:`EnsdivError` for an ``OSError`` while ``action``-ing ``path``, with the
+    system's reason (e.g. "No space left on device") and what to do about it.
+
+    Example:
+        >>> str(os_error("write", "r/x.pt", OSError(28, "No space left on device")))[:52]
+        'cannot write r/x.pt: No space left on device; free s'
+    """
+    reason = e.strerror or str(e)
+    hint = _OS_HINTS.get(e.errno or 0)
+    return EnsdivError(f"cannot {action} {path}: {reason}" + (f"; {hint}" if hint else ""))
+
+
+def _umask() -> int:
+    try:  # Linux: read it without the set-and-restore race of os.umask
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename onto ``path``.
+    """Call ``write(f)`` on an in-memory buffer, then put its bytes at ``path`` atomically.
+
+    The temporary file lives beside ``path`` and is renamed onto it after an fsync; its mode is
+    ``0666 & ~umask``. Serializing in memory first means a full disk or a read-only folder
+    surfaces as the operating system's own error, raised as one :class:`EnsdivError`.
 
     Example:
         >>> import tempfile, pathlib
@@ -42,18 +100,68 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         b'ok'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buf = io.BytesIO()
+    write(buf)
+    data = buf.getbuffer()
+    tmp: str | None = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise os_error("write", path, e) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN/±inf float replaced by ``None`` (JSON ``null``), recursively.
+
+    Example:
+        >>> strict_json({"a": [1.0, float("inf")], "b": float("nan")})
+        {'a': [1.0, None], 'b': None}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def round_floats(obj: Any, digits: int = 6) -> Any:
+    """``obj`` with every float rounded to ``digits`` significant digits, recursively (records
+    show 0.9125, not float32's 0.9125000238418579).
+
+    Example:
+        >>> round_floats({"acc": [0.9125000238418579], "n": 3})
+        {'acc': [0.9125], 'n': 3}
+    """
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(strict_json(obj), indent=indent, sort_keys=True, allow_nan=False)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -62,21 +170,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Atomically write ``obj`` as indented strict JSON (NaN/inf as ``null``)."""
+    return atomic_write_text(path, _dumps(obj, indent=2) + "\n")
 
 
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
-    """Atomically write ``records`` as JSON lines (the whole file is rewritten)."""
-    return atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file; a missing file is an empty list."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Atomically write ``records`` as strict JSON lines (the whole file is rewritten)."""
+    return atomic_write_text(path, "".join(_dumps(r) + "\n" for r in records))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -84,20 +184,238 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, config_name: str,
-                    resume: bool, overwrite: bool, resumable: frozenset[str] = frozenset(),
-                    kind: str = "run") -> Path:
-    """Create or check a result folder identified by ``config`` (saved as ``config_name``).
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC, seconds precision (the ``time`` field of records).
 
-    A folder already holding a ``kind`` is continued only with ``resume`` and a config equal
-    but for the ``resumable`` keys, and replaced (emptied) only with ``overwrite``; a non-empty
-    folder holding no ``kind`` is refused unless ``overwrite``. Raises :class:`EnsdivError`.
+    Example:
+        >>> utc_now().endswith("Z")
+        True
+    """
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------- readers
+def first_sentence(e: BaseException, limit: int = 160) -> str:
+    """The first line and sentence of an exception's message (torch's are long), for a
+    one-line error.
+
+    Example:
+        >>> first_sentence(RuntimeError("failed reading zip. This is an internal error\nmore"))
+        'failed reading zip'
+    """
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    return text.splitlines()[0].split(". ")[0][:limit]
+
+
+
+def _a(what: str) -> str:
+    return f"an {what}" if what[:1].lower() in "aeiou" else f"a {what}"
+
+
+def _read_bytes(path: Path, what: str, fix: str) -> bytes:
+    if not path.is_file():
+        raise EnsdivError(f"no {what} at {path}; {fix}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise os_error("read", path, e) from None
+    if not data:
+        raise EnsdivError(f"{path} is empty (0 bytes), not {_a(what)}; {fix}")
+    return data
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file",
+              fix: str = "restore it or start again", kind: type = dict) -> Any:
+    """Read a JSON file written by ensdiv; anything but a valid JSON ``kind`` is one error.
+
+    Args:
+        path: the file.
+        what: what the file should be, for the message (e.g. "run config").
+        fix: what the user should do if it is missing or damaged.
+        kind: the expected top-level JSON type (``dict`` or ``list``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "c.json"
+        >>> _ = p.write_text('{"a": 1'); read_json(p, what="run config", fix="x")
+        Traceback (most recent call last):
+        ...
+        ensdiv.errors.EnsdivError: ... is not a valid run config (truncated or not JSON: ...); x
+    """
+    path = Path(path)
+    data = _read_bytes(path, what, fix)
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EnsdivError(f"{path} is not a valid {what} (truncated or not JSON: {e}); "
+                          f"{fix}") from None
+    if not isinstance(obj, kind):
+        raise EnsdivError(f"{path} is not {_a(what)} (a JSON {type(obj).__name__}, expected a "
+                          f"{kind.__name__}); {fix}")
+    return obj
+
+
+def read_jsonl(path: str | os.PathLike, *, what: str = "JSON-lines file",
+               fix: str = "restore it or start again", missing_ok: bool = True,
+               required: Iterable[str] = ()) -> list[dict]:
+    """Read a JSON-lines file written by ensdiv: one object per line, each holding the keys in
+    ``required``. A missing file is an empty list when ``missing_ok``; a damaged line is one
+    error naming the file, the line and ``fix``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.jsonl"
+        >>> _ = p.write_text('{"epoch": 1}\\n{"epoch": 2}\\n'); read_jsonl(p)
+        [{'epoch': 1}, {'epoch': 2}]
+    """
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return []
+    try:
+        text = _read_bytes(path, what, fix).decode("utf-8")
+    except EnsdivError:
+        if missing_ok and path.is_file() and path.stat().st_size == 0:
+            return []
+        raise
+    except UnicodeDecodeError:
+        raise EnsdivError(f"{path} is not a valid {what} (not UTF-8 text); {fix}") from None
+    need = tuple(required)
+    records = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EnsdivError(f"{path} line {i} is not valid JSON (truncated or edited? {e}); "
+                              f"{fix}") from None
+        missing = [k for k in need if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise EnsdivError(f"{path} line {i} has no {', '.join(missing)}, so the file is "
+                              f"not {_a(what)}; {fix}")
+        records.append(rec)
+    return records
+
+
+def read_torch(path: str | os.PathLike, *, what: str, fix: str,
+               required: Iterable[str] = ()) -> dict[str, Any]:
+    """Load a torch file written by ensdiv (``weights_only``, onto the CPU) as a dict holding
+    the keys in ``required``; missing, empty, truncated and foreign files are one error.
+
+    Tensors always load onto the CPU: move them afterwards, so that a missing GPU is never
+    mistaken for a damaged file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "c.pt"
+        >>> _ = atomic_torch_save({"epoch": 1}, p)
+        >>> read_torch(p, what="checkpoint", fix="x", required=["epoch"])
+        {'epoch': 1}
+    """
+    path = Path(path)
+    data = _read_bytes(path, what, fix)
+    try:
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged files; name the file instead
+        raise EnsdivError(f"{path} is not {_a('readable ' + what)} (truncated, damaged or another "
+                          f"kind of file: {first_sentence(e)}); {fix}") from None
+    missing = [k for k in required if not isinstance(blob, dict) or k not in blob]
+    if not isinstance(blob, dict) or missing:
+        raise EnsdivError(f"{path} is not {_a(what)} (it lacks {', '.join(missing) or 'a dict'}); "
+                          f"{fix}")
+    return blob
+
+
+# ------------------------------------------------------------------------------ run folders
+def _lock_owner(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"process {info['pid']} on {info['host']} since {info['time']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if needed) while the block runs.
+
+    The lock is an ``flock`` on ``folder/.ensdiv.lock``: the kernel releases it when the
+    holder exits or is killed, so a stale lock from a dead process never blocks a rerun. A
+    second process asking for a held lock gets an :class:`EnsdivError` naming the holder.
+    Only rank 0 locks under ``torch.distributed``.
 
     Example:
         >>> import tempfile
         >>> d = tempfile.mkdtemp()
-        >>> _ = prepare_run_dir(d, {"a": 1}, config_name="c.json", resume=False, overwrite=False)
-        >>> _ = prepare_run_dir(d, {"a": 1}, config_name="c.json", resume=True, overwrite=False)
+        >>> with run_lock(d):
+        ...     pass
+    """
+    folder = Path(folder)
+    if not is_main_process():
+        yield folder
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    path = folder / LOCK
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise os_error("write", path, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EnsdivError(f"{folder} is in use by {_lock_owner(path)}; wait for it to "
+                              "finish (or stop it) before writing into the same folder") from None
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": utc_now()})
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, me.encode())
+        except OSError as e:
+            raise os_error("write", path, e) from None
+        yield folder
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The folder's entries that are not the lock or a leftover temporary file."""
+    return [p for p in folder.iterdir()
+            if p.name != LOCK and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+
+
+def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, config_name: str,
+                    resume: bool, overwrite: bool, started: Callable[[Path], bool],
+                    resumable: frozenset[str] = frozenset(), kind: str = "run",
+                    command: str = "ensdiv train") -> bool:
+    """Check (and with ``overwrite`` empty) a result folder identified by ``config``.
+
+    Call it while holding :func:`run_lock`. The rules, the same for runs and sweeps:
+
+    - a folder where nothing was ``started`` (no finished epoch or record, e.g. a run that
+      failed while loading its data) is simply started again, whatever its config;
+    - a folder holding a started ``kind`` is continued only with ``resume`` and a config equal
+      but for the ``resumable`` keys; any other difference is an error listing it;
+    - ``overwrite`` empties the folder first; a non-empty folder holding no ``kind`` is refused.
+
+    Nothing is written: the caller writes the config once all its checks pass.
+
+    Returns:
+        True if the caller continues earlier work, False if it starts afresh.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> prepare_run_dir(d, {"a": 1}, config_name="c.json", resume=False, overwrite=False,
+        ...                 started=lambda p: False)
+        False
     """
     if resume and overwrite:
         raise EnsdivError("--resume and --overwrite exclude each other")
@@ -105,27 +423,34 @@ def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, confi
     if out.exists() and not out.is_dir():
         raise EnsdivError(f"{out} exists and is not a folder")
     cfg_path = out / config_name
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    elif cfg_path.exists():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise EnsdivError(f"{cfg_path} is not valid JSON ({e})") from e
+    if not out.exists():
+        return False
+    if overwrite:
+        for p in _entries(out):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        return False
+    if cfg_path.exists():
+        old = read_json(cfg_path, what=f"{kind} config",
+                        fix=f"restore it, or start the {kind} in another --out")
+        if not started(out):
+            return False
         diff = sorted(k for k in set(old) | set(config)
                       if old.get(k) != config.get(k) and k not in resumable)
         if not resume:
-            what = f"a different {kind}" if old != config else f"this {kind} already"
-            raise EnsdivError(f"{out} holds {what}; pass --resume to continue it or "
-                              "--overwrite to replace it")
+            what = f"a different {kind}" if diff else f"this {kind} already"
+            raise EnsdivError(f"{out} holds {what}; continue it with `{command} --out {out} "
+                              f"--resume`, or choose another --out")
         if diff:
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
-            raise EnsdivError(f"{out} holds a different {kind} ({changes}); use another --out "
-                              "or --overwrite")
-    elif out.exists() and any(out.iterdir()):
+            changes = ", ".join(f"{k} (saved {old.get(k)!r}, given {config.get(k)!r})"
+                                for k in diff)
+            raise EnsdivError(f"{out} holds a {kind} that differs in {changes}; to continue it "
+                              f"run `{command} --out {out} --resume` without those options; for "
+                              "the new settings choose another --out")
+        return True
+    if _entries(out):
         raise EnsdivError(f"{out} is not empty and holds no ensdiv {kind}; choose another "
                           "--out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        atomic_write_json(cfg_path, config)
-    return out
+    return False

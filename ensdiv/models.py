@@ -18,12 +18,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.errors import EnsdivError, check_choice, check_shape
 
 Arch = Literal["mlp", "cnn", "resnet20"]
 ARCHS: tuple[str, ...] = get_args(Arch)
@@ -48,10 +48,31 @@ class Normalize(nn.Module):
 
 
 class Member(nn.Module):
-    """Base of all members: ``forward(x) = head(features(x))`` on pixel-space input."""
+    """Base of all members: ``forward(x) = head(features(x))`` on pixel-space input.
 
-    normalize: Normalize
+    A member knows its per-sample input shape ``in_shape`` (C, H, W) and ``num_classes``, and
+    refuses any other input shape or dtype with one :class:`EnsdivError` line (never a silent
+    result on images of another size). :attr:`spec` is everything :func:`build_model` needs to
+    rebuild it, so any member can be saved in an ensemble and loaded back.
+    """
+
     head: nn.Linear
+
+    def __init__(self, arch: str, in_shape: Sequence[int], num_classes: int,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.arch = arch
+        self.in_shape: tuple[int, ...] = tuple(int(s) for s in in_shape)
+        self.num_classes = int(num_classes)
+        self.normalize = Normalize(mean, std)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-able ``build_model`` arguments that rebuild this member (weights aside)."""
+        return {"arch": self.arch, "in_shape": list(self.in_shape),
+                "num_classes": self.num_classes,
+                "mean": [float(v) for v in self.normalize.mean.flatten().tolist()],
+                "std": [float(v) for v in self.normalize.std.flatten().tolist()]}
 
     def embed(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Map a normalized input to the penultimate representation."""
@@ -59,6 +80,7 @@ class Member(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate representation [B, F] of pixel-space ``x`` [B, C, H, W]."""
+        check_shape(x, self.in_shape, self.normalize.mean.dtype)
         return self.embed(self.normalize(x))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -71,9 +93,8 @@ class MLP(Member):
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
                  std: Sequence[float], hidden: int = 256) -> None:
-        super().__init__()
+        super().__init__("mlp", in_shape, num_classes, mean, std)
         c, h, w = in_shape
-        self.normalize = Normalize(mean, std)
         self.body = nn.Sequential(
             nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(),
             nn.Linear(hidden, hidden), nn.ReLU(),
@@ -97,9 +118,8 @@ class CNN(Member):
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
                  std: Sequence[float], width: int = 32, feat_dim: int = 128) -> None:
-        super().__init__()
+        super().__init__("cnn", in_shape, num_classes, mean, std)
         c = in_shape[0]
-        self.normalize = Normalize(mean, std)
         self.body = nn.Sequential(
             nn.Conv2d(c, width, 3, padding=1), _gn(width), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), _gn(2 * width), nn.ReLU(), nn.MaxPool2d(2),
@@ -137,9 +157,8 @@ class ResNet20(Member):
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
                  std: Sequence[float], width: int = 16) -> None:
-        super().__init__()
+        super().__init__("resnet20", in_shape, num_classes, mean, std)
         c = in_shape[0]
-        self.normalize = Normalize(mean, std)
         layers: list[nn.Module] = [nn.Conv2d(c, width, 3, 1, 1, bias=False), _gn(width), nn.ReLU()]
         cin = width
         for stage, cout in enumerate((width, 2 * width, 4 * width)):

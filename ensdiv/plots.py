@@ -7,6 +7,9 @@
 - :func:`plot_transfer_heatmaps`: the member-to-member transfer matrix of the plainest and the
   most diverse ensemble, side by side.
 
+Records are strict JSON: an undefined value (a GDR with every sample excluded, a rate over zero
+inputs) is ``null`` and is read as NaN, i.e. left out of fits and correlations.
+
 Example:
     >>> records = []  # from ensdiv.io.read_jsonl("runs/sweep/records.jsonl")
     >>> correlations(records)
@@ -23,9 +26,43 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from ensdiv.errors import EnsdivError, check_choice
+
 MEASURES: dict[str, str] = {"whitebox": "white-box on ensemble",
                             "transfer": "member → member transfer",
                             "blackbox": "black-box from surrogate"}
+
+
+def _num(v: Any) -> float:
+    """A record's number; ``null`` (None) is NaN."""
+    return math.nan if v is None else float(v)
+
+
+def check_plot_options(records: Sequence[dict[str, Any]], *, attack: str | None,
+                       eps: float | None) -> tuple[str, float]:
+    """Check the heatmaps' ``attack`` and ``eps`` against what the records hold, before
+    anything is drawn; return the (attack, eps) to draw (defaults: PGD if the records hold
+    it, else their first attack; the largest eps).
+
+    Example:
+        >>> recs = [{"gdr": 0.1, "attacks": [{"attack": "pgd", "eps": 0.1}]}]
+        >>> check_plot_options(recs, attack=None, eps=None)
+        ('pgd', 0.1)
+    """
+    attacks, eps_values = _grid(records)
+    if not attacks:
+        raise EnsdivError("the records hold no attack results to draw")
+    if attack is None:
+        attack = "pgd" if "pgd" in attacks else attacks[0]
+    check_choice("attack (in these records)", attack, attacks)
+    if not any(math.isfinite(_num(r["gdr"])) for r in records):
+        raise EnsdivError("no record has a defined GDR to draw")
+    if eps is None:
+        return attack, eps_values[-1]
+    if eps not in eps_values:
+        raise EnsdivError(f"the records hold no eps {eps:g}; choose one of: "
+                          f"{', '.join(f'{e:g}' for e in eps_values)}")
+    return attack, eps
 
 
 def _success(entry: dict[str, Any], measure: str) -> tuple[float, float]:
@@ -35,9 +72,9 @@ def _success(entry: dict[str, Any], measure: str) -> tuple[float, float]:
         off = [(f, n) for i, (fr, nr) in enumerate(zip(t["fooled"], t["total"], strict=True))
                for j, (f, n) in enumerate(zip(fr, nr, strict=True)) if i != j]
         total = sum(n for _, n in off)
-        return entry["transfer_mean"], 0.5 / max(total, 1)
+        return _num(entry["transfer_mean"]), 0.5 / max(total, 1)
     s = entry[measure]
-    return s["rate"], 0.5 / max(s["total"], 1)
+    return _num(s["rate"]), 0.5 / max(s["total"], 1)
 
 
 def _series(records: Sequence[dict[str, Any]], attack: str, eps: float,
@@ -45,10 +82,10 @@ def _series(records: Sequence[dict[str, Any]], attack: str, eps: float,
     g, rate, floor = [], [], []
     for r in records:
         for a in r["attacks"]:
-            if a["attack"] == attack and a["eps"] == eps and math.isfinite(r["gdr"]):
+            if a["attack"] == attack and a["eps"] == eps and math.isfinite(_num(r["gdr"])):
                 s, f = _success(a, measure)
                 if math.isfinite(s):
-                    g.append(r["gdr"])
+                    g.append(_num(r["gdr"]))
                     rate.append(s)
                     floor.append(f)
     return np.array(g), np.array(rate), np.array(floor)
@@ -141,7 +178,7 @@ def plot_transfer_heatmaps(records: Sequence[dict[str, Any]], path: str | os.Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    usable = [r for r in records if math.isfinite(r["gdr"])]
+    usable = [r for r in records if math.isfinite(_num(r["gdr"]))]
     if not usable:
         raise ValueError("no record with a finite GDR to draw")
     _, eps_values = _grid(usable)
@@ -157,7 +194,7 @@ def plot_transfer_heatmaps(records: Sequence[dict[str, Any]], path: str | os.Pat
         entries.append(entry)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, rec, entry in zip(axes, (high, low), entries, strict=True):
-        mat = np.array(entry["transfer"]["matrix"], dtype=float)
+        mat = np.array([[_num(v) for v in row] for row in entry["transfer"]["matrix"]])
         im = ax.imshow(mat, vmin=0, vmax=1, cmap="magma")
         m = mat.shape[0]
         for i in range(m):

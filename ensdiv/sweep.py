@@ -28,11 +28,21 @@ from ensdiv.attacks import ATTACKS, pgd
 from ensdiv.data import load_dataset
 from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
 from ensdiv.gdr import gdr, summarize_gdr
 from ensdiv.gradients import input_gradients
-from ensdiv.io import atomic_write_jsonl, is_main_process, prepare_run_dir, read_jsonl
-from ensdiv.train import TrainConfig, train_run
+from ensdiv.io import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    is_main_process,
+    prepare_run_dir,
+    read_jsonl,
+    round_floats,
+    run_lock,
+    utc_now,
+)
+from ensdiv.runtime import resolve_device
+from ensdiv.train import CHECKPOINT, DEFAULT_LR, DIVERSITY_CHOICES, TrainConfig, train_run
 from ensdiv.transferability import success_counts, surrogate_transfer, transfer_matrix
 
 RECORDS = "records.jsonl"
@@ -54,7 +64,7 @@ class SweepConfig:
     seeds: int = 3
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = DEFAULT_LR
     noise_sigma: float = 0.0
     attacks: tuple[str, ...] = ("fgsm", "pgd", "mifgsm")
     eps: tuple[float, ...] = (0.03, 0.06, 0.09)
@@ -64,36 +74,59 @@ class SweepConfig:
     surrogate_seed: int = 10_000
 
     def validate(self) -> SweepConfig:
-        """Check every field; raise :class:`EnsdivError` with one clear message if bad."""
-        self.train_config(self.lams[0] if self.lams else 0.0, 0).validate()
+        """Check every field (each λ's training run included); raise :class:`EnsdivError`
+        with one clear message if bad. Lists must not repeat a value."""
+        check_choice("diversity", self.diversity, DIVERSITY_CHOICES)
         if not self.lams:
-            raise EnsdivError("--lams needs at least one value")
-        if any(not lam >= 0 for lam in self.lams):
-            raise EnsdivError(f"lams must be >= 0; got {list(self.lams)}")
-        if self.seeds < 1:
-            raise EnsdivError(f"seeds must be >= 1; got {self.seeds}")
+            raise EnsdivError("lams needs at least one value")
+        for lam in self.lams:
+            check_real("lams", lam, minimum=0)
+        check_unique("lams", self.lams)
+        if self.diversity == "none" and any(lam != 0 for lam in self.lams):
+            raise EnsdivError("a sweep over lam needs a diversity term; with diversity 'none' "
+                              "every lam trains the same plain ensemble (choose --diversity "
+                              "cos, gal or gdr)")
+        check_int("seeds", self.seeds)
         if self.members < 2:
             raise EnsdivError(f"a diversity sweep needs at least 2 members; got {self.members}")
+        for lam in self.lams:
+            self.train_config(lam, 0).validate()
+        check_int("surrogate seed", self.surrogate_seed, minimum=0)
+        if not self.attacks:
+            raise EnsdivError(f"attacks needs at least one of: {', '.join(sorted(ATTACKS))}")
         for a in self.attacks:
             check_choice("attack", a, tuple(ATTACKS))
-        if not self.eps or any(not e >= 0 for e in self.eps):
-            raise EnsdivError(f"eps values must be >= 0; got {list(self.eps)}")
-        if self.steps < 1:
-            raise EnsdivError(f"steps must be >= 1; got {self.steps}")
-        if self.n_eval < 1:
-            raise EnsdivError(f"n_eval must be >= 1; got {self.n_eval}")
+        check_unique("attacks", self.attacks)
+        if not self.eps:
+            raise EnsdivError("eps needs at least one value")
+        for e in self.eps:
+            check_real("eps", e, minimum=0)
+        check_unique("eps", self.eps)
+        check_int("steps", self.steps)
+        check_int("n_eval", self.n_eval)
+        check_int("eval seed", self.eval_seed, minimum=0)
         return self
 
     def train_config(self, lam: float, seed: int) -> TrainConfig:
         """The training run of one sweep point (λ = 0 trains plain: the term would be 0)."""
+        plain = lam == 0
         return TrainConfig(dataset=self.dataset, arch=self.arch, members=self.members,
                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                           seed=seed, diversity=self.diversity if lam > 0 else "none",
-                           lam=lam if lam > 0 else 0.5, noise_sigma=self.noise_sigma)
+                           seed=seed, diversity="none" if plain else self.diversity,
+                           lam=None if plain else lam, noise_sigma=self.noise_sigma).validate()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
+        """Inverse of :meth:`to_dict` (lists become tuples); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise EnsdivError(f"unknown sweep config keys {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def run_name(lam: float, seed: int) -> str:
@@ -160,10 +193,29 @@ def evaluate_point(ensemble: Ensemble, x: Tensor, y: Tensor, config: SweepConfig
             "warnings": sanity_warnings(zero, huge.rate, attacks)}
 
 
-def run_sweep(config: SweepConfig, out_dir: str | Path, *, overwrite: bool = False,
-              device: str | torch.device | None = None, data_root: str | None = None,
-              progress: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run (or finish) a sweep into ``out_dir`` and return all its records.
+def _started(out: Path) -> bool:
+    """A sweep has started once a record or any of its runs' checkpoints exists."""
+    return (out / RECORDS).exists() or any(out.glob(f"*/{CHECKPOINT}"))
+
+
+def _epoch_logger(log: Callable[[str], None], label: str,
+                  epochs: int) -> Callable[[dict[str, Any]], None]:
+    def on_epoch_end(rec: dict[str, Any]) -> None:
+        log(f"  {label} epoch {rec['epoch']}/{epochs}: loss {rec['loss']:.4f}, ensemble "
+            f"acc {rec['ensemble_acc']:.3f} ({rec['seconds']:.0f}s)")
+    return on_epoch_end
+
+
+def run_sweep(config: SweepConfig, out_dir: str | Path, *, resume: bool = False,
+              overwrite: bool = False, device: str | torch.device | None = None,
+              data_root: str | None = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or, with ``resume``, finish) a sweep into ``out_dir`` and return all its records.
+
+    The folder rules are those of ``ensdiv train`` (:func:`ensdiv.io.prepare_run_dir`): a
+    started sweep continues only with ``resume`` and the same config; the folder is locked
+    while the sweep runs. Every argument is checked before anything is trained. ``log`` gets
+    a line per trained epoch and per finished ensemble, so a log file shows progress.
 
     Example (tiny):
         >>> cfg = SweepConfig(dataset="digits", arch="mlp", members=2, lams=(0.0, 1.0),
@@ -174,26 +226,40 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, overwrite: bool = Fal
         [0.0, 1.0]
     """
     config.validate()
-    out = Path(out_dir)
-    prepare_run_dir(out, config.to_dict(), config_name=SWEEP_CONFIG, resume=not overwrite,
-                    overwrite=overwrite, kind="sweep")
+    dev = resolve_device(device)
+    with run_lock(out_dir) as out:
+        resuming = prepare_run_dir(out, config.to_dict(), config_name=SWEEP_CONFIG,
+                                   resume=resume, overwrite=overwrite, started=_started,
+                                   kind="sweep", command="ensdiv sweep")
+        if is_main_process():
+            atomic_write_json(out / SWEEP_CONFIG, config.to_dict())
+        records = read_jsonl(out / RECORDS, what="sweep records file",
+                             required=("lam", "seed"),
+                             fix="restore it, or delete its damaged lines and resume (those "
+                                 "ensembles are then evaluated again)") if resuming else []
+        return _sweep(config, out, records, dev, data_root, progress, log)
+
+
+def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: torch.device,
+           data_root: str | None, progress: bool,
+           log: Callable[[str], None]) -> list[dict[str, Any]]:
+    done = {(r["lam"], r["seed"]) for r in records}
+    if all((lam, seed) in done for lam in config.lams for seed in range(config.seeds)):
+        return records
     _, test, _ = load_dataset(config.dataset, root=data_root)
     n = min(config.n_eval, len(test))
     x, y = test[:n]
-    dev = torch.device(device) if device is not None else None
 
     t0 = time.perf_counter()
     surrogate, _ = train_run(config.train_config(0.0, config.surrogate_seed),
                              out_dir=out / SURROGATE, resume=True, device=dev,
-                             data_root=data_root, progress=progress)
-    device_ = next(surrogate.parameters()).device
-    x, y = x.to(device_), y.to(device_)
+                             data_root=data_root, progress=progress,
+                             on_epoch_end=_epoch_logger(log, "surrogate", config.epochs))
+    x, y = x.to(dev), y.to(dev)
     surrogate_adv = {(a, e): make_attack(a, e, config.steps, config.eval_seed)(surrogate, x, y)
                      for a in config.attacks for e in config.eps}
     log(f"surrogate ready ({time.perf_counter() - t0:.0f}s)")
 
-    records = read_jsonl(out / RECORDS)
-    done = {(r["lam"], r["seed"]) for r in records}
     for lam in config.lams:
         for seed in range(config.seeds):
             if (lam, seed) in done:
@@ -201,7 +267,9 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, overwrite: bool = Fal
             t1 = time.perf_counter()
             tcfg = config.train_config(lam, seed)
             ens, hist = train_run(tcfg, out_dir=out / run_name(lam, seed), resume=True,
-                                  device=dev, data_root=data_root, progress=progress)
+                                  device=dev, data_root=data_root, progress=progress,
+                                  on_epoch_end=_epoch_logger(log, f"lam={lam:g} seed={seed}",
+                                                             config.epochs))
             t2 = time.perf_counter()
             rec = {"lam": lam, "seed": seed, "diversity": config.diversity,
                    "trained_with": tcfg.diversity, "dataset": config.dataset,
@@ -209,7 +277,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, overwrite: bool = Fal
                    "n": n, "eval_seed": config.eval_seed, "surrogate_seed": config.surrogate_seed,
                    **evaluate_point(ens, x, y, config, surrogate_adv, surrogate),
                    "train_seconds": sum(h["train_seconds"] for h in hist),
-                   "eval_seconds": time.perf_counter() - t2}
+                   "eval_seconds": time.perf_counter() - t2, "time": utc_now()}
+            rec = round_floats(rec)
             records.append(rec)
             if is_main_process():
                 atomic_write_jsonl(out / RECORDS, records)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,18 +37,33 @@ from tqdm.auto import tqdm
 from ensdiv.data import DATASETS, load_dataset
 from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble, majority_vote, mean_log_softmax
-from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.errors import (
+    EnsdivError,
+    EnsdivWarning,
+    check_choice,
+    check_input,
+    check_int,
+    check_real,
+)
 from ensdiv.gdr import gdr, summarize_gdr
 from ensdiv.gradients import input_gradients
 from ensdiv.io import (
     atomic_torch_save,
+    atomic_write_json,
     atomic_write_jsonl,
+    first_sentence,
     is_main_process,
     prepare_run_dir,
+    read_json,
     read_jsonl,
+    read_torch,
+    round_floats,
+    run_lock,
+    utc_now,
 )
 from ensdiv.models import ARCHS
 from ensdiv.objective import DIVERSITIES, ce_loss, ensemble_loss
+from ensdiv.runtime import resolve_device
 
 DIVERSITY_CHOICES: tuple[str, ...] = DIVERSITIES
 
@@ -67,11 +82,23 @@ CONFIG = "config.json"
 RESUMABLE_CHANGES = frozenset({"epochs"})
 
 
+DEFAULT_LR = 3e-3
+"""The one default Adam learning rate of ``train``, ``demo`` and ``sweep``."""
+
+DEFAULT_LAM = 0.5
+"""Default regularizer weight λ when a diversity term is chosen (GAL's authors' value)."""
+
+MAX_PLAUSIBLE_SIGMA = 1.0
+"""Noise std above which training inputs (pixels in [0, 1]) are mostly clamped noise."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run (saved as ``config.json`` in the run folder).
 
-    ``diversity``/``lam``/``noise_sigma`` select the objective (see :func:`make_loss`).
+    ``diversity``/``lam``/``noise_sigma`` select the objective (see :func:`make_loss`). ``lam``
+    left as None means 0 without a diversity term and :data:`DEFAULT_LAM` with one;
+    :meth:`validate` returns the config with that resolved, which is what a run records.
     """
 
     dataset: str = "digits"
@@ -79,36 +106,43 @@ class TrainConfig:
     members: int = 3
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR
     weight_decay: float = 0.0
     seed: int = 0
     diversity: str = "none"
-    lam: float = 0.5
+    lam: float | None = None
     noise_sigma: float = 0.0
 
     def validate(self) -> TrainConfig:
-        """Check every field; raise :class:`EnsdivError` with one clear message if bad."""
+        """Check every field and return the config with ``lam`` resolved; raise
+        :class:`EnsdivError` with one clear message if a field is bad. Warns
+        (:class:`EnsdivWarning`) about a noise sigma above 1."""
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("arch", self.arch, ARCHS)
         check_choice("diversity", self.diversity, DIVERSITY_CHOICES)
-        if self.members < 1:
-            raise EnsdivError(f"members must be >= 1; got {self.members}")
-        if self.epochs < 1:
-            raise EnsdivError(f"epochs must be positive; got {self.epochs}")
-        if self.batch_size < 1:
-            raise EnsdivError(f"batch size must be positive; got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise EnsdivError(f"learning rate must be positive; got {self.lr}")
-        if self.weight_decay < 0:
-            raise EnsdivError(f"weight decay must be >= 0; got {self.weight_decay}")
-        if not self.noise_sigma >= 0:
-            raise EnsdivError(f"noise sigma must be >= 0; got {self.noise_sigma}")
-        if not self.lam >= 0:
-            raise EnsdivError(f"lam must be >= 0; got {self.lam}")
-        if self.diversity != "none" and self.members < 2:
-            raise EnsdivError(f"diversity {self.diversity!r} needs at least 2 members; "
-                              f"got {self.members}")
-        return self
+        check_int("members", self.members)
+        check_int("epochs", self.epochs)
+        check_int("batch size", self.batch_size)
+        check_int("seed", self.seed, minimum=0)
+        check_real("learning rate", self.lr, minimum=0, strict=True)
+        check_real("weight decay", self.weight_decay, minimum=0)
+        sigma = check_real("noise sigma", self.noise_sigma, minimum=0)
+        if sigma > MAX_PLAUSIBLE_SIGMA:
+            warnings.warn(f"noise sigma {sigma:g} is larger than the whole pixel range [0, 1]; "
+                          "the training inputs will be mostly clamped noise", EnsdivWarning,
+                          stacklevel=1)  # one place: shown once however often validated
+        if self.diversity == "none":
+            if self.lam is not None and check_real("lam", self.lam) != 0:
+                raise EnsdivError(f"lam {self.lam:g} has no effect without a diversity term; "
+                                  "choose --diversity cos, gal or gdr (or drop --lam)")
+            lam = 0.0
+        else:
+            lam = DEFAULT_LAM if self.lam is None else check_real("lam", self.lam, minimum=0)
+            if self.members < 2:
+                raise EnsdivError(f"diversity {self.diversity!r} needs at least 2 members; "
+                                  f"got {self.members}")
+        return dataclasses.replace(self, lam=lam, lr=float(self.lr),
+                                   weight_decay=float(self.weight_decay), noise_sigma=sigma)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields."""
@@ -126,7 +160,7 @@ class TrainConfig:
 
 def make_loss(config: TrainConfig) -> LossFn:
     """The objective a config asks for: summed CE plus λ·regularizer (:func:`ensemble_loss`)."""
-    check_choice("diversity", config.diversity, DIVERSITY_CHOICES)
+    config = config.validate()
     if config.diversity == "none":
         return ce_loss
     return functools.partial(ensemble_loss, diversity=config.diversity, lam=config.lam)
@@ -144,34 +178,118 @@ def gaussian_noise(sigma: float) -> Callable[[Tensor, torch.Generator], Tensor] 
     return augment
 
 
+class TrainingDiverged(EnsdivError):
+    """The loss became NaN or infinite; the message names the epoch, batch and loss parts."""
+
+
 @torch.no_grad()
 def evaluate(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
              device: torch.device | str | None = None) -> dict[str, Any]:
     """Test accuracies: each member's, the ensemble's (mean softmax) and the majority vote's.
 
-    Returns ``{"member_acc": [M floats], "ensemble_acc": float, "vote_acc": float, "n": N}``.
-    The ensemble's mode is restored afterwards.
+    Returns ``{"member_acc": [M floats], "ensemble_acc": float, "vote_acc": float, "n": N}``,
+    accuracies rounded to 6 significant digits. The ensemble's mode is restored afterwards.
+    The first batch is checked against the ensemble's input contract (shape, dtype, [0, 1],
+    labels) before anything is computed.
+
+    Example:
+        >>> from ensdiv.data import load_dataset
+        >>> _, te, info = load_dataset("digits")
+        >>> ens = Ensemble.build("mlp", 2, in_shape=info.in_shape, num_classes=10)
+        >>> sorted(evaluate(ens, te))
+        ['ensemble_acc', 'member_acc', 'n', 'vote_acc']
     """
+    check_int("batch size", batch_size)
     device = device or next(ensemble.parameters()).device
     was_training = ensemble.training
     ensemble.eval()
     m = ensemble.num_members
-    correct_members = torch.zeros(m)
+    correct_members = [0] * m
     correct_ens = correct_vote = n = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
-        logits = ensemble.member_logits(x)  # one pass serves all three accuracies
-        correct_members += (logits.argmax(-1) == y).sum(1).cpu()
-        correct_ens += int((mean_log_softmax(logits).argmax(-1) == y).sum())
-        correct_vote += int((majority_vote(logits) == y).sum())
-        n += len(y)
-    ensemble.train(was_training)
-    return {"member_acc": [float(c) / n for c in correct_members],
-            "ensemble_acc": correct_ens / n, "vote_acc": correct_vote / n, "n": n}
+    try:
+        for x, y in DataLoader(dataset, batch_size=batch_size):
+            x, y = x.to(device), y.to(device)
+            if n == 0:
+                check_input(ensemble, x, y)
+            logits = ensemble.member_logits(x)  # one pass serves all three accuracies
+            for i, c in enumerate((logits.argmax(-1) == y).sum(1).tolist()):
+                correct_members[i] += c
+            correct_ens += int((mean_log_softmax(logits).argmax(-1) == y).sum())
+            correct_vote += int((majority_vote(logits) == y).sum())
+            n += len(y)
+    finally:
+        ensemble.train(was_training)
+    if n == 0:
+        raise EnsdivError("evaluate needs a non-empty dataset")
+    return round_floats({"member_acc": [c / n for c in correct_members],
+                         "ensemble_acc": correct_ens / n, "vote_acc": correct_vote / n, "n": n})
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+
+
+_CHECKPOINT_FIX = ("the run cannot be resumed from it: restore the file, or start the run "
+                   "anew in another --out")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a training checkpoint (``{"epoch", "ensemble", "optimizer"}``) onto the CPU; a
+    missing, damaged or foreign file is one :class:`EnsdivError` naming it.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "checkpoint.pt"
+        >>> read_checkpoint(p)
+        Traceback (most recent call last):
+        ...
+        ensdiv.errors.EnsdivError: no training checkpoint at ...
+    """
+    ckpt = read_torch(path, what="training checkpoint", fix=_CHECKPOINT_FIX,
+                      required=("epoch", "ensemble", "optimizer"))
+    if isinstance(ckpt["epoch"], bool) or not isinstance(ckpt["epoch"], int) \
+            or ckpt["epoch"] < 1:
+        raise EnsdivError(f"{path} is not a training checkpoint (epoch {ckpt['epoch']!r}); "
+                          f"{_CHECKPOINT_FIX}")
+    return ckpt
+
+
+def finished_epochs(out_dir: str | os.PathLike) -> int:
+    """Epochs a run folder holds a checkpoint for (0 if none).
+
+    Example:
+        >>> import tempfile
+        >>> finished_epochs(tempfile.mkdtemp())
+        0
+    """
+    path = Path(out_dir) / CHECKPOINT
+    return int(read_checkpoint(path)["epoch"]) if path.exists() else 0
+
+
+def _restore(ensemble: Ensemble, opt: torch.optim.Optimizer, out: Path) -> tuple[int, list]:
+    """Load the run's checkpoint into ``ensemble``/``opt``; its epoch and earlier records."""
+    path = out / CHECKPOINT
+    ckpt = read_checkpoint(path)
+    try:
+        ensemble.load_state_dict(ckpt["ensemble"])
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise EnsdivError(f"{path} does not fit this run's ensemble ({first_sentence(e)}); "
+                          f"{_CHECKPOINT_FIX}") from None
+    start = int(ckpt["epoch"])
+    return start, [r for r in _read_metrics(out)
+                   if isinstance(r["epoch"], int) and r["epoch"] <= start]
+
+
+def _read_metrics(out: Path) -> list[dict[str, Any]]:
+    return read_jsonl(out / METRICS, what="metrics file", required=("epoch",),
+                      fix="restore it, or delete its damaged lines and resume again (their "
+                          "epochs' metrics are then lost)")
+
+
+def _saved_config(out: Path) -> dict[str, Any]:
+    return read_json(out / CONFIG, what="run config",
+                     fix="restore it, or start the run in another --out")
 
 
 def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: int,
@@ -188,10 +306,14 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         train_set, test_set: datasets of (x [C,H,W] in [0,1], int label).
         loss_fn: the objective, see :data:`LossFn`.
         out_dir: run folder for metrics/ensemble/checkpoint (nothing is written if None).
-        resume: continue from ``out_dir/checkpoint.pt`` if present.
+        resume: continue from ``out_dir/checkpoint.pt`` if present (and rewrite
+            ``ensemble.pt`` from it, which repairs a damaged one).
         augment: ``(x, generator) -> x'`` applied to each training batch (e.g. noise).
         epoch_hooks: extra metrics merged into each epoch's record.
         on_epoch_end: called with each record after it is written (progress, interruption).
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite (the last finished epoch is kept).
 
     Example:
         >>> from ensdiv.data import load_dataset
@@ -201,18 +323,20 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         >>> recs[0]["epoch"]
         1
     """
+    check_int("epochs", epochs)
+    check_int("batch size", batch_size)
+    check_real("learning rate", lr, minimum=0, strict=True)
+    check_real("weight decay", weight_decay, minimum=0)
     device = next(ensemble.parameters()).device
     opt = torch.optim.Adam(ensemble.parameters(), lr=lr, weight_decay=weight_decay)
     out = Path(out_dir) if out_dir is not None else None
     records: list[dict[str, Any]] = []
     start = 0
-    if resume and out is not None and (out / CHECKPOINT).exists():
-        ckpt = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
-        ensemble.load_state_dict(ckpt["ensemble"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["epoch"])
-        records = [r for r in read_jsonl(out / METRICS) if r["epoch"] <= start]
     main = is_main_process()
+    if resume and out is not None and (out / CHECKPOINT).exists():
+        start, records = _restore(ensemble, opt, out)
+        if main:
+            ensemble.save(out / ENSEMBLE)
     for epoch in range(start + 1, epochs + 1):
         gen = _epoch_generator(seed, epoch)
         loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=gen)
@@ -221,13 +345,19 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         total, sums, n = 0.0, {}, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=None if progress and main else True)  # None: off when not a TTY
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar, 1):
             x, y = x.to(device), y.to(device)
             if augment is not None:
                 x = augment(x, gen)
             loss, stats = loss_fn(ensemble, x, y)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}: {stats}")
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in stats.items())
+                kept = (f"the run in {out} keeps epoch {epoch - 1}" if out is not None and
+                        epoch > 1 else "no epoch was finished")
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch}, batch {i}: loss is "
+                    f"{float(loss.detach()):g} ({parts}); {kept}; try a lower learning rate "
+                    "(or lam) in another --out")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -245,6 +375,8 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             record.update(hook(ensemble))
         record["train_seconds"] = train_seconds
         record["seconds"] = time.perf_counter() - t0
+        record["time"] = utc_now()
+        record = round_floats(record)
         records.append(record)
         if out is not None and main:
             ensemble.save(out / ENSEMBLE)
@@ -258,7 +390,10 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
 
 def default_device() -> torch.device:
     """cuda if available, else cpu."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
+
+
+RESUME_COMMAND = "ensdiv train"
 
 
 def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
@@ -269,18 +404,45 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
               ) -> tuple[Ensemble, list[dict[str, Any]]]:
     """Train the ensemble a :class:`TrainConfig` describes; the driver behind ``ensdiv train``.
 
+    Everything is checked before any work: the config, the device, and the run folder (see
+    :func:`ensdiv.io.prepare_run_dir`: a started run continues only with ``resume`` and the
+    same config, whose ``epochs`` may grow but not shrink; a folder with no finished epoch
+    starts again). The folder is locked while the run trains, so a second process cannot
+    write into it at the same time.
+
     Example:
         >>> ens, recs = train_run(TrainConfig(arch="mlp", members=2, epochs=1), progress=False)
         >>> 0.5 < recs[-1]["ensemble_acc"] <= 1
         True
     """
-    config.validate()
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EnsdivError("--device cuda requested but CUDA is not available")
-    out = (prepare_run_dir(out_dir, config.to_dict(), config_name=CONFIG, resume=resume,
-                           overwrite=overwrite, resumable=RESUMABLE_CHANGES)
-           if out_dir is not None else None)
+    config = config.validate()
+    device = resolve_device(device)
+    if out_dir is None:
+        return _train(config, None, False, device, data_root, progress, on_epoch_end)
+    with run_lock(out_dir) as out:
+        resuming = prepare_run_dir(out, config.to_dict(), config_name=CONFIG, resume=resume,
+                                   overwrite=overwrite, started=_started,
+                                   resumable=RESUMABLE_CHANGES, command=RESUME_COMMAND)
+        if resuming:  # everything resuming needs is readable before anything is written
+            done = finished_epochs(out)
+            _read_metrics(out)
+            if done > config.epochs:
+                raise EnsdivError(f"{out} holds {done} finished epochs; --epochs "
+                                  f"{config.epochs} cannot shrink it (give --epochs {done} or "
+                                  "more to extend it)")
+        if is_main_process() and not (resuming and _saved_config(out) == config.to_dict()):
+            atomic_write_json(out / CONFIG, config.to_dict())
+        return _train(config, out, resuming, device, data_root, progress, on_epoch_end)
+
+
+def _started(out: Path) -> bool:
+    return (out / CHECKPOINT).exists()
+
+
+def _train(config: TrainConfig, out: Path | None, resume: bool, device: torch.device,
+           data_root: str | None, progress: bool,
+           on_epoch_end: Callable[[dict[str, Any]], None] | None,
+           ) -> tuple[Ensemble, list[dict[str, Any]]]:
     train_set, test_set, info = load_dataset(config.dataset, root=data_root, seed=0)
     torch.manual_seed(config.seed)
     ensemble = Ensemble.build(config.arch, config.members, in_shape=info.in_shape,

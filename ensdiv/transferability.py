@@ -10,8 +10,7 @@ An ``attack`` is any callable ``(model, x, y) -> x_adv``, for instance
 Example:
     >>> import functools, torch
     >>> from ensdiv.attacks import fgsm
-    >>> from ensdiv.ensemble import Ensemble, mean_log_softmax
-from ensdiv.errors import EnsdivError
+    >>> from ensdiv.ensemble import Ensemble
     >>> ens = Ensemble.build("mlp", 3, in_shape=(1, 8, 8), num_classes=10)
     >>> x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     >>> res = transfer_matrix(ens, x, y, attack=functools.partial(fgsm, eps=0.1))
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ensdiv.ensemble import Ensemble, mean_log_softmax
-from ensdiv.errors import EnsdivError
+from ensdiv.errors import EnsdivError, check_input
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -61,6 +60,11 @@ def success_counts(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
                    mask: Tensor | None = None) -> Success:
     """Untargeted success of ``x_adv`` on ``model`` over the inputs it classifies correctly
     clean (and, if given, where ``mask`` [B] is true)."""
+    check_input(model, x, y)
+    check_input(model, x_adv)
+    if x_adv.shape != x.shape:
+        raise EnsdivError(f"x_adv must have x's shape {tuple(x.shape)}; got "
+                          f"{tuple(x_adv.shape)}")
     clean_ok = _predict(model, x) == y
     if mask is not None:
         clean_ok &= mask
@@ -149,6 +153,9 @@ def transfer_matrix(ensemble: Ensemble, x: Tensor, y: Tensor, *,
         >>> r.fooled.shape, r.total.shape
         (torch.Size([2, 2]), torch.Size([2, 2]))
     """
+    check_input(ensemble, x, y)
+    if len(y) == 0:
+        raise EnsdivError("transfer_matrix needs at least one input; got an empty batch")
     members = list(ensemble.members)
     m = len(members)
 
@@ -174,8 +181,8 @@ def transfer_matrix(ensemble: Ensemble, x: Tensor, y: Tensor, *,
     whitebox = Success(int((white_wrong & ens_correct).sum()), int(ens_correct.sum()))
     return TransferResult(
         fooled=fooled, total=total, to_ensemble=tuple(to_ensemble), whitebox=whitebox,
-        member_acc=tuple(float(c.float().mean()) for c in correct),
-        ensemble_acc=float(ens_correct.float().mean()), n=int(len(y)))
+        member_acc=tuple(int(c.sum()) / len(y) for c in correct),
+        ensemble_acc=int(ens_correct.sum()) / len(y), n=int(len(y)))
 
 
 def surrogate_transfer(surrogate: nn.Module, target: nn.Module, x: Tensor, y: Tensor, *,
@@ -195,6 +202,7 @@ def surrogate_transfer(surrogate: nn.Module, target: nn.Module, x: Tensor, y: Te
         >>> 0 <= s.fooled <= s.total
         True
     """
+    check_input(surrogate, x, y)
     if x_adv is None:
         if attack is None:
             raise EnsdivError("surrogate_transfer needs an attack or precomputed x_adv")

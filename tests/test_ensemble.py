@@ -110,7 +110,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(EnsdivError, match="no ensemble file"):
+    with pytest.raises(EnsdivError, match="no ensdiv ensemble file"):
         Ensemble.load(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     torch.save({"x": torch.zeros(1)}, bad)
@@ -121,3 +121,43 @@ def test_load_errors(tmp_path):
         Ensemble.load(tmp_path / "junk.pt")
     with pytest.raises(EnsdivError, match="build_model"):
         Ensemble([nn.Linear(2, 2), nn.Linear(2, 2)]).save(tmp_path / "x.pt")
+
+
+def test_heterogeneous_ensemble_saves_and_loads(tmp_path):
+    from ensdiv.models import build_model
+
+    members = [build_model("mlp", in_shape=(1, 8, 8), num_classes=10),
+               build_model("cnn", in_shape=(1, 8, 8), num_classes=10, mean=[0.3], std=[0.4]),
+               build_model("resnet20", in_shape=(1, 8, 8), num_classes=10)]
+    ens = Ensemble(members).eval()
+    assert ens.in_shape == (1, 8, 8) and ens.num_classes == 10
+    ens.save(tmp_path / "h.pt")
+    loaded = Ensemble.load(tmp_path / "h.pt")
+    x = torch.rand(6, 1, 8, 8)
+    assert torch.equal(loaded.member_logits(x), ens.member_logits(x))
+    assert [m["arch"] for m in loaded.description()["members"]] == ["mlp", "cnn", "resnet20"]
+    assert loaded.resolve_path(x) == "loop"
+
+
+def test_members_must_agree_on_input_shape_and_classes():
+    from ensdiv.models import build_model
+
+    a = build_model("mlp", in_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(EnsdivError, match=r"different input shapes \[\(1, 8, 8\), \(1, 28, 28\)"):
+        Ensemble([a, build_model("mlp", in_shape=(1, 28, 28), num_classes=10)])
+    with pytest.raises(EnsdivError, match="different numbers of classes"):
+        Ensemble([a, build_model("mlp", in_shape=(1, 8, 8), num_classes=4)])
+    plain = Ensemble([nn.Linear(4, 3)])
+    assert plain.in_shape is None and plain.num_classes is None
+
+
+def test_load_refuses_a_checkpoint_and_rebuilds_advice(tmp_path):
+    ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10)
+    run = tmp_path / "run"
+    ens.save(run / "ensemble.pt")
+    torch.save({"epoch": 1, "ensemble": ens.state_dict(), "optimizer": {}}, run / "checkpoint.pt")
+    with pytest.raises(EnsdivError, match="not an ensdiv ensemble file"):
+        Ensemble.load(run / "checkpoint.pt")
+    (run / "ensemble.pt").write_bytes((run / "ensemble.pt").read_bytes()[:300])
+    with pytest.raises(EnsdivError, match=f"ensdiv train --out {run} --resume"):
+        Ensemble.load(run / "ensemble.pt")

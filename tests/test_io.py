@@ -1,6 +1,30 @@
-import pytest
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
-from ensdiv.io import atomic_write, atomic_write_jsonl, is_main_process, read_jsonl
+import pytest
+import torch
+
+from ensdiv import io as eio
+from ensdiv.errors import EnsdivError
+from ensdiv.io import (
+    LOCK,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_jsonl,
+    is_main_process,
+    prepare_run_dir,
+    read_json,
+    read_jsonl,
+    read_torch,
+    round_floats,
+    run_lock,
+    strict_json,
+)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
@@ -26,3 +50,191 @@ def test_jsonl_roundtrip(tmp_path):
 
 def test_main_process_without_distributed():
     assert is_main_process()
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_mode_open_would_give(tmp_path, mask, mode):
+    old = os.umask(mask)
+    try:
+        atomic_write_json(tmp_path / "c.json", {"a": 1})
+        atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "w.pt")
+        with open(tmp_path / "plain.txt", "w") as f:  # what the user's own files get
+            f.write("x")
+    finally:
+        os.umask(old)
+    for name in ("c.json", "w.pt", "plain.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def _no_constants(name):
+    raise AssertionError(f"non-standard JSON token {name}")
+
+
+def test_json_is_strict_nan_and_inf_become_null(tmp_path):
+    obj = {"rate": float("nan"), "hi": float("inf"), "lo": [float("-inf"), 0.5], "n": 3}
+    atomic_write_json(tmp_path / "a.json", obj)
+    atomic_write_jsonl(tmp_path / "a.jsonl", [obj, obj])
+    expected = {"rate": None, "hi": None, "lo": [None, 0.5], "n": 3}
+    assert json.loads((tmp_path / "a.json").read_text(), parse_constant=_no_constants) == expected
+    for line in (tmp_path / "a.jsonl").read_text().splitlines():
+        assert json.loads(line, parse_constant=_no_constants) == expected
+    assert strict_json((1.0, float("nan"))) == [1.0, None]
+
+
+def test_round_floats_removes_float32_noise():
+    noisy = float(torch.tensor(0.9125, dtype=torch.float32))
+    assert noisy != 0.9125
+    assert round_floats({"a": [noisy], "b": 7, "c": "x", "d": float("nan")})["a"] == [0.9125]
+    assert round_floats(123456789.0) == 123457000.0
+
+
+def test_full_disk_is_one_line_with_the_real_cause(tmp_path, monkeypatch):
+    p = tmp_path / "checkpoint.pt"
+    atomic_torch_save({"epoch": 1}, p)
+    before = p.read_bytes()
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(eio.os, "write", full)
+    with pytest.raises(EnsdivError) as e:
+        atomic_torch_save({"epoch": 2, "w": torch.zeros(1000)}, p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and "No space left on device" in msg
+    assert "--resume" in msg
+    assert p.read_bytes() == before
+    assert [q.name for q in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("code, words", [(errno.EROFS, "read-only"),
+                                         (errno.EACCES, "may not write")])
+def test_unwritable_folder_is_one_line(tmp_path, monkeypatch, code, words):
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(eio.tempfile, "mkstemp", refuse)
+    with pytest.raises(EnsdivError, match=words) as e:
+        atomic_write_json(tmp_path / "run" / "config.json", {"a": 1})
+    assert os.strerror(code) in str(e.value) and "config.json" in str(e.value)
+
+
+# --------------------------------------------------------------------------- readers
+def test_read_json_missing_empty_truncated_wrong_kind(tmp_path):
+    p = tmp_path / "config.json"
+    with pytest.raises(EnsdivError, match=r"no run config at .*config.json; do this"):
+        read_json(p, what="run config", fix="do this")
+    p.write_text("")
+    with pytest.raises(EnsdivError, match="is empty .0 bytes., not a run config; do this"):
+        read_json(p, what="run config", fix="do this")
+    p.write_text('{"a": 1, "b"')
+    with pytest.raises(EnsdivError, match="not a valid run config .truncated or not JSON"):
+        read_json(p, what="run config", fix="do this")
+    p.write_text("[1, 2]")
+    with pytest.raises(EnsdivError, match="a JSON list, expected a dict"):
+        read_json(p, what="run config", fix="do this")
+    p.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(EnsdivError, match="not a valid run config"):
+        read_json(p, what="run config", fix="do this")
+
+
+def test_read_jsonl_names_the_damaged_line(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"epoch": 1}\n{"epoch": 2, "lo')
+    with pytest.raises(EnsdivError, match=r"m.jsonl line 2 is not valid JSON.*; fix it"):
+        read_jsonl(p, what="metrics file", fix="fix it")
+    p.write_text('{"epoch": 1}\n{"lam": 2}\n')
+    with pytest.raises(EnsdivError, match="line 2 has no epoch, so the file is not a metrics"):
+        read_jsonl(p, what="metrics file", fix="fix it", required=["epoch"])
+    p.write_text("")
+    assert read_jsonl(p) == []
+    with pytest.raises(EnsdivError, match="no records file at"):
+        read_jsonl(tmp_path / "none.jsonl", what="records file", missing_ok=False)
+
+
+def test_read_torch_missing_empty_truncated_foreign(tmp_path):
+    p = tmp_path / "c.pt"
+    kw = {"what": "training checkpoint", "fix": "restore it", "required": ["epoch"]}
+    with pytest.raises(EnsdivError, match="no training checkpoint at"):
+        read_torch(p, **kw)
+    p.write_bytes(b"")
+    with pytest.raises(EnsdivError, match="is empty"):
+        read_torch(p, **kw)
+    atomic_torch_save({"epoch": 3, "w": torch.zeros(100)}, p)
+    assert read_torch(p, **kw)["epoch"] == 3
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(EnsdivError, match="not a readable training checkpoint") as e:
+        read_torch(p, **kw)
+    assert "\n" not in str(e.value) and "restore it" in str(e.value)
+    atomic_torch_save({"other": 1}, p)
+    with pytest.raises(EnsdivError, match="lacks epoch"):
+        read_torch(p, **kw)
+    p.write_text('{"epoch": 1}')
+    with pytest.raises(EnsdivError, match="not a readable training checkpoint"):
+        read_torch(p, **kw)
+
+
+# ------------------------------------------------------------------------ run folders
+def test_lock_refuses_a_second_writer_in_the_same_or_another_process(tmp_path):
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(EnsdivError, match=r"run is in use by process \d+"):
+            with run_lock(tmp_path / "run"):
+                pass
+    with run_lock(tmp_path / "run"):  # released on exit
+        pass
+
+
+def test_stale_lock_of_a_killed_process_does_not_block(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from ensdiv.io import run_lock
+        with run_lock({str(tmp_path / "run")!r}):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(EnsdivError, match=f"in use by process {proc.pid}"):
+            with run_lock(tmp_path / "run"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (tmp_path / "run" / LOCK).exists()  # the file stays, the lock does not
+    with run_lock(tmp_path / "run"):
+        pass
+
+
+def test_prepare_run_dir_rules(tmp_path):
+    kw = {"config_name": "c.json", "resume": False, "overwrite": False}
+    out = tmp_path / "r"
+    assert prepare_run_dir(out, {"a": 1}, started=lambda p: False, **kw) is False
+    out.mkdir()
+    atomic_write_json(out / "c.json", {"a": 1})
+    # nothing started: a different config simply starts again
+    assert prepare_run_dir(out, {"a": 2}, started=lambda p: False, **kw) is False
+    with pytest.raises(EnsdivError, match="holds this run already.*--resume"):
+        prepare_run_dir(out, {"a": 1}, started=lambda p: True, **kw)
+    assert prepare_run_dir(out, {"a": 1}, started=lambda p: True,
+                           **{**kw, "resume": True}) is True
+    with pytest.raises(EnsdivError, match=r"differs in a \(saved 1, given 2\)") as e:
+        prepare_run_dir(out, {"a": 2}, started=lambda p: True, **{**kw, "resume": True})
+    assert "--overwrite" not in str(e.value)
+    with pytest.raises(EnsdivError, match="exclude each other"):
+        prepare_run_dir(out, {"a": 1}, started=lambda p: True, **{**kw, "resume": True,
+                                                                   "overwrite": True})
+    with run_lock(out):
+        (out / "sub").mkdir()
+        assert prepare_run_dir(out, {"a": 2}, started=lambda p: True,
+                               **{**kw, "overwrite": True}) is False
+        assert [p.name for p in out.iterdir()] == [LOCK]  # emptied, the lock kept
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "mine.txt").write_text("x")
+    with pytest.raises(EnsdivError, match="holds no ensdiv run"):
+        prepare_run_dir(stray, {"a": 1}, started=lambda p: False, **kw)
+    leftovers = tmp_path / "left"
+    leftovers.mkdir()
+    (leftovers / LOCK).write_text("")
+    (leftovers / ".c.json.abc.tmp").write_text("")
+    assert prepare_run_dir(leftovers, {"a": 1}, started=lambda p: False, **kw) is False

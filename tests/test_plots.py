@@ -54,3 +54,29 @@ def test_figures_written(tmp_path):
         r["gdr"] for r in recs)
     with pytest.raises(ValueError, match="no pgd"):
         plot_transfer_heatmaps(recs, tmp_path / "c.png", attack="pgd")
+
+
+def test_null_values_from_strict_json_are_left_out(tmp_path):
+    import json
+
+    from ensdiv.errors import EnsdivError
+    from ensdiv.io import atomic_write_jsonl, read_jsonl
+    from ensdiv.plots import check_plot_options
+
+    recs = fake_records()
+    recs[0]["gdr"] = float("nan")  # every sample excluded
+    recs[1]["attacks"][0]["transfer_mean"] = float("nan")  # no input counted
+    recs[1]["attacks"][0]["transfer"]["matrix"][0][1] = float("nan")
+    atomic_write_jsonl(tmp_path / "r.jsonl", recs)
+    back = read_jsonl(tmp_path / "r.jsonl")
+    assert back[0]["gdr"] is None and "NaN" not in (tmp_path / "r.jsonl").read_text()
+    rows = correlations(back)
+    row = next(r for r in rows if r["eps"] == 0.03 and r["measure"] == "transfer")
+    assert row["n"] == 4  # records 0 (no GDR) and 1 (no transfer rate) left out
+    assert next(r for r in rows if r["eps"] == 0.03 and r["measure"] == "whitebox")["n"] == 5
+    plot_gdr_vs_attack(back, tmp_path / "a.png")
+    plot_transfer_heatmaps(back, tmp_path / "b.png", attack="fgsm", eps=0.03)
+    assert check_plot_options(back, attack=None, eps=None) == ("fgsm", 0.09)
+    with pytest.raises(EnsdivError, match="no record has a defined GDR"):
+        check_plot_options([{**r, "gdr": None} for r in back], attack="fgsm", eps=None)
+    assert json.loads(json.dumps(back)) == back

@@ -39,7 +39,7 @@ def test_records_complete_and_round_trip(tiny_sweep):
 def test_finished_points_are_not_retrained(tiny_sweep):
     out, records, _ = tiny_sweep
     lines = []
-    again = run_sweep(TINY, out, progress=False, log=lines.append)
+    again = run_sweep(TINY, out, resume=True, progress=False, log=lines.append)
     assert again == json.loads(json.dumps(records))
     assert not any("lam=" in line for line in lines)
 
@@ -48,15 +48,17 @@ def test_interrupted_sweep_resumes(tmp_path):
     cfg = SweepConfig(**{**TINY.__dict__, "lams": (0.0,), "attacks": ("fgsm",), "eps": (0.1,)})
     run_sweep(cfg, tmp_path, progress=False, log=lambda s: None)
     (tmp_path / RECORDS).unlink()  # as if killed after training, before the record
-    recs = run_sweep(cfg, tmp_path, progress=False, log=lambda s: None)
+    recs = run_sweep(cfg, tmp_path, resume=True, progress=False, log=lambda s: None)
     assert len(recs) == 1
 
 
 def test_different_sweep_refused(tiny_sweep):
     out, _, _ = tiny_sweep
     other = SweepConfig(**{**TINY.__dict__, "seeds": 2})
-    with pytest.raises(EnsdivError, match="different sweep.*seeds"):
+    with pytest.raises(EnsdivError, match="different sweep"):
         run_sweep(other, out, progress=False, log=lambda s: None)
+    with pytest.raises(EnsdivError, match=r"differs in seeds \(saved 1, given 2\)"):
+        run_sweep(other, out, resume=True, progress=False, log=lambda s: None)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -98,3 +100,74 @@ def test_cli_sweep_and_plot_end_to_end(tmp_path, capsys):
     assert "2 ensembles, GDR" in text and "spearman_rho" in text
     code = main(["plot", "gdr-vs-attack", str(tmp_path / "none")])
     assert code == 2 and "no sweep records" in capsys.readouterr().err
+    code = main(["plot", "gdr-vs-attack", str(tmp_path / "s")])  # default: beside the records
+    assert code == 0 and (tmp_path / "s" / "figures" / "gdr_vs_attack.png").exists()
+
+
+def test_log_has_a_line_per_trained_epoch(tiny_sweep):
+    _, _, lines = tiny_sweep
+    assert "  surrogate epoch 1/1" in lines[0]
+    epoch_lines = [s for s in lines if " epoch 1/1: loss " in s]
+    assert len(epoch_lines) == 3  # surrogate + 2 ensembles
+    assert any(s.startswith("  lam=2 seed=0 epoch 1/1") for s in epoch_lines)
+
+
+def test_records_hold_the_used_lam_and_plain_floats(tiny_sweep):
+    out, records, _ = tiny_sweep
+    plain = json.loads((out / "lam0-seed0" / "config.json").read_text())
+    assert plain["diversity"] == "none" and plain["lam"] == 0.0
+    gal = json.loads((out / "lam2-seed0" / "config.json").read_text())
+    assert gal["diversity"] == "gal" and gal["lam"] == 2.0
+    for r in records:
+        assert r["time"].endswith("Z")
+        for acc in [*r["member_acc"], r["ensemble_acc"]]:
+            assert acc * r["n"] == pytest.approx(round(acc * r["n"]), abs=1e-3)
+
+
+def test_sweep_needs_resume_to_continue_and_a_diversity_for_lams(tiny_sweep, tmp_path):
+    out, _, _ = tiny_sweep
+    with pytest.raises(EnsdivError, match="holds this sweep already.*--resume"):
+        run_sweep(TINY, out, progress=False, log=lambda s: None)
+    none = SweepConfig(**{**TINY.__dict__, "diversity": "none"})
+    with pytest.raises(EnsdivError, match="needs a diversity term"):
+        none.validate()
+    assert SweepConfig(**{**TINY.__dict__, "diversity": "none", "lams": (0.0,)}).validate()
+
+
+def test_validation_happens_before_any_training(tmp_path):
+    bad = SweepConfig(**{**TINY.__dict__, "eps": (float("inf"),)})
+    with pytest.raises(EnsdivError, match="eps must be a finite number"):
+        run_sweep(bad, tmp_path / "s", progress=False, log=lambda s: None)
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_sweep_resumes_from_out_alone(tmp_path, capsys):
+    from ensdiv.cli import main
+
+    argv = ["sweep", "--dataset", "digits", "--arch", "mlp", "--members", "2", "--lams", "0,1",
+            "--seeds", "1", "--epochs", "1", "--n-eval", "20", "--attacks", "fgsm", "--eps",
+            "0.1", "--quiet", "--out", str(tmp_path / "s")]
+    assert main(argv) == 0
+    first = (tmp_path / "s" / RECORDS).read_text().splitlines()
+    (tmp_path / "s" / RECORDS).write_text(first[0] + "\n")  # as if killed before the 2nd record
+    capsys.readouterr()
+    assert main(["sweep", "--out", str(tmp_path / "s"), "--resume", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "lam=1 seed=0:" in out and "lam=0 seed=0:" not in out
+    assert len((tmp_path / "s" / RECORDS).read_text().splitlines()) == 2
+
+
+def test_train_with_the_sweeps_flags_reproduces_a_sweep_ensemble(tiny_sweep, tmp_path):
+    import torch
+
+    from ensdiv.cli import main
+
+    out, _, _ = tiny_sweep
+    assert main(["train", "--dataset", "digits", "--arch", "mlp", "--members", "2",
+                 "--epochs", "1", "--diversity", "gal", "--lam", "2", "--seed", "0",
+                 "--quiet", "--out", str(tmp_path / "t")]) == 0
+    a = torch.load(out / "lam2-seed0" / "checkpoint.pt", weights_only=True)["ensemble"]
+    b = torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)["ensemble"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "t" / "config.json").read_text()) == json.loads(
+        (out / "lam2-seed0" / "config.json").read_text())

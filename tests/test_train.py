@@ -29,7 +29,7 @@ def test_two_epochs_on_digits_beats_chance(tmp_path):
         assert (tmp_path / "run" / name).exists()
     lines = (tmp_path / "run" / METRICS).read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [1, 2]
-    assert json.loads((tmp_path / "run" / CONFIG).read_text()) == cfg.to_dict()
+    assert json.loads((tmp_path / "run" / CONFIG).read_text()) == cfg.validate().to_dict()
     # the saved ensemble reproduces the evaluation
     loaded = Ensemble.load(tmp_path / "run" / ENSEMBLE)
     from ensdiv.data import load_dataset
@@ -77,7 +77,7 @@ def test_run_folder_guards(tmp_path):
     other = TrainConfig(arch="mlp", members=3, epochs=1)
     with pytest.raises(EnsdivError, match="holds a different run"):
         train_run(other, out_dir=tmp_path, progress=False)
-    with pytest.raises(EnsdivError, match=r"members: 2 -> 3"):
+    with pytest.raises(EnsdivError, match=r"differs in members \(saved 2, given 3\)"):
         train_run(other, out_dir=tmp_path, resume=True, progress=False)
     _, recs = train_run(other, out_dir=tmp_path, overwrite=True, progress=False)
     assert len(recs[-1]["member_acc"]) == 3
@@ -92,7 +92,7 @@ def test_run_folder_guards(tmp_path):
     ({"dataset": "imagenet"}, "cifar10, digits, fashion-mnist, mnist, mnist5k"),
     ({"arch": "vgg"}, "cnn, mlp, resnet20"),
     ({"members": 0}, "members must be >= 1"),
-    ({"epochs": 0}, "epochs must be positive"),
+    ({"epochs": 0}, "epochs must be >= 1"),
     ({"lr": 0.0}, "learning rate must be positive"),
     ({"lr": -1.0}, "learning rate must be positive"),
     ({"batch_size": 0}, "batch size"),
@@ -122,7 +122,7 @@ def test_gal_training_lowers_cosine_and_gdr_at_comparable_accuracy():
     results = {}
     for diversity in ("none", "gal"):
         cfg = TrainConfig(dataset="digits", arch="cnn", members=3, epochs=6, lr=3e-3, seed=0,
-                          diversity=diversity, lam=0.5)
+                          diversity=diversity, lam=0.5 if diversity == "gal" else None)
         ens, recs = train_run(cfg, progress=False)
         results[diversity] = (recs[-1], ensemble_gdr(ens, test))
     (plain, plain_gdr), (gal, gal_gdr) = results["none"], results["gal"]
@@ -157,3 +157,108 @@ def test_gal_on_mnist5k_real_data():
         out[diversity] = (recs[-1]["ensemble_acc"], ensemble_gdr(ens, test).mean)
     assert out["none"][0] > 0.9 and out["gal"][0] > out["none"][0] - 0.03
     assert out["gal"][1] < out["none"][1] - 0.05
+
+
+def test_plain_runs_record_the_lam_they_used():
+    assert TrainConfig().validate().lam == 0.0
+    assert TrainConfig(diversity="gal").validate().lam == 0.5
+    assert TrainConfig(diversity="cos", lam=2.0).validate().lam == 2.0
+    assert TrainConfig(lam=0.0).validate().lam == 0.0
+    with pytest.raises(EnsdivError, match="lam 1 has no effect without a diversity term"):
+        TrainConfig(lam=1.0).validate()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": float("nan")}, "learning rate must be a finite number"),
+    ({"lr": float("inf")}, "learning rate must be a finite number"),
+    ({"weight_decay": float("nan")}, "weight decay must be a finite number"),
+    ({"weight_decay": float("inf")}, "weight decay must be a finite number"),
+    ({"diversity": "gal", "lam": float("inf")}, "lam must be a finite number"),
+    ({"noise_sigma": float("inf")}, "noise sigma must be a finite number"),
+    ({"noise_sigma": float("nan")}, "noise sigma must be a finite number"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"members": 2.5}, "members must be an integer"),
+])
+def test_non_finite_and_non_integer_settings_are_errors(kwargs, message):
+    with pytest.raises(EnsdivError, match=message):
+        TrainConfig(**kwargs).validate()
+
+
+def test_implausible_noise_sigma_warns():
+    from ensdiv.errors import EnsdivWarning
+
+    with pytest.warns(EnsdivWarning, match="noise sigma 1e\\+06 is larger than the whole pixel"):
+        TrainConfig(noise_sigma=1e6).validate()
+
+
+def test_records_are_rounded_and_timestamped(tmp_path):
+    _, recs = train_run(TrainConfig(arch="mlp", members=2, epochs=1), out_dir=tmp_path,
+                        progress=False)
+    rec = json.loads((tmp_path / METRICS).read_text().splitlines()[0])
+    assert rec == recs[0]
+    for v in [*rec["member_acc"], rec["ensemble_acc"], rec["loss"], rec["ce_0"]]:
+        assert v == float(f"{v:.6g}")
+    assert rec["ensemble_acc"] * rec["n"] == pytest.approx(round(rec["ensemble_acc"] * rec["n"]),
+                                                          abs=1e-3)
+    assert rec["time"].endswith("Z") and rec["time"][:2] == "20"
+
+
+def test_resume_may_extend_but_not_shrink_epochs(tmp_path):
+    cfg = TrainConfig(arch="mlp", members=2, epochs=2)
+    train_run(cfg, out_dir=tmp_path, progress=False)
+    saved = (tmp_path / CONFIG).read_text()
+    with pytest.raises(EnsdivError, match="holds 2 finished epochs; --epochs 1 cannot shrink"):
+        train_run(TrainConfig(arch="mlp", members=2, epochs=1), out_dir=tmp_path, resume=True,
+                  progress=False)
+    assert (tmp_path / CONFIG).read_text() == saved
+    _, recs = train_run(TrainConfig(arch="mlp", members=2, epochs=3), out_dir=tmp_path,
+                        resume=True, progress=False)
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    assert json.loads((tmp_path / CONFIG).read_text())["epochs"] == 3
+
+
+def test_a_run_that_failed_before_its_first_epoch_starts_again(tmp_path):
+    cfg = TrainConfig(dataset="mnist", arch="mlp", members=2, epochs=1)
+    for _ in range(2):  # the identical rerun gets the same, real error
+        with pytest.raises(EnsdivError, match="mnist not found"):
+            train_run(cfg, out_dir=tmp_path / "r", data_root=str(tmp_path / "nodata"),
+                      progress=False)
+    assert (tmp_path / "r" / CONFIG).exists() and not (tmp_path / "r" / CHECKPOINT).exists()
+    _, recs = train_run(TrainConfig(arch="mlp", members=2, epochs=1), out_dir=tmp_path / "r",
+                        progress=False)
+    assert len(recs) == 1
+
+
+def test_a_locked_run_folder_is_refused(tmp_path):
+    from ensdiv.io import run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(EnsdivError, match="is in use by process"):
+            train_run(TrainConfig(arch="mlp", members=2, epochs=1), out_dir=tmp_path,
+                      progress=False)
+    assert not (tmp_path / CONFIG).exists()
+
+
+def test_non_finite_loss_stops_with_the_epoch_and_parts(tmp_path):
+    from ensdiv.data import load_dataset
+    from ensdiv.objective import ce_loss
+    from ensdiv.train import TrainingDiverged, fit
+
+    train, test, info = load_dataset("digits")
+    ens = Ensemble.build("mlp", 2, in_shape=info.in_shape, num_classes=10)
+    calls = []
+
+    def explode(e, x, y):
+        calls.append(1)
+        loss, stats = ce_loss(e, x, y)
+        if len(calls) > 14:  # epoch 2 (12 batches per epoch), batch 3
+            return loss * float("nan"), {**stats, "ce_1": float("nan")}
+        return loss, stats
+
+    with pytest.raises(TrainingDiverged) as err:
+        fit(ens, train, test, epochs=3, batch_size=128, lr=1e-3, seed=0, loss_fn=explode,
+            out_dir=tmp_path, progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "epoch 2, batch 3" in msg and "ce_1=nan" in msg
+    assert "keeps epoch 1" in msg
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["epoch"] == 1
