@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -35,6 +36,7 @@ from ensdiv.plots import check_plot_options, plot_gdr_vs_attack, plot_transfer_h
 from ensdiv.runtime import available_cores, resolve_device, set_threads
 from ensdiv.sweep import RECORDS, SWEEP_CONFIG, SweepConfig, run_sweep
 from ensdiv.train import (
+    CHECKPOINT,
     CONFIG,
     DEFAULT_LAM,
     DIVERSITY_CHOICES,
@@ -42,6 +44,7 @@ from ensdiv.train import (
     METRICS,
     TrainConfig,
     evaluate,
+    read_checkpoint,
     train_run,
 )
 
@@ -198,6 +201,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.resume_hint = f"ensdiv train --out {args.out} --resume"
     config = _resolve_config(TrainConfig, _given(args, _TRAIN_OPTIONS), args.out, args.resume,
                              CONFIG, "run", "ensdiv train").validate()
+    if args.resume and args.threads is None and (Path(args.out) / CHECKPOINT).exists():
+        # Same thread count as before the interruption, so the resumed run is bit-for-bit
+        # the uninterrupted one (CPU reductions depend on it).
+        args.threads = read_checkpoint(Path(args.out) / CHECKPOINT).get("threads")
     device = _setup(args)
     print(f"training {config.members} x {config.arch} on {config.dataset} "
           f"-> {args.out}", flush=True)
@@ -472,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except EnsdivError as e:
             print(f"ensdiv: error: {e}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # the reader left (`ensdiv ... | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except OSError as e:  # any file problem not already named: still one line
             print(f"ensdiv: error: {os_error('use', e.filename or '?', e)}", file=sys.stderr)
             return 2

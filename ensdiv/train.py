@@ -381,8 +381,10 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         if out is not None and main:
             ensemble.save(out / ENSEMBLE)
             atomic_write_jsonl(out / METRICS, records)
+            # The thread count changes CPU float reductions: a resume reuses it to stay exact.
             atomic_torch_save({"epoch": epoch, "ensemble": ensemble.state_dict(),
-                               "optimizer": opt.state_dict()}, out / CHECKPOINT)
+                               "optimizer": opt.state_dict(),
+                               "threads": torch.get_num_threads()}, out / CHECKPOINT)
         if on_epoch_end is not None:
             on_epoch_end(record)
     return records

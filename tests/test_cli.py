@@ -398,3 +398,15 @@ def test_ctrl_c_says_how_to_continue(tmp_path):
     assert proc.returncode == 130
     assert err.strip() == f"ensdiv: interrupted; continue with: ensdiv train --out {run} --resume"
     assert torch.load(run / CHECKPOINT, weights_only=True)["epoch"] >= 1
+
+
+def test_a_reader_that_leaves_stops_the_cli_quietly(tmp_path):
+    # `ensdiv train ... | head -1`: no traceback and no error line, exit 141 like SIGPIPE.
+    proc = subprocess.Popen([sys.executable, "-m", "ensdiv", "train", "--arch", "mlp",
+                             "--members", "2", "--epochs", "30", "--quiet", "--threads", "1",
+                             "--out", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("training")
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == ""
