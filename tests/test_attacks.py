@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
-from ensdiv.attacks import ATTACKS, fgsm, mifgsm, pgd
+from ensdiv.attacks import ATTACKS, apgd, apgd_checkpoints, dlr_loss, fgsm, mifgsm, pgd
 from ensdiv.data import load_dataset
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
@@ -336,3 +336,102 @@ def test_pgd_returns_already_misclassified_samples_unchanged():
     with torch.no_grad():
         wrong = (model(x).argmax(1) + 1) % 3
     assert torch.equal(pgd(model, x, wrong, eps=0.1), x)
+
+
+# ------------------------------------------------------------------ keep rules and APGD
+def test_keep_last_ends_on_the_surface_of_the_ball():
+    model, x, y, dist = linear_case(3)
+    eps = 0.05
+    x_last = pgd(model, x, y, eps=eps, steps=20, keep="last",
+                 generator=torch.Generator().manual_seed(0))
+    check_ball(x_last, x, eps, "linf")
+    # The loss gradient of a linear model has one sign pattern: 20 steps of 2.5·eps/20 from any
+    # start in the ball end at x ± eps in every coordinate (x lies in [0.3, 0.7]: no clipping).
+    torch.testing.assert_close((x_last - x).abs(), torch.full_like(x, eps), atol=1e-6, rtol=0)
+    x_first = pgd(model, x, y, eps=eps, steps=20, keep="success",
+                  generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+        fooled_first = model(x_first).argmax(1) != y
+    # kept at its first success, an example is an inside point of the ball (not every
+    # coordinate at ±eps, as the full-budget one) for most fooled samples
+    inside = (x_first - x).flatten(1).abs().mean(1) < 0.99 * eps
+    assert int((fooled_first & correct & inside).sum()) > 0.8 * int((fooled_first & correct).sum())
+    assert torch.equal(fooled_first, model(x_last).argmax(1) != y)
+
+
+def test_mifgsm_keep_rules():
+    model, x, y, dist = linear_case(4)
+    x_last = mifgsm(model, x, y, eps=0.05, steps=10)
+    torch.testing.assert_close((x_last - x).abs(), torch.full_like(x, 0.05), atol=1e-6, rtol=0)
+    x_first, steps = mifgsm(model, x, y, eps=0.05, steps=10, keep="success", return_steps=True)
+    with torch.no_grad():
+        fooled = model(x_first).argmax(1) != y
+    assert torch.equal(fooled, steps >= 0)
+    assert bool(((x_first - x).abs().amax((1, 2, 3))[steps > 0] <= 0.05 + 1e-6).all())
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.03), ("l2", 0.1)])
+def test_apgd_fools_exactly_the_samples_within_eps_of_the_boundary(norm, eps):
+    model, x, y, dist = linear_case(5)
+    x_adv = apgd(model, x, y, eps=eps, norm=norm, steps=30)
+    check_ball(x_adv, x, eps, norm)
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+        fooled = model(x_adv).argmax(1) != y
+    clear = (dist[norm] - eps).abs() > 0.02 * eps
+    assert int((correct & clear & (dist[norm] < eps)).sum()) > 50
+    assert int((correct & clear & (dist[norm] > eps)).sum()) > 50
+    assert torch.equal(fooled[clear], (~correct | (dist[norm] < eps))[clear])
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    for n in (1, 5, 10, 25, 1000):
+        w = apgd_checkpoints(n)
+        assert w == sorted(set(w)) and all(0 < v <= n for v in w)
+
+
+def test_dlr_loss_is_scale_and_shift_invariant():
+    z = torch.randn(6, 10)
+    y = torch.randint(0, 10, (6,))
+    torch.testing.assert_close(dlr_loss(3 * z + 1, y), dlr_loss(z, y), atol=1e-4, rtol=1e-4)
+    z = torch.tensor([[5.0, 1.0, 0.0, -1.0], [1.0, 5.0, 0.0, -1.0]])
+    torch.testing.assert_close(dlr_loss(z, torch.tensor([0, 0])), torch.tensor([-0.8, 0.8]))
+    with pytest.raises(EnsdivError, match="at least 3 classes"):
+        apgd(LinearBinary(torch.ones(4), 0.0), torch.rand(2, 1, 2, 2), torch.tensor([0, 1]),
+             eps=0.1, loss="dlr")
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.6)])
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_as_strong_as_torchattacks(digits_model, loss, norm, eps):
+    model, x, y = digits_model
+    ours = success(model, apgd(model, x, y, eps=eps, norm=norm, loss=loss, steps=25), y)
+    ta = torchattacks.APGD(model, norm="Linf" if norm == "linf" else "L2", eps=eps, steps=25,
+                           n_restarts=1, seed=0, loss=loss)
+    theirs = success(model, ta(x, y), y)
+    assert 0.1 < theirs < 0.95  # a regime where strength shows
+    assert ours >= theirs - 0.02, (ours, theirs)
+    # and at least as strong as 25-step PGD, the attack it improves on
+    assert ours >= success(model, pgd(model, x, y, eps=eps, norm=norm, steps=25,
+                                      generator=torch.Generator().manual_seed(0)), y) - 0.02
+
+
+def test_apgd_restarts_seed_and_steps():
+    model, x, y = small_net(), torch.rand(12, 1, 4, 4), torch.randint(0, 3, (12,))
+    a, sa = apgd(model, x, y, eps=0.2, steps=10, restarts=2, seed=4, return_steps=True)
+    b = apgd(model, x, y, eps=0.2, steps=10, restarts=2, seed=4)
+    assert torch.equal(a, b)
+    with torch.no_grad():
+        fooled = model(a).argmax(1) != y
+    assert torch.equal(fooled, sa >= 0) and int(sa.max()) <= 20
+    state = torch.random.get_rng_state()
+    apgd(model, x, y, eps=0.2, steps=3)
+    assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
+    with pytest.raises(EnsdivError, match="unknown APGD loss"):
+        apgd(model, x, y, eps=0.1, loss="cw")
+    with pytest.raises(EnsdivError, match="seed must be an integer"):
+        apgd(model, x, y, eps=0.1, seed=-1)
+    with pytest.raises(EnsdivError, match="unknown keep rule"):
+        pgd(model, x, y, eps=0.1, keep="first")
