@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +96,7 @@ class TransferResult:
             classify correctly, ``fooled`` those whose adversarial crafted on member i fools j.
         to_ensemble: per source member i, success of its adversarials on the whole ensemble
             (over inputs that member i and the ensemble both classify correctly).
-        whitebox: success of the attack run on the ensemble itself.
+        whitebox: success of the attack run on the ensemble itself (None if not run).
         member_acc, ensemble_acc: clean accuracies on the n inputs.
         n: number of inputs.
     """
@@ -104,7 +104,7 @@ class TransferResult:
     fooled: Tensor
     total: Tensor
     to_ensemble: tuple[Success, ...]
-    whitebox: Success
+    whitebox: Success | None
     member_acc: tuple[float, ...]
     ensemble_acc: float
     n: int
@@ -127,18 +127,25 @@ class TransferResult:
         return {"matrix": self.matrix.tolist(), "fooled": self.fooled.tolist(),
                 "total": self.total.tolist(), "mean_transfer": self.mean_transfer,
                 "to_ensemble": [s.to_dict() for s in self.to_ensemble],
-                "whitebox": self.whitebox.to_dict(), "member_acc": list(self.member_acc),
+                "whitebox": self.whitebox.to_dict() if self.whitebox else None,
+                "member_acc": list(self.member_acc),
                 "ensemble_acc": self.ensemble_acc, "n": self.n}
 
 
 def transfer_matrix(ensemble: Ensemble, x: Tensor, y: Tensor, *,
-                    attack: Attack) -> TransferResult:
+                    attack: Attack, whitebox: bool = True) -> TransferResult:
     """Craft adversarials on each member and on the ensemble; measure where they transfer.
+
+    Craft transfer examples at the full budget (``keep="last"``, see
+    :mod:`ensdiv.attacks`); a first-success example is a minimal perturbation and answers a
+    different question (how far the smallest fooling change carries).
 
     Args:
         ensemble: M members (each an ``nn.Module`` returning logits).
         x: inputs [B, ...] in [0, 1]; y: labels [B].
         attack: ``(model, x, y) -> x_adv``.
+        whitebox: also run ``attack`` on the ensemble itself (``result.whitebox``; None if
+            False, e.g. when white-box success is measured with other attacks).
 
     Returns:
         A :class:`TransferResult`; ``matrix[i, j]`` is the success on member j of adversarials
@@ -177,10 +184,12 @@ def transfer_matrix(ensemble: Ensemble, x: Tensor, y: Tensor, *,
         total[i] = both.sum(1).cpu()
         counted = correct[i] & ens_correct
         to_ensemble.append(Success(int((adv_ens_wrong & counted).sum()), int(counted.sum())))
-    _, white_wrong = wrong(attack(ensemble, x, y))
-    whitebox = Success(int((white_wrong & ens_correct).sum()), int(ens_correct.sum()))
+    white = None
+    if whitebox:
+        _, white_wrong = wrong(attack(ensemble, x, y))
+        white = Success(int((white_wrong & ens_correct).sum()), int(ens_correct.sum()))
     return TransferResult(
-        fooled=fooled, total=total, to_ensemble=tuple(to_ensemble), whitebox=whitebox,
+        fooled=fooled, total=total, to_ensemble=tuple(to_ensemble), whitebox=white,
         member_acc=tuple(int(c.sum()) / len(y) for c in correct),
         ensemble_acc=int(ens_correct.sum()) / len(y), n=int(len(y)))
 
@@ -208,3 +217,121 @@ def surrogate_transfer(surrogate: nn.Module, target: nn.Module, x: Tensor, y: Te
             raise EnsdivError("surrogate_transfer needs an attack or precomputed x_adv")
         x_adv = attack(surrogate, x, y)
     return success_counts(target, x, y, x_adv)
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    """Success of a suite of attacks on one model, AutoAttack's rule: an input counts as broken
+    if **any** attack breaks it; each attack's own rate stays beside the union.
+
+    Attributes:
+        union: inputs broken by some attack, over the inputs classified correctly clean.
+        per_attack: each attack's own success over the same inputs.
+        broken: [B] bool, correctly classified clean and broken by some attack.
+    """
+
+    union: Success
+    per_attack: dict[str, Success]
+    broken: Tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able ``{"rate", "fooled", "total", "attacks": {name: {...}}}``."""
+        return {**self.union.to_dict(),
+                "attacks": {k: v.to_dict() for k, v in self.per_attack.items()}}
+
+
+@torch.no_grad()
+def worst_case_success(model: nn.Module, x: Tensor, y: Tensor, *,
+                       attacks: Mapping[str, Attack] | None = None,
+                       x_adv: Mapping[str, Tensor] | None = None,
+                       cascade: bool = False, skip: Tensor | None = None) -> WorstCase:
+    """Per-sample worst case over several attacks (AutoAttack's rule, Croce & Hein 2020).
+
+    Args:
+        model: returns logits [B, K].
+        x: inputs [B, ...] in [0, 1]; y: labels [B].
+        attacks: name -> ``(model, x, y) -> x_adv``, each run on every input (in order).
+        x_adv: name -> precomputed adversarial examples (instead of ``attacks``).
+        cascade: AutoAttack's evaluation order: each attack runs only on the correctly
+            classified inputs no earlier attack broke. The union is the same as running every
+            attack on every input, at a fraction of the cost; each attack's rate is then over
+            the inputs it was run on (``per_attack[a].total``).
+        skip: [B] bool, inputs already broken elsewhere (e.g. by a cheaper stage): counted in
+            the union, not attacked when ``cascade``.
+
+    Returns:
+        A :class:`WorstCase`; without ``cascade``, ``union.rate >= per_attack[a].rate`` for
+        every attack ``a``.
+
+    Example:
+        >>> import functools
+        >>> from ensdiv.attacks import fgsm, pgd
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        >>> x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+        >>> wc = worst_case_success(net, x, y, attacks={
+        ...     "fgsm": functools.partial(fgsm, eps=0.1), "pgd": functools.partial(pgd, eps=0.1)})
+        >>> wc.union.rate >= max(s.rate for s in wc.per_attack.values())
+        True
+    """
+    if (attacks is None) == (x_adv is None):
+        raise EnsdivError("worst_case_success needs attacks or precomputed x_adv (one of them)")
+    if cascade and attacks is None:
+        raise EnsdivError("cascade needs attacks to run, not precomputed x_adv")
+    check_input(model, x, y)
+    names = list(attacks if attacks is not None else x_adv)
+    if not names:
+        raise EnsdivError("worst_case_success needs at least one attack")
+    correct = model(x).argmax(-1) == y
+    total = int(correct.sum())
+    broken = torch.zeros_like(correct) if skip is None else skip.to(correct.device) & correct
+    per_attack = {}
+    for name in names:
+        rows = (correct & ~broken) if cascade else correct
+        idx = rows.nonzero().squeeze(1) if cascade else None
+        if attacks is not None:
+            if idx is not None and idx.numel() == 0:
+                per_attack[name] = Success(0, 0)
+                continue
+            with torch.enable_grad():
+                xa = attacks[name](model, x[idx], y[idx]) if idx is not None \
+                    else attacks[name](model, x, y)
+            yy = y[idx] if idx is not None else y
+        else:
+            xa, yy = x_adv[name], y
+            check_input(model, xa)
+            if xa.shape != x.shape:
+                raise EnsdivError(f"x_adv[{name!r}] must have x's shape {tuple(x.shape)}; "
+                                  f"got {tuple(xa.shape)}")
+        fooled = model(xa).argmax(-1) != yy
+        if idx is not None:
+            hit = torch.zeros_like(correct)
+            hit[idx] = fooled
+        else:
+            hit = fooled & correct
+        per_attack[name] = Success(int((hit & rows).sum()), int(rows.sum()))
+        broken |= hit & rows
+    return WorstCase(Success(int(broken.sum()), total), per_attack, broken)
+
+
+CONVERGENCE_GAP = 0.02
+"""Largest rise in success from half to full budget of an attack that has converged."""
+
+
+def convergence_warning(full: Success, half: Success, *, what: str,
+                        gap: float = CONVERGENCE_GAP) -> str | None:
+    """A warning if success at the full budget exceeds success at half the budget by more
+    than ``gap`` (2 points): the attack had not converged, so its success is a lower bound;
+    raise its steps or restarts. None if it had.
+
+    Example:
+        >>> w = convergence_warning(Success(60, 100), Success(50, 100), what="PGD at eps=0.1")
+        >>> w[:64]
+        'PGD at eps=0.1 had not converged: success rose from 0.500 at hal'
+    """
+    if not (full.total and half.total):
+        return None
+    if full.rate - half.rate > gap + 1e-12:  # exactly 2 points is still converged
+        return (f"{what} had not converged: success rose from {half.rate:.3f} at half the "
+                f"budget to {full.rate:.3f} at the full budget (raise steps or restarts; the "
+                "rate is a lower bound)")
+    return None
