@@ -24,7 +24,6 @@ from typing import Any, NoReturn
 import torch
 
 from ensdiv import __version__
-from ensdiv.attacks import ATTACKS
 from ensdiv.data import DATASETS, load_dataset
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int
@@ -33,8 +32,9 @@ from ensdiv.gradients import GRAD_MODES
 from ensdiv.io import os_error, read_json, read_jsonl
 from ensdiv.models import ARCHS
 from ensdiv.plots import check_plot_options, plot_gdr_vs_attack, plot_transfer_heatmaps
+from ensdiv.report import sweep_tables
 from ensdiv.runtime import available_cores, resolve_device, set_threads
-from ensdiv.sweep import RECORDS, SWEEP_CONFIG, SweepConfig, run_sweep
+from ensdiv.sweep import RECORDS, SWEEP_ATTACKS, SWEEP_CONFIG, SweepConfig, run_sweep
 from ensdiv.train import (
     CHECKPOINT,
     CONFIG,
@@ -132,9 +132,11 @@ _SWEEP_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], ..
     ("--lr", "lr", float, None, "Adam learning rate"),
     ("--noise-sigma", "noise_sigma", float, "σ", "std of Gaussian training noise"),
     ("--attacks", "attacks", _name_list, "A1,A2,...",
-     f"comma-separated attacks from: {', '.join(sorted(ATTACKS))}"),
+     f"comma-separated attacks from: {', '.join(sorted(SWEEP_ATTACKS))} (white-box PGD is the "
+     "worst case over PGD, APGD-CE and APGD-DLR)"),
     ("--eps", "eps", _float_list, "E1,E2,...", "comma-separated L∞ radii, each once"),
     ("--steps", "steps", int, None, "PGD / MI-FGSM steps"),
+    ("--apgd-steps", "apgd_steps", int, None, "APGD-CE / APGD-DLR iterations (white-box)"),
     ("--n-eval", "n_eval", int, "N", "test inputs attacked (the first N)"),
     ("--eval-seed", "eval_seed", int, None, "seed of PGD's random start"),
 )
@@ -375,6 +377,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
               f"{c['p']:<7.3g} {c['n']}")
     print(f"heatmaps: plain-most λ={high['lam']:g} (GDR {high['gdr']:.4f}) vs diverse-most "
           f"λ={low['lam']:g} (GDR {low['gdr']:.4f})")
+    if args.table:
+        print()
+        print(sweep_tables(records))
     return 0
 
 
@@ -423,11 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="sweep folder or its records.jsonl")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="where the figures go (default: RUN/figures)")
-    p.add_argument("--attack", default=None, metavar=_choices(sorted(ATTACKS)),
+    p.add_argument("--attack", default=None, metavar=_choices(sorted(SWEEP_ATTACKS)),
                    help="attack of the transfer heatmaps (default: pgd if the records hold "
                         "it, else their first)")
     p.add_argument("--eps", type=float, default=None,
                    help="eps of the heatmaps (default: the largest in the records)")
+    p.add_argument("--table", action="store_true",
+                   help="also print the markdown tables the README shows (means ± standard "
+                        "errors over seeds, transfer fall, correlations)")
     p.set_defaults(func=cmd_plot)
 
     p = add("gdr", "Gradient Diversity Rating of a saved ensemble on a test split")

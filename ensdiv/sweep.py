@@ -14,7 +14,6 @@ broken evaluation.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ensdiv.attacks import ATTACKS, pgd
+from ensdiv.attacks import apgd, fgsm, mifgsm, pgd
 from ensdiv.data import load_dataset
 from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble
@@ -43,7 +42,14 @@ from ensdiv.io import (
 )
 from ensdiv.runtime import resolve_device
 from ensdiv.train import CHECKPOINT, DEFAULT_LR, DIVERSITY_CHOICES, TrainConfig, train_run
-from ensdiv.transferability import success_counts, surrogate_transfer, transfer_matrix
+from ensdiv.transferability import (
+    Success,
+    convergence_warning,
+    success_counts,
+    surrogate_transfer,
+    transfer_matrix,
+    worst_case_success,
+)
 
 RECORDS = "records.jsonl"
 SWEEP_CONFIG = "sweep.json"
@@ -54,13 +60,14 @@ HUGE_EPS = 1.0
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """Settings of a sweep; defaults fit 2 CPU cores in under 30 minutes on mnist5k."""
+    """Settings of a sweep; the defaults (12 ensembles, white-box worst case over PGD-10 and
+    50-step APGD-CE / APGD-DLR) take about 45 minutes on 2 CPU cores on mnist5k."""
 
     dataset: str = "mnist5k"
     arch: str = "cnn"
     members: int = 3
     diversity: str = "gal"
-    lams: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+    lams: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
     seeds: int = 3
     epochs: int = 3
     batch_size: int = 128
@@ -69,6 +76,7 @@ class SweepConfig:
     attacks: tuple[str, ...] = ("fgsm", "pgd", "mifgsm")
     eps: tuple[float, ...] = (0.03, 0.06, 0.09)
     steps: int = 10
+    apgd_steps: int = 50
     n_eval: int = 200
     eval_seed: int = 0
     surrogate_seed: int = 10_000
@@ -93,9 +101,9 @@ class SweepConfig:
             self.train_config(lam, 0).validate()
         check_int("surrogate seed", self.surrogate_seed, minimum=0)
         if not self.attacks:
-            raise EnsdivError(f"attacks needs at least one of: {', '.join(sorted(ATTACKS))}")
+            raise EnsdivError(f"attacks needs at least one of: {', '.join(sorted(SWEEP_ATTACKS))}")
         for a in self.attacks:
-            check_choice("attack", a, tuple(ATTACKS))
+            check_choice("attack", a, SWEEP_ATTACKS)
         check_unique("attacks", self.attacks)
         if not self.eps:
             raise EnsdivError("eps needs at least one value")
@@ -103,6 +111,7 @@ class SweepConfig:
             check_real("eps", e, minimum=0)
         check_unique("eps", self.eps)
         check_int("steps", self.steps)
+        check_int("apgd steps", self.apgd_steps)
         check_int("n_eval", self.n_eval)
         check_int("eval seed", self.eval_seed, minimum=0)
         return self
@@ -134,22 +143,82 @@ def run_name(lam: float, seed: int) -> str:
     return f"lam{lam:g}-seed{seed}"
 
 
-def make_attack(name: str, eps: float, steps: int, seed: int) -> Callable[..., Tensor]:
-    """``(model, x, y) -> x_adv`` for one attack at one eps (PGD seeded per call)."""
-    fn = ATTACKS[name]
-    if name == "fgsm":
-        return functools.partial(fn, eps=eps)
+SWEEP_ATTACKS: tuple[str, ...] = ("fgsm", "pgd", "mifgsm")
+"""Attacks a sweep crafts transfer examples with; white-box PGD is the worst case over PGD,
+APGD-CE and APGD-DLR."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """One attack configuration, exactly as a record states it (L∞, one restart).
+
+    ``name`` is one of fgsm, pgd, mifgsm, apgd-ce, apgd-dlr; ``keep`` the keep-rule of
+    :mod:`ensdiv.attacks`; ``seed`` seeds PGD's and APGD's random starts.
+    """
+
+    name: str
+    eps: float
+    steps: int
+    keep: str
+    seed: int
+
+    @property
+    def budget(self) -> int:
+        """Gradient steps the attack may spend per sample."""
+        return 1 if self.name == "fgsm" else self.steps
+
+    def craft(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """This attack's adversarial examples for ``model`` (an ``Attack`` callable)."""
+        if self.name == "fgsm":
+            return fgsm(model, x, y, eps=self.eps)
+        if self.name == "pgd":
+            return pgd(model, x, y, eps=self.eps, steps=self.steps, keep=self.keep,
+                       generator=torch.Generator().manual_seed(self.seed))
+        if self.name == "mifgsm":
+            return mifgsm(model, x, y, eps=self.eps, steps=self.steps, keep=self.keep)
+        return apgd(model, x, y, eps=self.eps, steps=self.steps, loss=self.name[5:],
+                    seed=self.seed)
+
+    def halved(self) -> AttackSpec:
+        """The same attack with half the steps (at least 1)."""
+        return dataclasses.replace(self, steps=max(1, self.steps // 2))
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a record says about this attack: name, norm, eps, steps, step size, keep-rule,
+        restarts and seed."""
+        d: dict[str, Any] = {"attack": self.name, "norm": "linf", "eps": self.eps,
+                             "steps": self.budget, "restarts": 1}
+        if self.name == "fgsm":
+            d.update(keep="last")  # one step: there is only one iterate to keep
+        elif self.name == "pgd":
+            d.update(alpha=2.5 * self.eps / self.steps, random_start=True, keep=self.keep,
+                     seed=self.seed)
+        elif self.name == "mifgsm":
+            d.update(alpha=self.eps / self.steps, decay=1.0, keep=self.keep)
+        elif self.name.startswith("apgd"):
+            d.update(keep="success", seed=self.seed)
+        return d
+
+
+def whitebox_suite(name: str, eps: float, config: SweepConfig) -> list[AttackSpec]:
+    """The white-box attacks behind one (attack, eps) entry: FGSM alone, MI-FGSM alone, and for
+    PGD the worst case over PGD, APGD-CE and APGD-DLR; all keep the first success."""
     if name == "pgd":
-        def run(model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
-            return pgd(model, x, y, eps=eps, steps=steps,
-                       generator=torch.Generator().manual_seed(seed))
-        return run
-    return functools.partial(fn, eps=eps, steps=steps)
+        return [AttackSpec("pgd", eps, config.steps, "success", config.eval_seed),
+                AttackSpec("apgd-ce", eps, config.apgd_steps, "success", config.eval_seed),
+                AttackSpec("apgd-dlr", eps, config.apgd_steps, "success", config.eval_seed)]
+    return [AttackSpec(name, eps, config.steps, "success", config.eval_seed)]
+
+
+def transfer_spec(name: str, eps: float, config: SweepConfig, keep: str = "last") -> AttackSpec:
+    """The attack that crafts transfer examples (full budget unless ``keep="success"``)."""
+    return AttackSpec(name, eps, config.steps, keep, config.eval_seed)
 
 
 def sanity_warnings(zero_grad_fraction: float, huge_eps_success: float,
                     attacks: Sequence[dict[str, Any]]) -> list[str]:
-    """The gradient-masking checks of the field (AutoAttack's habits) as messages."""
+    """The gradient-masking checks of the field (AutoAttack's habits) as messages, plus the
+    convergence warnings the white-box entries carry."""
     out = []
     if zero_grad_fraction > 0.05:
         out.append(f"{zero_grad_fraction:.1%} of inputs have a zero input gradient for some "
@@ -161,32 +230,95 @@ def sanity_warnings(zero_grad_fraction: float, huge_eps_success: float,
         if a["blackbox"]["rate"] > a["whitebox"]["rate"]:
             out.append(f"black-box {a['attack']} at eps={a['eps']} beats white-box "
                        f"({a['blackbox']['rate']:.3f} > {a['whitebox']['rate']:.3f})")
+        if a["whitebox"].get("warning"):
+            out.append(a["whitebox"]["warning"])
     return out
+
+
+def whitebox_entry(ensemble: Ensemble, x: Tensor, y: Tensor,
+                   specs: Sequence[AttackSpec]) -> dict[str, Any]:
+    """Worst-case white-box success of ``specs`` on the ensemble, with a convergence check.
+
+    AutoAttack's cascade in two stages. Stage one runs every attack at **half** its steps, each
+    on the correctly classified inputs no earlier attack broke. Stage two runs the first attack
+    (the cheap one, PGD) at its full steps on **every** correctly classified input, so its own
+    full-budget rate stands beside the worst case, then every other attack at its full steps
+    on the inputs nothing has broken yet. The full-budget success is the union of both stages;
+    the half-budget success is stage one's. If the full budget breaks more than 2 points more
+    inputs, the entry carries a convergence warning (the rate is then a lower bound).
+
+    Returns:
+        ``{"rate", "fooled", "total", "attacks": {name: {..., "setup"}}, "half_budget": {...},
+        "warning"}``; each attack's ``fooled``/``total`` count the inputs it was run on.
+    """
+    half_specs = [s.halved() for s in specs]
+    half = worst_case_success(ensemble, x, y, cascade=True,
+                              attacks={s.name: s.craft for s in half_specs})
+    first = worst_case_success(ensemble, x, y, attacks={specs[0].name: specs[0].craft})
+    broken = half.broken | first.broken
+    rest = specs[1:]
+    if rest:
+        full = worst_case_success(ensemble, x, y, cascade=True, skip=broken,
+                                  attacks={s.name: s.craft for s in rest})
+        union, per_attack = full.union, {**first.per_attack, **full.per_attack}
+    else:
+        union = Success(int(broken.sum()), first.union.total)
+        per_attack = first.per_attack
+    entry: dict[str, Any] = {**union.to_dict(),
+                             "attacks": {k: v.to_dict() for k, v in per_attack.items()},
+                             "half_budget": half.to_dict()}
+    for s, h in zip(specs, half_specs, strict=True):
+        entry["attacks"][s.name]["setup"] = s.to_dict()
+        entry["half_budget"]["attacks"][s.name]["setup"] = h.to_dict()
+    entry["warning"] = convergence_warning(
+        union, half.union,
+        what=f"white-box {' + '.join(s.name for s in specs)} at eps={specs[0].eps:g}")
+    return entry
 
 
 def evaluate_point(ensemble: Ensemble, x: Tensor, y: Tensor, config: SweepConfig,
                    surrogate_adv: dict[tuple[str, float], Tensor],
                    surrogate: Ensemble) -> dict[str, Any]:
-    """GDR, gradient cosine and every attack's success for one trained ensemble."""
+    """GDR, gradient cosine and every attack's success for one trained ensemble.
+
+    Per attack and eps: transfer member → member and member → ensemble with full-budget
+    examples (for PGD also with first-success examples, ``transfer_first_success``), black-box
+    success of the surrogate's full-budget examples, and white-box success on the ensemble
+    (:func:`whitebox_entry`). Every number sits beside the attack setup that produced it.
+    """
     ensemble.eval()
     grads = input_gradients(ensemble, x, y)  # one pass serves GDR, cosine and the zero check
     res = summarize_gdr(gdr(grads))
     zero = float((grads.flatten(2).abs().amax(-1) == 0).any(0).float().mean())
     attacks = []
+    tm = None
     for name in config.attacks:
         for eps in config.eps:
-            tm = transfer_matrix(ensemble, x, y,
-                                 attack=make_attack(name, eps, config.steps, config.eval_seed))
+            spec = transfer_spec(name, eps, config)
+            tm = transfer_matrix(ensemble, x, y, attack=spec.craft, whitebox=False)
+            to_ens = Success(sum(s.fooled for s in tm.to_ensemble),
+                             sum(s.total for s in tm.to_ensemble))
             black = surrogate_transfer(surrogate, ensemble, x, y,
                                        x_adv=surrogate_adv[(name, eps)])
-            attacks.append({"attack": name, "eps": eps, "steps": 1 if name == "fgsm"
-                            else config.steps, "whitebox": tm.whitebox.to_dict(),
-                            "transfer_mean": tm.mean_transfer, "blackbox": black.to_dict(),
-                            "transfer": tm.to_dict()})
-    huge = success_counts(ensemble, x, y, make_attack("pgd", HUGE_EPS, config.steps,
-                                                      config.eval_seed)(ensemble, x, y))
-    last = attacks[-1]["transfer"]
-    return {"member_acc": last["member_acc"], "ensemble_acc": last["ensemble_acc"],
+            entry = {"attack": name, "eps": eps, "steps": spec.budget,
+                     "transfer": {**tm.to_dict(), "crafted_with": spec.to_dict()},
+                     "transfer_mean": tm.mean_transfer,
+                     "to_ensemble": {**to_ens.to_dict(), "crafted_with": spec.to_dict()},
+                     "blackbox": {**black.to_dict(), "crafted_with": {**spec.to_dict(),
+                                                                      "on": "surrogate"}},
+                     "whitebox": whitebox_entry(ensemble, x, y,
+                                                whitebox_suite(name, eps, config))}
+            if name == "pgd":
+                first = transfer_spec(name, eps, config, keep="success")
+                tm1 = transfer_matrix(ensemble, x, y, attack=first.craft, whitebox=False)
+                entry["transfer_first_success"] = {**tm1.to_dict(),
+                                                   "crafted_with": first.to_dict()}
+                entry["transfer_mean_first_success"] = tm1.mean_transfer
+            attacks.append(entry)
+    huge = success_counts(ensemble, x, y, AttackSpec("pgd", HUGE_EPS, config.steps, "success",
+                                                     config.eval_seed).craft(ensemble, x, y))
+    assert tm is not None  # validate() guarantees at least one attack and eps
+    return {"member_acc": list(tm.member_acc), "ensemble_acc": tm.ensemble_acc,
             "gdr": res.mean, "gdr_sem": res.sem, "gdr_n": res.n_used,
             "gdr_excluded": res.n_excluded, "mean_cos": float(cosine_loss(grads)),
             "zero_grad_fraction": zero, "huge_eps_pgd": huge.to_dict(), "attacks": attacks,
@@ -256,7 +388,7 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
                              data_root=data_root, progress=progress,
                              on_epoch_end=_epoch_logger(log, "surrogate", config.epochs))
     x, y = x.to(dev), y.to(dev)
-    surrogate_adv = {(a, e): make_attack(a, e, config.steps, config.eval_seed)(surrogate, x, y)
+    surrogate_adv = {(a, e): transfer_spec(a, e, config).craft(surrogate, x, y)
                      for a in config.attacks for e in config.eps}
     log(f"surrogate ready ({time.perf_counter() - t0:.0f}s)")
 

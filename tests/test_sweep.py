@@ -4,10 +4,19 @@ import pytest
 
 from ensdiv.errors import EnsdivError
 from ensdiv.io import read_jsonl
-from ensdiv.sweep import RECORDS, SweepConfig, run_sweep, sanity_warnings
+from ensdiv.sweep import (
+    RECORDS,
+    AttackSpec,
+    SweepConfig,
+    run_sweep,
+    sanity_warnings,
+    transfer_spec,
+    whitebox_suite,
+)
 
 TINY = SweepConfig(dataset="digits", arch="mlp", members=2, lams=(0.0, 2.0), seeds=1, epochs=1,
-                   n_eval=30, attacks=("fgsm", "pgd"), eps=(0.05, 0.2), steps=2)
+                   n_eval=30, attacks=("fgsm", "pgd"), eps=(0.05, 0.2), steps=2,
+                   apgd_steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +77,8 @@ def test_different_sweep_refused(tiny_sweep):
     ({"eps": (-0.1,)}, "eps"),
     ({"seeds": 0}, "seeds"),
     ({"n_eval": 0}, "n_eval"),
+    ({"apgd_steps": 0}, "apgd steps"),
+    ({"attacks": ("apgd",)}, "fgsm, mifgsm, pgd"),
 ])
 def test_validation(kwargs, message):
     with pytest.raises(EnsdivError, match=message):
@@ -81,6 +92,55 @@ def test_sanity_warnings():
     msgs = sanity_warnings(0.5, 0.7, bad)
     assert len(msgs) == 3
     assert "zero input gradient" in msgs[0] and "eps=1.0" in msgs[1] and "beats" in msgs[2]
+    slow = [{"attack": "pgd", "eps": 0.1, "blackbox": {"rate": 0.2},
+             "whitebox": {"rate": 0.5, "warning": "white-box pgd had not converged"}}]
+    assert sanity_warnings(0.0, 1.0, slow) == ["white-box pgd had not converged"]
+
+
+def test_records_say_which_attack_budget_keep_rule_and_seed(tiny_sweep):
+    _, records, _ = tiny_sweep
+    for rec in records:
+        for a in rec["attacks"]:
+            eps = a["eps"]
+            made = a["transfer"]["crafted_with"]
+            assert made["keep"] == "last"
+            assert made["eps"] == eps and made["steps"] == a["steps"]
+            assert a["to_ensemble"]["crafted_with"] == made
+            assert a["blackbox"]["crafted_with"] == {**made, "on": "surrogate"}
+            wb = a["whitebox"]
+            assert wb["total"] == round(rec["ensemble_acc"] * rec["n"])
+            assert "warning" in wb and "half_budget" in wb
+            if a["attack"] == "pgd":
+                first = a["transfer_first_success"]["crafted_with"]
+                assert first["keep"] == "success" and first["seed"] == rec["eval_seed"]
+                assert a["transfer_mean_first_success"] == a["transfer_first_success"][
+                    "mean_transfer"]
+                assert list(wb["attacks"]) == ["pgd", "apgd-ce", "apgd-dlr"]
+                setups = {k: v["setup"] for k, v in wb["attacks"].items()}
+                assert setups["pgd"]["steps"] == 2 and setups["pgd"]["keep"] == "success"
+                assert setups["apgd-ce"]["steps"] == setups["apgd-dlr"]["steps"] == 4
+                assert all(s["seed"] == rec["eval_seed"] and s["eps"] == eps
+                           for s in setups.values())
+                half = {k: v["setup"]["steps"] for k, v in wb["half_budget"]["attacks"].items()}
+                assert half == {"pgd": 1, "apgd-ce": 2, "apgd-dlr": 2}
+                # PGD alone ran on every correct input; the union is at least its success.
+                assert wb["attacks"]["pgd"]["total"] == wb["total"]
+                assert wb["fooled"] >= wb["attacks"]["pgd"]["fooled"]
+                assert wb["fooled"] >= wb["half_budget"]["fooled"]
+            else:
+                assert list(wb["attacks"]) == ["fgsm"]
+
+
+def test_attack_specs():
+    cfg = SweepConfig(steps=10, apgd_steps=50, eval_seed=3)
+    names = [s.name for s in whitebox_suite("pgd", 0.1, cfg)]
+    assert names == ["pgd", "apgd-ce", "apgd-dlr"]
+    assert [s.name for s in whitebox_suite("mifgsm", 0.1, cfg)] == ["mifgsm"]
+    t = transfer_spec("pgd", 0.1, cfg)
+    assert (t.keep, t.steps, t.seed) == ("last", 10, 3)
+    assert t.to_dict()["alpha"] == pytest.approx(0.025)
+    assert AttackSpec("fgsm", 0.1, 10, "last", 0).budget == 1
+    assert AttackSpec("pgd", 0.1, 1, "last", 0).halved().steps == 1
 
 
 def test_cli_sweep_and_plot_end_to_end(tmp_path, capsys):
@@ -98,6 +158,11 @@ def test_cli_sweep_and_plot_end_to_end(tmp_path, capsys):
     assert (tmp_path / "fig" / "gdr_vs_attack.png").stat().st_size > 10_000
     assert (tmp_path / "fig" / "transfer_heatmaps.png").stat().st_size > 10_000
     assert "2 ensembles, GDR" in text and "spearman_rho" in text
+    code = main(["plot", "gdr-vs-attack", str(tmp_path / "s"), "--out-dir",
+                 str(tmp_path / "fig"), "--table"])
+    text = capsys.readouterr().out
+    assert code == 0 and "| member → member transfer, FGSM |" in text
+    assert "| FGSM | 0.1 | one step |" in text and "Spearman ρ (p) over n = 2" in text
     code = main(["plot", "gdr-vs-attack", str(tmp_path / "none")])
     assert code == 2 and "no sweep records" in capsys.readouterr().err
     code = main(["plot", "gdr-vs-attack", str(tmp_path / "s")])  # default: beside the records

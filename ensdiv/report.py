@@ -1,0 +1,187 @@
+"""Markdown tables drawn from sweep records only, so no number in the README is typed by hand.
+
+``ensdiv plot gdr-vs-attack RUN --table`` prints :func:`sweep_tables`: per-λ means with their
+standard errors over seeds, the fall of transfer from the plainest to the most diverse λ under
+both keep-rules, and Spearman's ρ between GDR and each success measure. Records are strict JSON:
+an undefined value (``null``) is left out of a mean and shown as "—" when nothing is left.
+
+Example:
+    >>> print(mean_se([0.25, 0.27, 0.26]))
+    0.260 ± 0.006
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ensdiv.plots import correlations
+
+Record = dict[str, Any]
+
+
+def _num(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def mean_se(values: Sequence[float | None], digits: int = 3) -> str:
+    """``mean ± standard error`` (std with ddof 1 over √n) of the defined values; "—" if none.
+
+    Example:
+        >>> mean_se([0.5]), mean_se([None])
+        ('0.500', '—')
+    """
+    v = np.array([_num(x) for x in values], dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return "—"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1) / math.sqrt(len(v)):.{digits}f}"
+
+
+def _entry(rec: Record, attack: str, eps: float) -> Record | None:
+    return next((a for a in rec["attacks"] if a["attack"] == attack and a["eps"] == eps), None)
+
+
+def _by_lam(records: Sequence[Record]) -> dict[float, list[Record]]:
+    groups: dict[float, list[Record]] = {}
+    for r in sorted(records, key=lambda r: (r["lam"], r["seed"])):
+        groups.setdefault(r["lam"], []).append(r)
+    return groups
+
+
+def _row(label: str, groups: dict[float, list[Record]],
+         get: Callable[[Record], float | None]) -> str:
+    return f"| {label} | " + " | ".join(mean_se([get(r) for r in g]) for g in groups.values()) \
+        + " |"
+
+
+def _attack_value(attack: str, eps: float, *path: str) -> Callable[[Record], float | None]:
+    def get(rec: Record) -> float | None:
+        node: Any = _entry(rec, attack, eps)
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+    return get
+
+
+def lam_table(records: Sequence[Record], eps: float | None = None) -> str:
+    """Per-λ means ± standard errors over seeds at one eps (default: the largest)."""
+    groups = _by_lam(records)
+    all_eps = sorted({a["eps"] for r in records for a in r["attacks"]})
+    eps = all_eps[-1] if eps is None else eps
+    attacks = {a["attack"] for r in records for a in r["attacks"]}
+    seeds = sorted({len(g) for g in groups.values()})
+    lines = [f"Mean ± standard error over {'/'.join(map(str, seeds))} seeds per λ; L∞ eps = "
+             f"{eps:g}; n = {records[0]['n']} test images per ensemble; success counted over "
+             "the inputs the attacked model classifies correctly.", "",
+             "| measure | " + " | ".join(f"λ = {lam:g}" for lam in groups) + " |",
+             "|---|" + "---|" * len(groups),
+             _row("clean ensemble accuracy", groups, lambda r: r["ensemble_acc"]),
+             _row("GDR", groups, lambda r: r["gdr"]),
+             _row("mean gradient cosine", groups, lambda r: r["mean_cos"])]
+    if "pgd" in attacks:
+        lines += [
+            _row("member → member transfer, PGD, full budget", groups,
+                 _attack_value("pgd", eps, "transfer_mean")),
+            _row("member → member transfer, PGD, first-success examples", groups,
+                 _attack_value("pgd", eps, "transfer_mean_first_success")),
+            _row("member → ensemble, PGD, full budget", groups,
+                 _attack_value("pgd", eps, "to_ensemble", "rate")),
+            _row("black-box from surrogate, PGD, full budget", groups,
+                 _attack_value("pgd", eps, "blackbox", "rate")),
+            _row("**white-box on ensemble, worst case PGD / APGD-CE / APGD-DLR**", groups,
+                 _attack_value("pgd", eps, "whitebox", "rate"))]
+        lines.append(_row("  white-box PGD alone, full budget", groups,
+                          _attack_value("pgd", eps, "whitebox", "attacks", "pgd", "rate")))
+        lines.append(_row("  white-box worst case at half the budget", groups,
+                          _attack_value("pgd", eps, "whitebox", "half_budget", "rate")))
+    for name, label in (("mifgsm", "MI-FGSM"), ("fgsm", "FGSM")):
+        if name in attacks:
+            lines += [_row(f"member → member transfer, {label}", groups,
+                           _attack_value(name, eps, "transfer_mean")),
+                      _row(f"white-box on ensemble, {label}", groups,
+                           _attack_value(name, eps, "whitebox", "rate"))]
+    return "\n".join(lines)
+
+
+def _pooled_rate(recs: Sequence[Record], get: Callable[[Record], float | None]) -> float:
+    v = [x for x in (_num(get(r)) for r in recs) if math.isfinite(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def transfer_fall_table(records: Sequence[Record]) -> str:
+    """Member → member transfer at the plainest and the most diverse λ, and their ratio, for
+    every attack and eps, with full-budget and (PGD) first-success examples."""
+    groups = _by_lam(records)
+    lo, hi = min(groups), max(groups)
+    lines = [f"| attack | eps | examples | λ = {lo:g} | λ = {hi:g} | fall (×) |",
+             "|---|---|---|---|---|---|"]
+    grid = sorted({(a["attack"], a["eps"]) for r in records for a in r["attacks"]},
+                  key=lambda t: (["fgsm", "pgd", "mifgsm"].index(t[0])
+                                 if t[0] in ("fgsm", "pgd", "mifgsm") else 9, t[1]))
+    for attack, eps in grid:
+        kinds = [("full budget", "transfer_mean")]
+        if attack == "pgd":
+            kinds.append(("first success", "transfer_mean_first_success"))
+        elif attack == "fgsm":
+            kinds = [("one step", "transfer_mean")]
+        for label, key in kinds:
+            get = _attack_value(attack, eps, key)
+            a, b = _pooled_rate(groups[lo], get), _pooled_rate(groups[hi], get)
+            fall = f"{a / b:.1f}" if b > 0 and math.isfinite(a) else "—"
+            lines.append(f"| {attack.upper()} | {eps:g} | {label} | "
+                         f"{mean_se([get(r) for r in groups[lo]])} | "
+                         f"{mean_se([get(r) for r in groups[hi]])} | {fall} |")
+    return "\n".join(lines)
+
+
+def correlation_table(records: Sequence[Record]) -> str:
+    """Spearman's ρ (p) between ensemble GDR and each success measure, per attack and eps."""
+    rows = correlations(records)
+    cols = [("whitebox", "white-box ensemble"), ("transfer", "member → member"),
+            ("blackbox", "black-box surrogate")]
+    grid: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        grid.setdefault((r["attack"], r["eps"]), {})[r["measure"]] = r
+    n = max((r["n"] for r in rows), default=0)
+    lines = [f"Spearman ρ (p) over n = {n} ensembles.", "",
+             "| attack | eps | " + " | ".join(c for _, c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for (attack, eps), cells in grid.items():
+        out = []
+        for key, _ in cols:
+            c = cells.get(key)
+            out.append("—" if c is None or not math.isfinite(c["rho"])
+                       else f"{c['rho']:.2f} ({c['p']:.2g})")
+        lines.append(f"| {attack.upper()} | {eps:g} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def sweep_tables(records: Sequence[Record]) -> str:
+    """All the sweep's tables as one markdown text (what the README shows)."""
+    warned = sum(1 for r in records if r.get("warnings"))
+    all_eps = sorted({a["eps"] for r in records for a in r["attacks"]})
+    parts = [f"**{len(records)} ensembles**, {records[0].get('dataset', '?')}, "
+             f"{records[0].get('members', '?')} × {records[0].get('arch', '?')}, "
+             f"{records[0].get('epochs', '?')} epochs; {warned} record(s) carry warnings.",
+             "", lam_table(records)]
+    has_pgd = any(a["attack"] == "pgd" for r in records for a in r["attacks"])
+    if len(all_eps) > 1 and has_pgd:
+        groups = _by_lam(records)
+        lines = ["", "White-box worst case (PGD / APGD-CE / APGD-DLR) on the ensemble by eps:", "",
+                 "| eps | " + " | ".join(f"λ = {lam:g}" for lam in groups) + " |",
+                 "|---|" + "---|" * len(groups)]
+        for eps in all_eps:
+            lines.append(_row(f"{eps:g}", groups, _attack_value("pgd", eps, "whitebox", "rate")))
+        parts.append("\n".join(lines))
+    parts += ["", "Member → member transfer, plainest vs most diverse λ (mean ± s.e. over seeds; "
+              "fall = ratio of the means):", "", transfer_fall_table(records), "",
+              correlation_table(records)]
+    return "\n".join(parts)

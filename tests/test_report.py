@@ -1,0 +1,90 @@
+import math
+
+import pytest
+
+from ensdiv.report import correlation_table, lam_table, mean_se, sweep_tables, transfer_fall_table
+
+
+def fake_record(lam, seed, transfer, first, white, pgd_alone, half, gdr):
+    def entry(attack, eps, scale):
+        e = {"attack": attack, "eps": eps, "transfer_mean": transfer * scale,
+             "to_ensemble": {"rate": transfer * scale / 2},
+             "blackbox": {"rate": 0.1, "total": 190},
+             "transfer": {"fooled": [[0, 5], [5, 0]], "total": [[190, 190], [190, 190]]},
+             "whitebox": {"rate": white * scale, "total": 190,
+                          "attacks": {attack: {"rate": pgd_alone * scale}},
+                          "half_budget": {"rate": half * scale}}}
+        if attack == "pgd":
+            e["transfer_mean_first_success"] = first * scale
+        return e
+
+    attacks = [entry(a, eps, eps / 0.09) for a in ("fgsm", "pgd") for eps in (0.03, 0.09)]
+    return {"lam": lam, "seed": seed, "n": 200, "gdr": gdr, "mean_cos": 1 - gdr,
+            "ensemble_acc": 0.95, "attacks": attacks, "warnings": [], "dataset": "mnist5k",
+            "members": 3, "arch": "cnn", "epochs": 3}
+
+
+RECORDS = [fake_record(0.0, 0, 0.25, 0.10, 0.50, 0.40, 0.45, 0.30),
+           fake_record(0.0, 1, 0.27, 0.12, 0.52, 0.42, 0.47, 0.31),
+           fake_record(3.0, 0, 0.02, 0.01, 0.70, 0.50, 0.66, 0.10),
+           fake_record(3.0, 1, 0.03, 0.01, 0.74, 0.52, 0.70, 0.12)]
+
+
+def test_mean_se_matches_numpy_and_skips_undefined():
+    assert mean_se([0.25, 0.27]) == "0.260 ± 0.010"  # std(ddof=1) 0.01414 / √2
+    assert mean_se([0.1, None, float("nan")]) == "0.100"
+    assert mean_se([None]) == "—" and mean_se([]) == "—"
+    assert mean_se([1.0, 2.0, 3.0], digits=1) == "2.0 ± 0.6"
+
+
+def test_lam_table_rows_come_from_the_records():
+    text = lam_table(RECORDS)
+    assert "L∞ eps = 0.09" in text and "n = 200" in text and "2 seeds" in text
+    rows = {line.split(" | ")[0].strip("| *"): line for line in text.splitlines()
+            if line.startswith("|")}
+    assert "0.260 ± 0.010" in rows["member → member transfer, PGD, full budget"]
+    assert "0.025 ± 0.005" in rows["member → member transfer, PGD, full budget"]
+    assert "0.110 ± 0.010" in rows["member → member transfer, PGD, first-success examples"]
+    assert "0.720 ± 0.020" in rows["white-box on ensemble, worst case PGD / APGD-CE / APGD-DLR"]
+    assert "0.510 ± 0.010" in rows["white-box PGD alone, full budget"]
+    assert "0.680 ± 0.020" in rows["white-box worst case at half the budget"]
+    assert "| λ = 0 | λ = 3 |" in text
+    low = lam_table(RECORDS, eps=0.03)
+    assert "| member → member transfer, PGD, full budget | 0.087 ± 0.003 |" in low  # 0.26/3
+
+
+def test_transfer_fall_uses_the_ratio_of_means_for_both_keep_rules():
+    text = transfer_fall_table(RECORDS)
+    full = next(ln for ln in text.splitlines() if ln.startswith("| PGD | 0.09 | full budget"))
+    first = next(ln for ln in text.splitlines() if ln.startswith("| PGD | 0.09 | first"))
+    assert full.endswith(f"| {0.26 / 0.025:.1f} |")
+    assert first.endswith(f"| {0.11 / 0.01:.1f} |")
+    assert "| FGSM | 0.03 | one step |" in text
+
+
+def test_correlation_table_and_sweep_tables():
+    corr = correlation_table(RECORDS)
+    assert "n = 4 ensembles" in corr
+    pgd_row = next(ln for ln in corr.splitlines() if ln.startswith("| PGD | 0.09"))
+    # transfer falls with GDR, white-box success rises as GDR falls
+    cells = [c.strip() for c in pgd_row.strip("|").split("|")]
+    assert float(cells[2].split()[0]) < 0 < float(cells[3].split()[0])
+    full = sweep_tables(RECORDS)
+    assert full.startswith("**4 ensembles**, mnist5k, 3 × cnn, 3 epochs; 0 record(s)")
+    assert "by eps" in full and lam_table(RECORDS) in full
+
+
+def test_tables_without_pgd_or_with_undefined_values():
+    no_pgd = [{**r, "attacks": [a for a in r["attacks"] if a["attack"] == "fgsm"]}
+              for r in RECORDS]
+    text = sweep_tables(no_pgd)
+    assert "worst case PGD" not in text and "FGSM" in text
+    hole = [{**r, "attacks": [{**a, "transfer_mean": math.nan} for a in r["attacks"]]}
+            for r in RECORDS]
+    assert "| — | — | — |" in transfer_fall_table(hole)
+
+
+@pytest.mark.parametrize("bad", [[], [{"lam": 0.0}]])
+def test_tables_need_records(bad):
+    with pytest.raises((KeyError, IndexError, ValueError)):
+        sweep_tables(bad)
