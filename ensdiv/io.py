@@ -196,7 +196,7 @@ def utc_now() -> str:
 
 # ---------------------------------------------------------------------------------- readers
 def first_sentence(e: BaseException, limit: int = 160) -> str:
-    """The first line and sentence of an exception's message (torch's are long), for a
+    r"""The first line and sentence of an exception's message (torch's are long), for a
     one-line error.
 
     Example:

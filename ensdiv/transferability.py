@@ -267,7 +267,8 @@ def worst_case_success(model: nn.Module, x: Tensor, y: Tensor, *,
         >>> import functools
         >>> from ensdiv.attacks import fgsm, pgd
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-        >>> x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+        >>> x = torch.rand(8, 1, 8, 8)
+        >>> y = net(x).argmax(-1)                     # every input correct clean
         >>> wc = worst_case_success(net, x, y, attacks={
         ...     "fgsm": functools.partial(fgsm, eps=0.1), "pgd": functools.partial(pgd, eps=0.1)})
         >>> wc.union.rate >= max(s.rate for s in wc.per_attack.values())
