@@ -7,7 +7,8 @@ or any other classifier:
 - :func:`fgsm` — Fast Gradient Sign Method (Goodfellow et al. 2015), one L∞ step;
 - :func:`pgd` — Projected Gradient Descent (Madry et al. 2018), L∞ or L2, random restarts;
 - :func:`mifgsm` — Momentum Iterative FGSM (Dong et al. 2018), L∞;
-- :func:`apgd` — Auto-PGD (Croce & Hein 2020), L∞ or L2, CE or DLR loss.
+- :func:`apgd` — Auto-PGD (Croce & Hein 2020), L∞ or L2, CE or DLR loss;
+- :func:`pgd_objective` — PGD on any per-sample objective (the engine of adaptive attacks).
 
 Which example to keep: to **count white-box success** keep the first iterate that fools
 (``keep="success"``, the default of ``pgd``; ``apgd`` always); to **craft examples that
@@ -97,19 +98,24 @@ class _Best:
     """Per sample, the attack's best point so far and the step at which it first succeeded.
 
     ``success`` rule: a success is never replaced (the first wins); a failure yields to a
-    success or to a higher loss. ``first_step`` is -1 until the sample succeeds.
+    success or to a higher loss. With ``first=False`` a success yields to a later success with a
+    higher loss. ``first_step`` is -1 until the sample succeeds.
     """
 
-    def __init__(self, x: Tensor, loss: Tensor, ok: Tensor) -> None:
+    def __init__(self, x: Tensor, loss: Tensor, ok: Tensor, *, first: bool = True) -> None:
         self.x, self.loss, self.ok = x.clone(), loss.clone(), ok.clone()
         self.first_step = torch.where(ok, 0, -1)
+        self.first = first  # False: among successes too, the higher loss wins
 
     def offer(self, x_cand: Tensor, loss: Tensor, ok: Tensor, step: int,
               rows: Tensor | None = None) -> None:
         """Score candidates (for the samples ``rows`` if given) found after ``step`` steps."""
         idx = slice(None) if rows is None else rows
         best_ok, best_loss = self.ok[idx], self.loss[idx]
-        better = ~best_ok & (ok | (loss > best_loss))
+        if self.first:
+            better = ~best_ok & (ok | (loss > best_loss))
+        else:
+            better = (ok & ~best_ok) | ((ok == best_ok) & (loss > best_loss))
         view = _per_sample_view(better, x_cand)
         self.x[idx] = torch.where(view, x_cand, self.x[idx])
         self.loss[idx] = torch.where(better, loss, best_loss)
@@ -440,6 +446,76 @@ def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, norm: str,
             f_cur = torch.where(halve, f_max, f_cur)
             rises.zero_()
             eta_ckpt, f_max_ckpt, last_ckpt = eta.clone(), f_max.clone(), k + 1
+
+
+Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""``x_adv -> (value [B] to maximize, differentiable; success [B] bool)``."""
+
+
+def pgd_objective(objective: Objective, x: Tensor, *, eps: float | Tensor,
+                  alpha: float | None = None, steps: int = 40, norm: str = "linf",
+                  random_start: bool = True, keep: str = "best",
+                  generator: torch.Generator | None = None) -> Tensor:
+    """PGD on any per-sample objective: the engine of adaptive attacks (an attacker who knows
+    the defence writes its loss; Tramèr et al. 2020).
+
+    Same steps as :func:`pgd` (random start, ``alpha`` = 2.5·eps/steps by default, sign or
+    normalized ascent, projection, clipping to [0, 1]), ascending ``objective`` instead of the
+    cross-entropy. Per sample it keeps, among the points visited (clean input included): with
+    ``keep="best"`` the successful one with the highest objective (an adaptive attacker wants
+    success *and* the most of its secondary goal, e.g. agreement or a low detector score), with
+    ``keep="success"`` the first successful one; else (never successful) the one with the
+    highest objective; with ``keep="last"`` the final iterate.
+
+    Args:
+        objective: ``x_adv -> (value [B], success [B])``; ``value`` must be differentiable in
+            ``x_adv`` and its samples independent (it is summed before the gradient).
+        x: [B, ...] in [0, 1]; eps, alpha, steps, norm, random_start, generator: as in
+            :func:`pgd`.
+        keep: "best", "success" or "last".
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+        >>> x = torch.rand(4, 1, 4, 4)
+        >>> def push_to_2(xa):
+        ...     z = net(xa)
+        ...     return z[:, 2] - z[:, :2].amax(1), z.argmax(1) == 2
+        >>> x_adv = pgd_objective(push_to_2, x, eps=0.1, steps=5)
+        >>> bool((x_adv - x).abs().max() <= 0.1 + 1e-6)
+        True
+    """
+    check_choice("norm", norm, NORMS)
+    check_choice("keep rule", keep, ("best", *KEEPS))
+    _check_count("steps", steps)
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
+        raise EnsdivError("x must be a floating-point tensor [B, ...]")
+    eps_t = _check_eps(eps, x)
+    alpha_t = 2.5 * eps_t / steps if alpha is None else _check_alpha(alpha, eps_t)
+    x = x.detach()
+
+    def value_and_grad(xa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.enable_grad():
+            xa = xa.detach().requires_grad_(True)
+            val, ok = objective(xa)
+            (grad,) = torch.autograd.grad(val.sum(), xa)
+        return val.detach(), ok.detach(), grad
+
+    with torch.no_grad():
+        val, ok = objective(x)
+    best = _Best(x, val.detach(), ok.detach(), first=keep == "success")
+    if not bool(eps_t.any()):
+        return x.clone()
+    x_adv = _clip01(x + _random_in_ball(x, eps_t, norm, generator)) if random_start \
+        else x.clone()
+    for t in range(steps):
+        val, ok, grad = value_and_grad(x_adv)
+        best.offer(x_adv, val, ok, t)
+        x_adv = _project(x, _ascent(x_adv, grad, alpha_t, norm), eps_t, norm)
+    with torch.no_grad():
+        val, ok = objective(x_adv)
+    best.offer(x_adv, val.detach(), ok.detach(), steps)
+    return x_adv if keep == "last" else best.x
 
 
 ATTACKS: dict[str, Callable[..., Tensor]] = {"fgsm": fgsm, "pgd": pgd, "mifgsm": mifgsm,
