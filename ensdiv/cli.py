@@ -24,15 +24,25 @@ from typing import Any, NoReturn
 import torch
 
 from ensdiv import __version__
+from ensdiv.adaptive import AGREEMENT_TARGETS, agreement_pgd
+from ensdiv.attacks import pgd
 from ensdiv.data import DATASETS, load_dataset
+from ensdiv.detect import SCORE_NAMES, DisagreementDetector, evaluate_detector
+from ensdiv.detection_run import DETECT_CONFIG, DetectConfig, detect_into
+from ensdiv.detection_run import RECORDS as DETECT_RECORDS
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int
 from ensdiv.gdr import ensemble_gdr
 from ensdiv.gradients import GRAD_MODES
 from ensdiv.io import os_error, read_json, read_jsonl
 from ensdiv.models import ARCHS
-from ensdiv.plots import check_plot_options, plot_gdr_vs_attack, plot_transfer_heatmaps
-from ensdiv.report import sweep_tables
+from ensdiv.plots import (
+    check_plot_options,
+    plot_detection,
+    plot_gdr_vs_attack,
+    plot_transfer_heatmaps,
+)
+from ensdiv.report import detection_summary, detection_table, sweep_tables
 from ensdiv.runtime import available_cores, resolve_device, set_threads
 from ensdiv.sweep import RECORDS, SWEEP_ATTACKS, SWEEP_CONFIG, SweepConfig, run_sweep
 from ensdiv.train import (
@@ -141,6 +151,23 @@ _SWEEP_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], ..
     ("--eval-seed", "eval_seed", int, None, "seed of PGD's random start"),
 )
 
+_DETECT_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], ...] = (
+    ("--eps", "eps", float, None, "L∞ radius of every adversary"),
+    ("--steps", "steps", int, None, "PGD steps of every adversary"),
+    ("--scores", "scores", _name_list, "S1,S2,...",
+     f"comma-separated scores from: {', '.join(SCORE_NAMES)}"),
+    ("--kappas", "kappas", _float_list, "K1,K2,...",
+     "penalty weights κ of the score-penalized adaptive attack"),
+    ("--agreement-target", "agreement_target", str, _choices(AGREEMENT_TARGETS),
+     "common wrong class of the agreement attack: the ensemble's runner-up, or every class "
+     "with the best kept (K-1 times the cost)"),
+    ("--fpr", "fpr", float, None, "false-positive rate of the threshold on clean data"),
+    ("--n-eval", "n_eval", int, "N", "test images attacked (the first N)"),
+    ("--n-calib", "n_calib", int, "N", "held-out clean test images that set the threshold "
+     "(the last N)"),
+    ("--seed", "seed", int, None, "seed of the attacks' random starts"),
+)
+
 
 def _add_config_options(p: argparse.ArgumentParser, options: Sequence[tuple], defaults: Any,
                         ) -> None:
@@ -246,8 +273,30 @@ def demo_report(epochs: int = 8, seed: int = 0, device: str | torch.device | Non
             f"(majority vote {last['vote_acc']:.3f})",
             f"  mean gradient cosine {last['mean_cos']:.3f}   GDR {res.mean:.4f} "
             f"± {res.sem:.4f} (n={res.n_used}, excluded {res.n_excluded})",
+            _demo_detection(ens.eval(), test, seed),
         ]
     return lines
+
+
+def _demo_detection(ens: Ensemble, test: torch.utils.data.TensorDataset, seed: int) -> str:
+    """One line: the mutual-information detector's AUROC against white-box PGD and against the
+    adaptive agreement attack (first half of the test split attacked, second half calibrates)."""
+    x, y = test.tensors
+    dev = next(ens.parameters()).device
+    half = len(y) // 2
+    xe, ye, xc = x[:half].to(dev), y[:half].to(dev), x[half:].to(dev)
+    det = DisagreementDetector(ens, score="mean_kl_to_mean").fit(xc)
+    white = pgd(ens, xe, ye, eps=DEMO_EPS, steps=20, keep="last",
+                generator=torch.Generator().manual_seed(seed))
+    agree = agreement_pgd(ens, xe, ye, eps=DEMO_EPS, steps=20, detector=det,
+                          generator=torch.Generator().manual_seed(seed))
+    w, a = (evaluate_detector(det, xe, ye, adv) for adv in (white, agree))
+    return (f"  detection (mutual information, 5% FPR; PGD-20 at L∞ {DEMO_EPS}): AUROC white-box "
+            f"{w.auroc:.3f}, adaptive {a.auroc:.3f}; detection-aware robust acc. "
+            f"{w.detection_robust_acc:.3f} vs {a.detection_robust_acc:.3f}")
+
+
+DEMO_EPS = 0.3
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -348,9 +397,75 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detect(args: argparse.Namespace) -> int:
+    """``ensdiv detect RUN --out DIR``: every disagreement score against every adversary."""
+    args.resume_hint = f"ensdiv detect {args.run} --out {args.out} --resume"
+    given = _given(args, _DETECT_OPTIONS)
+    saved_path = Path(args.out) / DETECT_CONFIG
+    if args.resume and saved_path.exists():
+        saved = read_json(saved_path, what="detection config",
+                          fix="restore it, or start the detection run in another --out")
+        fields = {f.name for f in dataclasses.fields(DetectConfig)}
+        try:
+            base = DetectConfig.from_dict({k: v for k, v in saved.items() if k in fields})
+        except (EnsdivError, TypeError) as e:
+            raise EnsdivError(f"{saved_path} is not a valid detection config ({e}); restore "
+                              "it, or start the run in another --out") from None
+        config = dataclasses.replace(base, **given)
+    elif args.resume and not given:
+        raise EnsdivError(f"{args.out} holds no detection run to resume (no {DETECT_CONFIG}); "
+                          f"start one with `ensdiv detect {args.run} --out {args.out}`")
+    else:
+        config = DetectConfig(**given)
+    config.validate()
+    if args.dataset is not None:
+        check_choice("dataset", args.dataset, DATASETS)
+    device = _setup(args)
+    records = detect_into(_ensemble_path(args.run), config, args.out, dataset=args.dataset,
+                          resume=args.resume, overwrite=args.overwrite, device=device,
+                          data_root=args.data_root, log=lambda line: print(line, flush=True))
+    print()
+    print(detection_table(records))
+    print(f"\n{len(records)} records in {Path(args.out) / DETECT_RECORDS}")
+    return 0
+
+
+def _detection_records(folder: str) -> list[dict[str, Any]]:
+    path = Path(folder)
+    path = path / DETECT_RECORDS if path.is_dir() else path
+    if not path.exists():
+        raise EnsdivError(f"no detection records at {path}; run `ensdiv detect RUN --out "
+                          f"{folder}` first")
+    records = read_jsonl(path, what="detection records file", missing_ok=False,
+                         required=("score", "adversary", "roc", "auroc"),
+                         fix="restore it, or resume the detection run to rewrite it")
+    if not records:
+        raise EnsdivError(f"no detection records in {path}")
+    return records
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
-    """``ensdiv plot gdr-vs-attack RUN``: figures and correlations from a sweep's records."""
-    path = Path(args.run)
+    """``ensdiv plot gdr-vs-attack RUN`` (figures and correlations from a sweep's records) or
+    ``ensdiv plot detection DIR...`` (ROC curves from detection records)."""
+    if args.kind == "detection":
+        runs = [_detection_records(d) for d in args.run]
+        out = Path(args.out_dir) if args.out_dir is not None else Path(args.run[0]) / "figures"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error("write", out, e) from None
+        plot_detection(runs, out / "detection_roc.png")
+        print(f"ROC curves of {len(runs)} run(s) in {out / 'detection_roc.png'}")
+        if args.table:
+            print()
+            print(detection_summary(runs))
+            for recs in runs:
+                print()
+                print(detection_table(recs))
+        return 0
+    if len(args.run) != 1:
+        raise EnsdivError(f"plot gdr-vs-attack takes one sweep folder; got {len(args.run)}")
+    path = Path(args.run[0])
     folder = path if path.is_dir() else path.parent
     path = path / RECORDS if path.is_dir() else path
     if not path.exists():
@@ -423,11 +538,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = add("plot", "figures and Spearman correlations from a sweep's records")
-    p.add_argument("kind", choices=["gdr-vs-attack"], help="which figure")
-    p.add_argument("run", help="sweep folder or its records.jsonl")
+    p = add("detect", "detect adversarial inputs by member disagreement, judged against "
+                      "transfer, white-box and adaptive attacks; resumable")
+    p.add_argument("run", help="run folder or ensemble file")
+    _add_config_options(p, _DETECT_OPTIONS, DetectConfig())
+    p.add_argument("--dataset", default=None, metavar=_choices(DATASETS),
+                   help="test split to use (default: the one the ensemble was trained on)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="result folder (detect.json, records.jsonl)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its saved settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what --out holds and start again")
+    _add_common(p, quiet=False)
+    p.set_defaults(func=cmd_detect)
+
+    p = add("plot", "figures from records: a sweep's GDR vs attack success, or detection ROCs")
+    p.add_argument("kind", choices=["gdr-vs-attack", "detection"], help="which figure")
+    p.add_argument("run", nargs="+",
+                   help="gdr-vs-attack: one sweep folder (or its records.jsonl); detection: "
+                        "one or more detection folders (e.g. a plain and a diverse ensemble)")
     p.add_argument("--out-dir", default=None, metavar="DIR",
-                   help="where the figures go (default: RUN/figures)")
+                   help="where the figures go (default: the first RUN/figures)")
     p.add_argument("--attack", default=None, metavar=_choices(sorted(SWEEP_ATTACKS)),
                    help="attack of the transfer heatmaps (default: pgd if the records hold "
                         "it, else their first)")

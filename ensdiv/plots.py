@@ -6,6 +6,9 @@
   and Spearman's ρ in the legend.
 - :func:`plot_transfer_heatmaps`: the member-to-member transfer matrix of the plainest and the
   most diverse ensemble, side by side.
+- :func:`plot_detection`: ROC curves of disagreement detectors from ``ensdiv detect`` records.
+
+Figures are written atomically (a partial PNG never replaces a good one).
 
 Records are strict JSON: an undefined value (a GDR with every sample excluded, a rate over zero
 inputs) is ``null`` and is read as NaN, i.e. left out of fits and correlations.
@@ -27,6 +30,7 @@ import numpy as np
 from scipy import stats
 
 from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.io import atomic_write
 
 MEASURES: dict[str, str] = {"whitebox": "white-box on ensemble",
                             "transfer": "member → member transfer",
@@ -162,7 +166,7 @@ def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLik
     fig.suptitle(title or f"GDR vs attack success ({len(records)} ensembles, n={n} each; "
                  "zero success drawn at half a count)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return list(corr.values())
 
@@ -210,6 +214,51 @@ def plot_transfer_heatmaps(records: Sequence[dict[str, Any]], path: str | os.Pat
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="attack success")
     fig.suptitle(f"{attack.upper()} eps={eps:g} ({entries[0]['steps']} steps), n={high['n']}: "
                  "success on member j of adversarials crafted on member i", fontsize=10)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return high, low
+
+
+def plot_detection(runs: Sequence[Sequence[dict[str, Any]]], path: str | os.PathLike, *,
+                   labels: Sequence[str] | None = None) -> None:
+    """ROC curves from detection records: one row per run (e.g. a plain and a diverse
+    ensemble), one panel per adversary, one curve per score, AUROC in the legend.
+
+    Example:
+        >>> plot_detection([], "/dev/null")
+        Traceback (most recent call last):
+        ...
+        ensdiv.errors.EnsdivError: no detection records to draw
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [list(r) for r in runs if r]
+    if not runs:
+        raise EnsdivError("no detection records to draw")
+    adversaries = list(dict.fromkeys(r["adversary"] for recs in runs for r in recs))
+    fig, axes = plt.subplots(len(runs), len(adversaries), squeeze=False,
+                             figsize=(3.1 * len(adversaries), 3.0 * len(runs)))
+    for i, recs in enumerate(runs):
+        r0 = recs[0]
+        name = labels[i] if labels else f"{r0.get('diversity')} λ={r0.get('lam')}"
+        for j, adv in enumerate(adversaries):
+            ax = axes[i][j]
+            for r in (q for q in recs if q["adversary"] == adv):
+                roc = r["roc"]
+                auc = "—" if r["auroc"] is None else f"{r['auroc']:.2f}"
+                ax.plot(roc["fpr"], roc["tpr"], lw=1.2, label=f"{r['score']} {auc}")
+            ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
+            ax.axvline(r0["fpr_target"], color="grey", lw=0.6, ls="--")
+            ax.set_title(f"{name}\n{adv}", fontsize=8)
+            ax.set_xlabel("false-positive rate (clean)", fontsize=7)
+            ax.set_ylabel("true-positive rate (adversarial)", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.legend(fontsize=5, loc="lower right")
+    fig.suptitle(f"Disagreement detectors, L∞ eps {r0['attack']['eps']:g}, "
+                 f"n = {r0['n']} (AUROC in the legend)", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)

@@ -185,3 +185,62 @@ def sweep_tables(records: Sequence[Record]) -> str:
               "fall = ratio of the means):", "", transfer_fall_table(records), "",
               correlation_table(records)]
     return "\n".join(parts)
+
+
+ADVERSARY_LABELS: dict[str, str] = {
+    "transfer": "transfer (PGD on member 0)", "whitebox": "white-box PGD, oblivious",
+    "agreement": "adaptive: agreement", "penalized": "adaptive: score-penalized",
+    "adaptive": "**adaptive, worst of the two**"}
+
+
+def _pct_se(rate: float | None, n: int) -> str:
+    """A rate with its binomial standard error, √(p(1−p)/n)."""
+    if rate is None or not math.isfinite(_num(rate)) or not n:
+        return "—"
+    return f"{rate:.3f} ± {math.sqrt(rate * (1 - rate) / n):.3f}"
+
+
+def detection_table(records: Sequence[Record]) -> str:
+    """Score × adversary for one detection run: AUROC, TPR at the calibrated threshold,
+    attack success and the detection-aware robust accuracy (± binomial standard errors)."""
+    if not records:
+        raise ValueError("no detection records")
+    r0 = records[0]
+    lines = [f"{r0.get('dataset', '?')}, {r0.get('members', '?')} members, "
+             f"diversity {r0.get('diversity')} (λ = {r0.get('lam')}); L∞ eps = "
+             f"{r0['attack']['eps']:g}, {r0['attack']['steps']} steps, n = {r0['n']} test images "
+             f"(clean accuracy {r0['clean_acc']:.3f}); one threshold per score at "
+             f"{r0['fpr_target']:.0%} FPR on {r0['n_calib']} held-out clean images.", "",
+             "| score | adversary | AUROC | TPR at threshold | realized FPR | attack success "
+             "| robust acc., no detector | detection-aware robust acc. |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(
+            f"| {r['score']} | {ADVERSARY_LABELS.get(r['adversary'], r['adversary'])} | "
+            f"{'—' if r['auroc'] is None else format(r['auroc'], '.3f')} | "
+            f"{_pct_se(r['tpr'], r['n_success'])} | {_num(r['fpr']):.3f} | "
+            f"{_pct_se(r['attack_success'], r['n_correct'])} | "
+            f"{_pct_se(r['robust_acc'], r['n'])} | {_pct_se(r['detection_robust_acc'], r['n'])} |")
+    return "\n".join(lines)
+
+
+def detection_summary(runs: Sequence[Sequence[Record]], adversaries: Sequence[str] = (
+        "whitebox", "adaptive")) -> str:
+    """One row per run and score: AUROC and detection-aware robust accuracy for a few
+    adversaries side by side (plain vs diverse at a glance)."""
+    head = "| ensemble | score | " + " | ".join(
+        f"AUROC {ADVERSARY_LABELS[a].strip('*')} | det.-aware robust acc. "
+        f"{ADVERSARY_LABELS[a].strip('*')}" for a in adversaries) + " |"
+    lines = [head, "|---|---|" + "---|---|" * len(adversaries)]
+    for recs in runs:
+        by = {(r["score"], r["adversary"]): r for r in recs}
+        for score in dict.fromkeys(r["score"] for r in recs):
+            r0 = by[(score, adversaries[0])]
+            label = f"{r0.get('diversity')} λ = {r0.get('lam')}"
+            cells = []
+            for a in adversaries:
+                r = by.get((score, a))
+                cells += ["—" if r is None or r["auroc"] is None else f"{r['auroc']:.3f}",
+                          "—" if r is None else _pct_se(r["detection_robust_acc"], r["n"])]
+            lines.append(f"| {label} | {score} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

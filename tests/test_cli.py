@@ -44,7 +44,7 @@ def test_help_lists_every_command(capsys):
 def test_no_command_prints_usage_and_the_commands(capsys):
     code, out, _ = run_cli(capsys)
     assert code == 2 and out.startswith("usage: ensdiv")
-    for cmd in ("train", "sweep", "plot", "gdr", "info", "demo"):
+    for cmd in ("train", "sweep", "detect", "plot", "gdr", "info", "demo"):
         assert f"    {cmd} " in out
 
 

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ensdiv.attacks import fgsm, mifgsm, pgd
+from ensdiv.adaptive import agreement_pgd, penalized_pgd
+from ensdiv.attacks import apgd, fgsm, mifgsm, pgd
+from ensdiv.detect import DisagreementDetector, evaluate_detector
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import (
     EnsdivError,
@@ -21,7 +23,12 @@ from ensdiv.gdr import ensemble_gdr
 from ensdiv.gradients import input_gradients
 from ensdiv.models import build_model
 from ensdiv.train import evaluate
-from ensdiv.transferability import success_counts, surrogate_transfer, transfer_matrix
+from ensdiv.transferability import (
+    success_counts,
+    surrogate_transfer,
+    transfer_matrix,
+    worst_case_success,
+)
 
 
 @pytest.mark.parametrize("value, words", [
@@ -86,7 +93,20 @@ ENTRY_POINTS = {
     "forward": lambda ens, x: ens(x),
     "member forward": lambda ens, x: ens.members[1](x),
     "predict": lambda ens, x: ens.predict(x),
+    "apgd": lambda ens, x: apgd(ens, x, Y, eps=0.1, steps=2),
+    "worst_case_success": lambda ens, x: worst_case_success(
+        ens, x, Y, attacks={"fgsm": functools.partial(fgsm, eps=0.1)}),
+    "detector fit": lambda ens, x: DisagreementDetector(ens).fit(x),
+    "detector detect": lambda ens, x: _fitted(ens).detect(x),
+    "evaluate_detector": lambda ens, x: evaluate_detector(_fitted(ens), x, Y[: len(x)], x),
+    "agreement_pgd": lambda ens, x: agreement_pgd(ens, x, Y, eps=0.1, steps=2),
+    "penalized_pgd": lambda ens, x: penalized_pgd(ens, x, Y, eps=0.1, steps=2, kappas=(1.0,),
+                                                  detector=_fitted(ens)),
 }
+
+
+def _fitted(ens):
+    return DisagreementDetector(ens).fit(torch.rand(20, 1, 8, 8))
 
 BAD_INPUTS = {
     "28x28 images for an 8x8 model": (torch.rand(3, 1, 28, 28), r"\(3, 1, 28, 28\).*\(1, 8, 8\)"),
