@@ -88,3 +88,28 @@ def test_tables_without_pgd_or_with_undefined_values():
 def test_tables_need_records(bad):
     with pytest.raises((KeyError, IndexError, ValueError)):
         sweep_tables(bad)
+
+
+def fake_detection(score, adversary, auroc, dra, lam=1.0):
+    return {"score": score, "adversary": adversary, "auroc": auroc, "tpr": 0.5, "fpr": 0.04,
+            "attack_success": 0.9, "robust_acc": 0.1, "detection_robust_acc": dra, "n": 100,
+            "n_correct": 96, "n_success": 86, "clean_acc": 0.96, "fpr_target": 0.05,
+            "n_calib": 100, "attack": {"eps": 0.3, "steps": 40}, "dataset": "mnist5k",
+            "members": 3, "diversity": "gal", "lam": lam}
+
+
+def test_detection_tables():
+    from ensdiv.report import detection_summary, detection_table
+
+    recs = [fake_detection("mean_kl_to_mean", "whitebox", 0.98, 0.9),
+            fake_detection("mean_kl_to_mean", "adaptive", None, 0.04)]
+    text = detection_table(recs)
+    assert "L∞ eps = 0.3, 40 steps, n = 100" in text and "5% FPR on 100" in text
+    assert "| mean_kl_to_mean | white-box PGD, oblivious | 0.980 | 0.500 ± 0.054 |" in text
+    assert "| 0.900 ± 0.030 |" in text  # binomial s.e. sqrt(.9 * .1 / 100)
+    assert "| mean_kl_to_mean | **adaptive, worst of the two** | — |" in text
+    summary = detection_summary([recs])
+    assert "| gal λ = 1.0 | mean_kl_to_mean | 0.980 | 0.900 ± 0.030 | — | 0.040 ± 0.020 |" \
+        in summary
+    with pytest.raises(ValueError):
+        detection_table([])
