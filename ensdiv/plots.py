@@ -212,8 +212,11 @@ def plot_transfer_heatmaps(records: Sequence[dict[str, Any]], path: str | os.Pat
         ax.set_title(f"λ={rec['lam']:g} seed {rec['seed']}: GDR {rec['gdr']:.3f}, "
                      f"acc {rec['ensemble_acc']:.3f}", fontsize=9)
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="attack success")
-    fig.suptitle(f"{attack.upper()} eps={eps:g} ({entries[0]['steps']} steps), n={high['n']}: "
-                 "success on member j of adversarials crafted on member i", fontsize=10)
+    keep = entries[0]["transfer"].get("crafted_with", {}).get("keep")
+    kept = {"last": ", last iterate", "success": ", first success"}.get(keep, "")
+    fig.suptitle(f"{attack.upper()} eps={eps:g} ({entries[0]['steps']} steps{kept}), "
+                 f"n={high['n']}: success on member j of adversarials crafted on member i",
+                 fontsize=10)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return high, low

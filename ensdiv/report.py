@@ -102,6 +102,10 @@ def lam_table(records: Sequence[Record], eps: float | None = None) -> str:
                           _attack_value("pgd", eps, "whitebox", "attacks", "pgd", "rate")))
         lines.append(_row("  white-box worst case at half the budget", groups,
                           _attack_value("pgd", eps, "whitebox", "half_budget", "rate")))
+        warned = _attack_value("pgd", eps, "whitebox", "warning")
+        lines.append("| ensembles whose worst case had not converged (full − half > 2 points) | "
+                     + " | ".join(f"{sum(1 for r in g if warned(r))} of {len(g)}"
+                                  for g in groups.values()) + " |")
     for name, label in (("mifgsm", "MI-FGSM"), ("fgsm", "FGSM")):
         if name in attacks:
             lines += [_row(f"member → member transfer, {label}", groups,

@@ -1,0 +1,33 @@
+"""The README's result tables are the output of `ensdiv plot ... --table` on the committed
+records, character for character: no number in them is typed by hand."""
+
+from pathlib import Path
+
+import pytest
+
+from ensdiv.io import read_jsonl
+from ensdiv.report import detection_summary, detection_table, sweep_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+
+
+def block(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    if start not in text:
+        pytest.fail(f"README has no {name} block")
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def test_sweep_tables_come_from_the_committed_records():
+    records = read_jsonl(RESULTS / "sweep-mnist5k" / "records.jsonl")
+    assert block("sweep-tables") == sweep_tables(records).strip()
+
+
+def test_detection_tables_come_from_the_committed_records():
+    runs = [read_jsonl(RESULTS / name / "records.jsonl")
+            for name in ("detect-mnist5k-plain", "detect-mnist5k-gal")]
+    assert block("detection-summary") == detection_summary(runs).strip()
+    assert block("detection-plain") == detection_table(runs[0]).strip()
+    assert block("detection-gal") == detection_table(runs[1]).strip()
