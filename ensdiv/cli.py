@@ -26,24 +26,34 @@ import torch
 from ensdiv import __version__
 from ensdiv.adaptive import AGREEMENT_TARGETS, agreement_pgd
 from ensdiv.attacks import pgd
+from ensdiv.certify_run import certify_dataset
 from ensdiv.data import DATASETS, load_dataset
-from ensdiv.detect import SCORE_NAMES, DisagreementDetector, evaluate_detector
+from ensdiv.detect import SCORE_NAMES, DisagreementDetector, evaluate_detector, weights_fingerprint
 from ensdiv.detection_run import DETECT_CONFIG, DetectConfig, detect_into
 from ensdiv.detection_run import RECORDS as DETECT_RECORDS
 from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int
+from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int, check_real
 from ensdiv.gdr import ensemble_gdr
 from ensdiv.gradients import GRAD_MODES
-from ensdiv.io import os_error, read_json, read_jsonl
+from ensdiv.io import (
+    atomic_write_json,
+    os_error,
+    prepare_run_dir,
+    read_json,
+    read_jsonl,
+    run_lock,
+)
 from ensdiv.models import ARCHS
 from ensdiv.plots import (
     check_plot_options,
+    plot_certified,
     plot_detection,
     plot_gdr_vs_attack,
     plot_transfer_heatmaps,
 )
-from ensdiv.report import detection_summary, detection_table, sweep_tables
+from ensdiv.report import certified_table, detection_summary, detection_table, sweep_tables
 from ensdiv.runtime import available_cores, resolve_device, set_threads
+from ensdiv.smoothing import max_certifiable_radius
 from ensdiv.sweep import RECORDS, SWEEP_ATTACKS, SWEEP_CONFIG, SweepConfig, run_sweep
 from ensdiv.train import (
     CHECKPOINT,
@@ -430,6 +440,90 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+CERTIFY_CONFIG = "certify.json"
+CERTIFY_RECORDS = "records.jsonl"
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    """``ensdiv certify RUN --sigma S --out DIR``: randomized-smoothing certificates, one
+    record per test example, resumable."""
+    args.resume_hint = f"ensdiv certify {args.run} --out {args.out} --resume"
+    check_real("--sigma", args.sigma, minimum=0)
+    if not args.sigma > 0:
+        raise EnsdivError(f"--sigma must be > 0; got {args.sigma!r}")
+    for name in ("n0", "n", "batch_size", "skip"):
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.max is not None:
+        check_int("--max", args.max)
+    check_real("--alpha", args.alpha, minimum=0)
+    if not 0 < args.alpha < 1:
+        raise EnsdivError(f"--alpha must be in (0, 1); got {args.alpha!r}")
+    if args.radius is not None:
+        check_real("--radius", args.radius, minimum=0)
+    check_int("--seed", args.seed, minimum=0)
+    if args.dataset is not None:
+        check_choice("dataset", args.dataset, DATASETS)
+    device = _setup(args)
+    path = _ensemble_path(args.run)
+    ens = Ensemble.load(path, map_location=device)
+    dataset = args.dataset or ens.config.get("dataset")
+    if not dataset:
+        raise EnsdivError("the ensemble records no dataset; pass --dataset")
+    _, test, info = load_dataset(dataset, root=args.data_root)
+    _check_dataset_fits(ens, dataset, info.in_shape, args.run)
+    base: torch.nn.Module = ens
+    if args.member is not None:
+        check_int("--member", args.member, minimum=0)
+        if args.member >= ens.num_members:
+            raise EnsdivError(f"--member {args.member} does not exist; {args.run} has "
+                              f"{ens.num_members} members (0..{ens.num_members - 1})")
+        base = Ensemble([ens.members[args.member]]).to(device).eval()
+    if args.vote and ens.num_members < 2 and args.member is None:
+        raise EnsdivError("--vote needs an ensemble of at least 2 members")
+    config = {"ensemble": str(path), "dataset": dataset, "member": args.member,
+              "sigma": args.sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
+              "skip": args.skip, "max": args.max, "radius": args.radius, "vote": args.vote,
+              "seed": args.seed, "trained_sigma": ens.config.get("noise_sigma"),
+              "weights": weights_fingerprint(ens)}
+    trained = ens.config.get("noise_sigma")
+    if trained is not None and abs(float(trained) - args.sigma) > 1e-12:
+        warnings.warn(f"certifying at sigma {args.sigma:g}, but {args.run} was trained with "
+                      f"noise sigma {float(trained):g}: smoothing works best at the training "
+                      "sigma", EnsdivWarning, stacklevel=1)
+    cap = max_certifiable_radius(args.sigma, args.n, args.alpha)
+    print(f"certifying {dataset} with sigma {args.sigma:g}, n={args.n}, alpha={args.alpha:g}: "
+          f"no radius above {cap:.3f} can be certified at these settings", flush=True)
+    if args.radius is not None and args.radius >= cap:
+        warnings.warn(f"--radius {args.radius:g} is at or above {cap:.3f}: every example will "
+                      "abstain", EnsdivWarning, stacklevel=1)
+    with run_lock(args.out) as out:
+        prepare_run_dir(out, config, config_name=CERTIFY_CONFIG, resume=args.resume,
+                        overwrite=args.overwrite, started=lambda p: (p / CERTIFY_RECORDS).exists(),
+                        kind="certification run", command=f"ensdiv certify {args.run}")
+        atomic_write_json(out / CERTIFY_CONFIG, config)
+        records = certify_dataset(base, test, sigma=args.sigma, n0=args.n0, n=args.n,
+                                  alpha=args.alpha, batch_size=args.batch_size,
+                                  out=out / CERTIFY_RECORDS, skip=args.skip, max=args.max,
+                                  radius=args.radius, vote=args.vote, seed=args.seed,
+                                  num_classes=info.num_classes, progress=not args.quiet)
+    print(certified_table([(Path(args.run).name, config, records)]))
+    print(f"{len(records)} records in {Path(args.out) / CERTIFY_RECORDS}")
+    return 0
+
+
+def _certify_records(folder: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    path = Path(folder)
+    if not (path / CERTIFY_RECORDS).exists():
+        raise EnsdivError(f"no certification records at {path / CERTIFY_RECORDS}; run "
+                          f"`ensdiv certify RUN --out {folder}` first")
+    config = read_json(path / CERTIFY_CONFIG, what="certification config",
+                       fix="restore it, or certify again into another --out")
+    records = read_jsonl(path / CERTIFY_RECORDS, what="certification records file",
+                         missing_ok=False, required=("idx", "radius", "correct"),
+                         fix="delete its damaged lines and resume the certification")
+    return config, records
+
+
 def _detection_records(folder: str) -> list[dict[str, Any]]:
     path = Path(folder)
     path = path / DETECT_RECORDS if path.is_dir() else path
@@ -447,6 +541,19 @@ def _detection_records(folder: str) -> list[dict[str, Any]]:
 def cmd_plot(args: argparse.Namespace) -> int:
     """``ensdiv plot gdr-vs-attack RUN`` (figures and correlations from a sweep's records) or
     ``ensdiv plot detection DIR...`` (ROC curves from detection records)."""
+    if args.kind == "certified":
+        runs = [(Path(d).name, *_certify_records(d)) for d in args.run]
+        out = Path(args.out_dir) if args.out_dir is not None else Path(args.run[0]) / "figures"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error("write", out, e) from None
+        plot_certified([(label, recs) for label, _, recs in runs], out / "certified.png")
+        print(f"certified accuracy of {len(runs)} run(s) in {out / 'certified.png'}")
+        if args.table:
+            print()
+            print(certified_table(runs))
+        return 0
     if args.kind == "detection":
         runs = [_detection_records(d) for d in args.run]
         out = Path(args.out_dir) if args.out_dir is not None else Path(args.run[0]) / "figures"
@@ -553,8 +660,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, quiet=False)
     p.set_defaults(func=cmd_detect)
 
-    p = add("plot", "figures from records: a sweep's GDR vs attack success, or detection ROCs")
-    p.add_argument("kind", choices=["gdr-vs-attack", "detection"], help="which figure")
+    p = add("certify", "randomized-smoothing certificates (Cohen et al.) of a member or the "
+                       "ensemble, one record per test example; resumable")
+    p.add_argument("run", help="run folder or ensemble file")
+    p.add_argument("--sigma", type=float, required=True, help="noise std in pixel units")
+    p.add_argument("--n0", type=int, default=100, help="samples that pick the class")
+    p.add_argument("--n", type=int, default=10_000, help="samples that bound its probability")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    p.add_argument("--batch-size", type=int, default=1_000, help="noisy copies per pass")
+    p.add_argument("--skip", type=int, default=1, help="certify every SKIP-th test example")
+    p.add_argument("--max", type=int, default=None, help="at most this many examples "
+                   "(default: all)")
+    p.add_argument("--radius", type=float, default=None,
+                   help="only ask whether each example is certified at this radius, with "
+                        "staged sampling (default: certify the largest radius)")
+    p.add_argument("--member", type=int, default=None,
+                   help="certify this member alone (default: the whole ensemble)")
+    p.add_argument("--vote", action="store_true",
+                   help="base prediction = the members' majority vote (default: mean softmax)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--dataset", default=None, metavar=_choices(DATASETS),
+                   help="test split (default: the one the ensemble was trained on)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="result folder (certify.json, records.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what --out holds and start again")
+    _add_common(p)
+    p.set_defaults(func=cmd_certify)
+
+    p = add("plot", "figures from records: a sweep's GDR vs attack success, detection ROCs, or "
+                    "certified accuracy")
+    p.add_argument("kind", choices=["gdr-vs-attack", "detection", "certified"],
+                   help="which figure")
     p.add_argument("run", nargs="+",
                    help="gdr-vs-attack: one sweep folder (or its records.jsonl); detection: "
                         "one or more detection folders (e.g. a plain and a diverse ensemble)")

@@ -265,3 +265,38 @@ def plot_detection(runs: Sequence[Sequence[dict[str, Any]]], path: str | os.Path
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+
+
+def plot_certified(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+                   path: str | os.PathLike, *, max_radius: float | None = None) -> None:
+    """Certified accuracy against ℓ2 radius, one curve per (label, certification records).
+
+    Example:
+        >>> plot_certified([], "/dev/null")
+        Traceback (most recent call last):
+        ...
+        ensdiv.errors.EnsdivError: no certification records to draw
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ensdiv.smoothing import certified_accuracy
+
+    runs = [(label, list(recs)) for label, recs in runs if recs]
+    if not runs:
+        raise EnsdivError("no certification records to draw")
+    top = max_radius or max(max(r["radius"] for r in recs) for _, recs in runs) * 1.05 or 1.0
+    grid = np.linspace(0, top, 200)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, recs in runs:
+        ax.plot(grid, certified_accuracy(recs, grid), lw=1.5, label=f"{label} (n={len(recs)})")
+    ax.set_xlabel("ℓ2 radius")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)

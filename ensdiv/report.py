@@ -248,3 +248,28 @@ def detection_summary(runs: Sequence[Sequence[Record]], adversaries: Sequence[st
                           "—" if r is None else _pct_se(r["detection_robust_acc"], r["n"])]
             lines.append(f"| {label} | {score} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+CERTIFY_RADII: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25)
+
+
+def certified_table(runs: Sequence[tuple[str, dict[str, Any], Sequence[Record]]],
+                    radii: Sequence[float] = CERTIFY_RADII) -> str:
+    """Certified accuracy at each radius and the ACR, one row per (label, config, records).
+
+    Example:
+        >>> print(certified_table([("m", {"sigma": 0.5, "n": 100, "alpha": 0.001},
+        ...     [{"correct": True, "radius": 0.6}, {"correct": False, "radius": 0.0}])],
+        ...     radii=(0.5, 1.0)).splitlines()[-1])
+        | m | 0.5 | 100 | 0.001 | 2 | 0.500 | 0.000 | 0.300 |
+    """
+    from ensdiv.smoothing import average_certified_radius, certified_accuracy
+
+    lines = ["| model | σ | n | α | test points | " + " | ".join(f"r = {r:g}" for r in radii)
+             + " | ACR |", "|---|---|---|---|---|" + "---|" * (len(radii) + 1)]
+    for label, cfg, recs in runs:
+        acc = certified_accuracy(recs, radii)
+        lines.append(f"| {label} | {cfg.get('sigma')} | {cfg.get('n')} | {cfg.get('alpha')} | "
+                     f"{len(recs)} | " + " | ".join(f"{a:.3f}" for a in acc)
+                     + f" | {average_certified_radius(recs):.3f} |")
+    return "\n".join(lines)
