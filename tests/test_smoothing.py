@@ -31,7 +31,8 @@ class LinearBinary(nn.Module):
         return torch.stack([f, -f], 1)
 
     def exact_radius(self, x):
-        return float((x.flatten() @ self.w + self.b).abs() / self.w.norm())
+        with torch.no_grad():
+            return float((x.flatten() @ self.w + self.b).abs() / self.w.norm())
 
 
 class Threshold(nn.Module):
@@ -65,7 +66,8 @@ def test_linear_model_radius_never_exceeds_the_exact_one_and_approaches_cohens()
     for _ in range(40):
         x = torch.rand(1, 4, 4)
         exact = model.exact_radius(x)
-        truth = 0 if float(model(x[None])[0, 0]) > 0 else 1
+        with torch.no_grad():
+            truth = 0 if float(model(x[None])[0, 0]) > 0 else 1
         cls, radius = sm.certify(x, n0=100, n=n, alpha=alpha, batch_size=5_000)
         if cls == ABSTAIN:
             # only points whose expected bound is near 1/2 (or at the cap) may abstain
