@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -448,9 +449,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     """``ensdiv certify RUN --sigma S --out DIR``: randomized-smoothing certificates, one
     record per test example, resumable."""
     args.resume_hint = f"ensdiv certify {args.run} --out {args.out} --resume"
-    check_real("--sigma", args.sigma, minimum=0)
-    if not args.sigma > 0:
-        raise EnsdivError(f"--sigma must be > 0; got {args.sigma!r}")
+    if not (math.isfinite(args.sigma) and args.sigma > 0):
+        raise EnsdivError(f"--sigma must be a finite number > 0; got {args.sigma!r}")
     for name in ("n0", "n", "batch_size", "skip"):
         check_int(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.max is not None:
@@ -511,6 +511,16 @@ def cmd_certify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figure_dir(out_dir: str | None, records_folder: Path) -> Path:
+    """Where a plot command writes: ``--out-dir``, else ``figures/`` beside the records."""
+    out = Path(out_dir) if out_dir is not None else records_folder / "figures"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error("write", out, e) from None
+    return out
+
+
 def _certify_records(folder: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     path = Path(folder)
     if not (path / CERTIFY_RECORDS).exists():
@@ -543,11 +553,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     ``ensdiv plot detection DIR...`` (ROC curves from detection records)."""
     if args.kind == "certified":
         runs = [(Path(d).name, *_certify_records(d)) for d in args.run]
-        out = Path(args.out_dir) if args.out_dir is not None else Path(args.run[0]) / "figures"
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise os_error("write", out, e) from None
+        out = _figure_dir(args.out_dir, Path(args.run[0]))
         plot_certified([(label, recs) for label, _, recs in runs], out / "certified.png")
         print(f"certified accuracy of {len(runs)} run(s) in {out / 'certified.png'}")
         if args.table:
@@ -556,11 +562,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 0
     if args.kind == "detection":
         runs = [_detection_records(d) for d in args.run]
-        out = Path(args.out_dir) if args.out_dir is not None else Path(args.run[0]) / "figures"
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise os_error("write", out, e) from None
+        out = _figure_dir(args.out_dir, Path(args.run[0]))
         plot_detection(runs, out / "detection_roc.png")
         print(f"ROC curves of {len(runs)} run(s) in {out / 'detection_roc.png'}")
         if args.table:
@@ -583,11 +585,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not records:
         raise EnsdivError(f"no sweep records in {path}; the sweep has not finished an ensemble")
     attack, eps = check_plot_options(records, attack=args.attack, eps=args.eps)
-    out = Path(args.out_dir) if args.out_dir is not None else folder / "figures"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise os_error("write", out, e) from None
+    out = _figure_dir(args.out_dir, folder)
     corr = plot_gdr_vs_attack(records, out / "gdr_vs_attack.png")
     high, low = plot_transfer_heatmaps(records, out / "transfer_heatmaps.png",
                                        attack=attack, eps=eps)
@@ -605,6 +603,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_out_options(p: argparse.ArgumentParser, holds: str, resume_help: str) -> None:
+    """``--out`` (required), ``--resume`` and ``--overwrite``: the result-folder rules every
+    resumable command shares (:func:`ensdiv.io.prepare_run_dir`)."""
+    p.add_argument("--out", required=True, metavar="DIR" if "run" not in holds else "RUN",
+                   help=holds)
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what --out holds and start again")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = _Parser(prog="ensdiv", formatter_class=_Formatter,
@@ -618,12 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", "train an ensemble (plain or with a diversity term); resumable")
     _add_config_options(p, _TRAIN_OPTIONS, TrainConfig())
-    p.add_argument("--out", required=True, metavar="RUN",
-                   help="run folder (config, metrics, checkpoint, ensemble)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out with its saved settings")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete what --out holds and start again")
+    _add_out_options(p, "run folder (config, metrics, checkpoint, ensemble)",
+                     "continue the run in --out with its saved settings")
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
@@ -636,12 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sweep", "GDR vs attack success: train and attack one ensemble per (λ, seed); "
                      "resumable")
     _add_config_options(p, _SWEEP_OPTIONS, SweepConfig())
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="sweep folder (sweep.json, records.jsonl, one run folder each)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the sweep in --out with its saved settings")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete what --out holds and start again")
+    _add_out_options(p, "sweep folder (sweep.json, records.jsonl, one folder per ensemble)",
+                     "continue the sweep in --out with its saved settings")
     _add_common(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -651,12 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p, _DETECT_OPTIONS, DetectConfig())
     p.add_argument("--dataset", default=None, metavar=_choices(DATASETS),
                    help="test split to use (default: the one the ensemble was trained on)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="result folder (detect.json, records.jsonl)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out with its saved settings")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete what --out holds and start again")
+    _add_out_options(p, "result folder (detect.json, records.jsonl)",
+                     "continue the detection run in --out with its saved settings")
     _add_common(p, quiet=False)
     p.set_defaults(func=cmd_detect)
 
@@ -681,11 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--dataset", default=None, metavar=_choices(DATASETS),
                    help="test split (default: the one the ensemble was trained on)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="result folder (certify.json, records.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete what --out holds and start again")
+    _add_out_options(p, "result folder (certify.json, records.jsonl)",
+                     "continue the certification run in --out")
     _add_common(p)
     p.set_defaults(func=cmd_certify)
 

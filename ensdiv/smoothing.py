@@ -111,9 +111,9 @@ class Smooth:
         if not isinstance(base, nn.Module):
             raise EnsdivError(f"base must be a torch.nn.Module; got {type(base).__name__}")
         check_int("num_classes", num_classes, minimum=2)
-        check_real("sigma", sigma, minimum=0)
-        if not sigma > 0:
-            raise EnsdivError(f"sigma must be > 0; got {sigma!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (
+                math.isfinite(sigma) and sigma > 0):
+            raise EnsdivError(f"sigma must be a finite number > 0; got {sigma!r}")
         if vote and not isinstance(base, Ensemble):
             raise EnsdivError("vote=True needs an Ensemble base (it votes over members)")
         check_int("seed", seed, minimum=0)

@@ -10,13 +10,7 @@ from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
 from ensdiv.train import TrainConfig, train_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_cli_certify_member_and_ensemble_resume_plot_and_errors(tmp_path, capsys
                  str(tmp_path / "fig"), "--table"]) == 0
     assert "| m | 0.25 | 100 | 0.001 | 4 |" in capsys.readouterr().out
     assert (tmp_path / "fig" / "certified.png").stat().st_size > 5_000
-    for extra, message in [(["--sigma", "0"], "--sigma must be > 0"),
+    for extra, message in [(["--sigma", "0"], "--sigma must be a finite number > 0"),
                            (["--sigma", "0.25", "--alpha", "1"], "--alpha must be in (0, 1)"),
                            (["--sigma", "0.25", "--member", "2"], "--member 2 does not exist"),
                            (["--sigma", "0.25", "--n", "0"], "--n must be")]:

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from ensdiv.cli import main
 from ensdiv.data import load_dataset
@@ -9,13 +8,7 @@ from ensdiv.detection_run import ADVERSARIES, DetectConfig, run_detection
 from ensdiv.errors import EnsdivError
 from ensdiv.train import TrainConfig, train_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

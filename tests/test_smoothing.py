@@ -170,7 +170,7 @@ def test_warns_when_the_radius_is_beyond_reach():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda m, x: Smooth(m, num_classes=2, sigma=0.0), "sigma must be > 0"),
+    (lambda m, x: Smooth(m, num_classes=2, sigma=0.0), "sigma must be a finite number > 0"),
     (lambda m, x: Smooth(m, num_classes=2, sigma=-1.0), "sigma must be"),
     (lambda m, x: Smooth(m, num_classes=2, sigma=0.5, vote=True), "needs an Ensemble"),
     (lambda m, x: Smooth(m, num_classes=2, sigma=0.5).certify(x, n0=0, n=10, alpha=0.1,
