@@ -167,13 +167,18 @@ def make_loss(config: TrainConfig) -> LossFn:
 
 
 def gaussian_noise(sigma: float) -> Callable[[Tensor, torch.Generator], Tensor] | None:
-    """Augmentation adding N(0, σ²) pixel noise (clipped to [0, 1]); None for σ = 0."""
+    """Augmentation adding N(0, σ²) pixel noise, not clipped to [0, 1]; None for σ = 0.
+
+    Unclipped because randomized smoothing (:mod:`ensdiv.smoothing`, Cohen et al. 2019)
+    classifies x + ε with unclipped Gaussian ε: a member trained for smoothing must see that
+    distribution (clipping would hide exactly the large deviations the certificate relies on).
+    """
     if sigma <= 0:
         return None
 
     def augment(x: Tensor, gen: torch.Generator) -> Tensor:
         noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-        return (x + sigma * noise).clamp(0, 1)
+        return x + sigma * noise
 
     return augment
 

@@ -61,9 +61,9 @@ def test_help_shows_every_default_and_every_closed_vocabulary():
             assert "default" in text, (name, action.dest, text)
     helps = {n: p.format_help() for n, p in sub.items()}
     assert "{digits,mnist5k,mnist,fashion-mnist,cifar10}" in helps["sweep"]
-    assert "{mlp,cnn,resnet20}" in helps["sweep"] and "{cos,gal,gdr}" in helps["sweep"]
+    assert "{mlp,cnn,resnet20}" in helps["sweep"] and "{cos,gal,gdr,drt}" in helps["sweep"]
     assert "fgsm, mifgsm, pgd" in helps["sweep"]
-    assert "{none,cos,gal,gdr}" in helps["train"] and "{loss,margin}" in helps["gdr"]
+    assert "{none,cos,gal,gdr,drt}" in helps["train"] and "{loss,margin}" in helps["gdr"]
     assert "(default: 0.003)" in helps["train"] and "(default: 0.003)" in helps["sweep"]
 
 

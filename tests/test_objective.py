@@ -5,7 +5,7 @@ from torch import nn
 from ensdiv.diversity import cosine_loss, gal_loss, gdr_loss
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
-from ensdiv.objective import ce_loss, ensemble_loss
+from ensdiv.objective import ce_loss, drt_loss, ensemble_loss
 
 
 def reference_objective(ens, x, y, reg_fn, lam):
@@ -74,3 +74,49 @@ def test_bad_input():
         ensemble_loss(two, x, y, diversity="trs")
     with pytest.raises(EnsdivError, match="lam"):
         ensemble_loss(two, x, y, lam=-1.0)
+
+
+def _drt_reference(ens, x, y, lam):
+    """DRT by an explicit torch.autograd.grad(create_graph=True) loop, term by term."""
+    x = x.detach().requires_grad_(True)
+    grads, logits, margins = [], [], []
+    for member in ens.members:
+        z = member(x)
+        p = torch.softmax(z, -1).sort(-1, descending=True).values
+        mg = p[:, 0] - p[:, 1]
+        (g,) = torch.autograd.grad(mg.sum(), x, create_graph=True)
+        grads.append(g.flatten(1))
+        logits.append(z)
+        margins.append(mg)
+    ce = sum(torch.nn.functional.cross_entropy(z, y) for z in logits)
+    ok = [z.argmax(-1) == y for z in logits]
+    gd_terms, n_pairs = [], 0
+    for i in range(len(grads)):
+        for j in range(i + 1, len(grads)):
+            for b in range(len(y)):
+                if ok[i][b] and ok[j][b]:
+                    gd_terms.append(((grads[i][b] + grads[j][b]) ** 2).sum())
+                    n_pairs += 1
+    gd = sum(gd_terms) / max(n_pairs, 1) if gd_terms else torch.zeros(())
+    cm_terms = [margins[k][b] for k in range(len(grads)) for b in range(len(y)) if ok[k][b]]
+    cm = sum(cm_terms) / max(len(cm_terms), 1) if cm_terms else torch.zeros(())
+    return ce + lam * (gd - cm)
+
+
+def test_drt_matches_an_autograd_loop_reference_with_parameter_gradients():
+    torch.manual_seed(0)
+    ens = Ensemble.build("mlp", 3, in_shape=(1, 8, 8), num_classes=4, seed=0)
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    with torch.no_grad():  # make sure some samples are right for some members and not others
+        y[:8] = ens.member_logits(x[:8])[0].argmax(-1)
+    loss, stats = drt_loss(ens, x, y, lam=0.7)
+    ref = _drt_reference(ens, x, y, 0.7)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(loss, list(ens.parameters()))
+    want = torch.autograd.grad(ref, list(ens.parameters()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert stats["drt_gd"] >= 0 and 0 <= stats["drt_cm"] <= 1
+    assert stats["reg"] == pytest.approx(stats["drt_gd"] - stats["drt_cm"], abs=1e-6)
+    same, _ = ensemble_loss(ens, x, y, diversity="drt", lam=0.7)
+    torch.testing.assert_close(same, loss)
