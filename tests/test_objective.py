@@ -70,7 +70,7 @@ def test_bad_input():
     with pytest.raises(EnsdivError, match="at least 2 members"):
         ensemble_loss(one, x, y, diversity="gal")
     two = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=3)
-    with pytest.raises(EnsdivError, match="cos, gal, gdr, none"):
+    with pytest.raises(EnsdivError, match="cos, drt, gal, gdr, none"):
         ensemble_loss(two, x, y, diversity="trs")
     with pytest.raises(EnsdivError, match="lam"):
         ensemble_loss(two, x, y, lam=-1.0)
