@@ -31,3 +31,17 @@ def test_detection_tables_come_from_the_committed_records():
     assert block("detection-summary") == detection_summary(runs).strip()
     assert block("detection-plain") == detection_table(runs[0]).strip()
     assert block("detection-gal") == detection_table(runs[1]).strip()
+
+
+CERTIFIED = ("certify-mnist5k-member", "certify-mnist5k-plain", "certify-mnist5k-gal",
+             "certify-mnist5k-drt")
+
+
+def test_certification_table_comes_from_the_committed_records():
+    from ensdiv.io import read_json
+    from ensdiv.report import certified_table
+
+    # labelled by folder, as `ensdiv plot certified results/certify-mnist5k-* --table` does
+    runs = [(name, read_json(RESULTS / name / "certify.json"),
+             read_jsonl(RESULTS / name / "records.jsonl")) for name in CERTIFIED]
+    assert block("certified-table") == certified_table(runs).strip()
