@@ -38,6 +38,7 @@ from ensdiv.attacks import pgd_objective
 from ensdiv.detect import DIFFERENTIABLE_SCORES, SCORES, DisagreementDetector
 from ensdiv.ensemble import Ensemble, mean_log_softmax
 from ensdiv.errors import EnsdivError, check_choice, check_input, check_real
+from ensdiv.gradients import runner_up
 
 AgreementTarget = Literal["runner_up", "all"]
 AGREEMENT_TARGETS: tuple[str, ...] = get_args(AgreementTarget)
@@ -115,12 +116,6 @@ def select_worst(ensemble: Ensemble, x: Tensor, y: Tensor, candidates: Sequence[
     return best_x
 
 
-def _runner_up(ensemble: Ensemble, x: Tensor, y: Tensor) -> Tensor:
-    with torch.no_grad():
-        logp = ensemble(x)
-    return logp.scatter(1, y[:, None], float("-inf")).argmax(1)
-
-
 def agreement_pgd(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
                   steps: int = 40, alpha: float | None = None, norm: str = "linf",
                   target: str = "runner_up", detector: DisagreementDetector | None = None,
@@ -147,7 +142,7 @@ def agreement_pgd(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
     check_choice("agreement target", target, AGREEMENT_TARGETS)
     k = ensemble.num_classes or int(ensemble(x[:1]).shape[-1])
     if target == "runner_up":
-        targets = [_runner_up(ensemble, x, y)]
+        targets = [runner_up(ensemble, x, y)]
     else:
         targets = [torch.full_like(y, t) for t in range(k)]
 

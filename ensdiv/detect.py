@@ -44,7 +44,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ensdiv.ensemble import Ensemble
+from ensdiv.ensemble import Ensemble, mean_log_softmax
 from ensdiv.errors import EnsdivError, check_choice, check_input, check_int, check_real
 from ensdiv.io import atomic_torch_save, read_torch
 
@@ -391,7 +391,7 @@ def evaluate_detector(detector: DisagreementDetector, clean_x: Tensor, y: Tensor
         p, s = [], []
         for i in range(0, len(xs), batch_size):
             logits = ens.member_logits(xs[i:i + batch_size].to(dev))
-            p.append(torch.logsumexp(torch.log_softmax(logits, -1), 0).argmax(-1).cpu())
+            p.append(mean_log_softmax(logits).argmax(-1).cpu())
             s.append(detector.score_logits(logits).cpu())
         preds.append(torch.cat(p))
         scores.append(torch.cat(s))
