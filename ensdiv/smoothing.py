@@ -97,6 +97,14 @@ class Smooth:
         generator: a ``torch.Generator`` for the noise (on the CPU or the model's device), or
             None for a fresh one seeded with ``seed``.
         seed: seed of that fresh generator.
+        channels_last: move ``base``'s 4-D weights to the channels-last memory format, in
+            place (values unchanged). Noisy forward passes of the shipped cnn then run about
+            2.4× faster on CPU (``benchmarks/bench_smoothing.py``); pass False to leave the
+            model untouched, e.g. while it is still being trained with a double-backprop
+            regularizer, whose GroupNorm double backward is slower in that format.
+
+    Throughput also depends on ``batch_size``: on CPU, batches of 100–250 noisy copies keep the
+    activations in cache and ran 1.4–4× faster than batches of 1,000.
 
     Example:
         >>> from ensdiv.ensemble import Ensemble
@@ -107,7 +115,8 @@ class Smooth:
     """
 
     def __init__(self, base: nn.Module, *, num_classes: int, sigma: float, vote: bool = False,
-                 generator: torch.Generator | None = None, seed: int = 0) -> None:
+                 generator: torch.Generator | None = None, seed: int = 0,
+                 channels_last: bool = True) -> None:
         if not isinstance(base, nn.Module):
             raise EnsdivError(f"base must be a torch.nn.Module; got {type(base).__name__}")
         check_int("num_classes", num_classes, minimum=2)
@@ -118,6 +127,8 @@ class Smooth:
             raise EnsdivError("vote=True needs an Ensemble base (it votes over members)")
         check_int("seed", seed, minimum=0)
         self.base, self.num_classes, self.sigma, self.vote = base, num_classes, float(sigma), vote
+        if channels_last:
+            base.to(memory_format=torch.channels_last)
         self.generator = generator if generator is not None else \
             torch.Generator().manual_seed(seed)
 
@@ -197,7 +208,7 @@ class Smooth:
 
     def certify_radius(self, x: Tensor, radius: float, *, alpha: float,
                        stages: Sequence[int] = (1_000, 10_000, 100_000), beta: float = 1e-4,
-                       n0: int = 100, batch_size: int = 1_000) -> tuple[int, int]:
+                       n0: int = 100, batch_size: int = 250) -> tuple[int, int]:
         """Is ``x`` certified at ``radius``? ``(class or ABSTAIN, noise samples used)``.
 
         Staged sampling (Horváth et al. 2022): ĉ from ``n0`` samples; then for each stage k of

@@ -69,7 +69,18 @@ def test_cli_certify_member_and_ensemble_resume_plot_and_errors(tmp_path, capsys
                  str(tmp_path / "fig"), "--table"]) == 0
     assert "| m | 0.25 | 100 | 0.001 | 4 |" in capsys.readouterr().out
     assert (tmp_path / "fig" / "certified.png").stat().st_size > 5_000
+    assert main([*base, "--sigma", "0.25", "--radius", "0.1", "--stages", "50,200",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert "stages 50,200, alpha=0.001: no radius above 0.446" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "s" / "certify.json").read_text())
+    assert cfg["stages"] == [50, 200] and cfg["radius"] == 0.1
+    for line in (tmp_path / "s" / "records.jsonl").read_text().splitlines():
+        assert json.loads(line)["samples"] in (60, 260)
     for extra, message in [(["--sigma", "0"], "--sigma must be a finite number > 0"),
+                           (["--sigma", "0.25", "--radius", "0.1", "--stages", "10,x"],
+                            "--stages must be comma-separated"),
+                           (["--sigma", "0.25", "--radius", "0.1", "--stages", "10,0"],
+                            "--stages size must be"),
                            (["--sigma", "0.25", "--alpha", "1"], "--alpha must be in (0, 1)"),
                            (["--sigma", "0.25", "--member", "2"], "--member 2 does not exist"),
                            (["--sigma", "0.25", "--n", "0"], "--n must be")]:

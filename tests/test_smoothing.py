@@ -198,3 +198,21 @@ def test_certified_accuracy_and_acr():
     assert certified_accuracy(recs, [0.0, 0.25, 0.5, 1.0]) == [0.75, 0.25, 0.25, 0.0]
     assert average_certified_radius(recs) == pytest.approx(0.2)
     assert math.isnan(average_certified_radius([]))
+
+
+def test_channels_last_changes_the_memory_format_not_the_counts():
+    torch.manual_seed(0)
+    a = build_model("cnn", in_shape=(1, 12, 12), num_classes=10).eval()
+    b = build_model("cnn", in_shape=(1, 12, 12), num_classes=10).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(1, 12, 12)
+    kept = Smooth(a, num_classes=10, sigma=0.3, seed=2, channels_last=False)
+    moved = Smooth(b, num_classes=10, sigma=0.3, seed=2)
+    assert a.body[4].weight.is_contiguous()
+    assert b.body[4].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not b.body[4].weight.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(b(x[None]), a(x[None]))
+    # round-off may flip a rare near-tie copy, never more than a few of 500
+    diff = (kept.sample_counts(x, 500, 100) - moved.sample_counts(x, 500, 100)).abs().sum()
+    assert int(diff) <= 4
