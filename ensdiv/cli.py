@@ -29,6 +29,7 @@ from ensdiv import __version__
 from ensdiv.adaptive import AGREEMENT_TARGETS, agreement_pgd
 from ensdiv.attacks import pgd
 from ensdiv.certify_run import certify_dataset
+from ensdiv.compare_run import COMPARE_CONFIG, COMPARE_RECORDS, CompareConfig, compare_runs
 from ensdiv.data import DATASETS, load_dataset
 from ensdiv.detect import SCORE_NAMES, DisagreementDetector, evaluate_detector, weights_fingerprint
 from ensdiv.detection_run import DETECT_CONFIG, DetectConfig, detect_into
@@ -46,6 +47,7 @@ from ensdiv.io import (
     run_lock,
 )
 from ensdiv.models import ARCHS
+from ensdiv.objective import OBJECTIVES
 from ensdiv.plots import (
     check_plot_options,
     plot_certified,
@@ -53,18 +55,29 @@ from ensdiv.plots import (
     plot_gdr_vs_attack,
     plot_transfer_heatmaps,
 )
-from ensdiv.report import certified_table, detection_summary, detection_table, sweep_tables
+from ensdiv.report import (
+    certified_table,
+    compare_table,
+    detection_summary,
+    detection_table,
+    sweep_tables,
+)
+from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS
 from ensdiv.runtime import available_cores, resolve_device, set_threads
 from ensdiv.smoothing import Smooth, max_certifiable_radius
 from ensdiv.sweep import RECORDS, SWEEP_ATTACKS, SWEEP_CONFIG, SweepConfig, run_sweep
 from ensdiv.train import (
+    ATTACKS as AT_ATTACKS,
+)
+from ensdiv.train import (
     CHECKPOINT,
     CONFIG,
+    DEFAULT_AT_STEPS,
     DEFAULT_LAM,
     DIVERSITY_CHOICES,
-    ENSEMBLE,
     METRICS,
     TrainConfig,
+    ensemble_path,
     evaluate,
     read_checkpoint,
     train_run,
@@ -139,6 +152,20 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], ..
      "diversity term; 0 and not settable without one)"),
     ("--noise-sigma", "noise_sigma", float, "σ",
      "std of Gaussian pixel noise added to training batches"),
+    ("--objective", "objective", str, _choices(OBJECTIVES),
+     "standard, or adversarial: every member trained on its own PGD examples (Madry et al.)"),
+    ("--attack", "attack", str, _choices(AT_ATTACKS), "attack of adversarial training"),
+    ("--eps", "eps", float, "ε", "L∞ radius of adversarial training (needed with "
+     "--objective adversarial; default: none)"),
+    ("--steps", "steps", int, None, f"PGD steps of adversarial training (default: "
+     f"{DEFAULT_AT_STEPS} with --objective adversarial)"),
+    ("--teacher", "teacher", str, "RUN", "robust teacher (a run of one model) whose students "
+     "the members become (default: none)"),
+    ("--transfer", "transfer", str, _choices(TRANSFERS),
+     "how students learn from --teacher: rrm (representation matching, clean inputs) or crt "
+     "(logit matching on --noise-sigma noisy inputs)"),
+    ("--transfer-weight", "transfer_weight", float, "W", "weight of the students' CE (default: "
+     + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TRANSFER_WEIGHT.items()) + ")"),
 )
 
 _SWEEP_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], ...] = (
@@ -339,16 +366,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ensemble_path(run: str) -> Path:
-    p = Path(run)
-    if p.is_dir():
-        p = p / ENSEMBLE
-    if not p.is_file():
-        raise EnsdivError(f"no ensemble at {run} (expected a run folder with {ENSEMBLE} "
-                          "or an ensemble file)")
-    return p
-
-
 def _check_dataset_fits(ens: Ensemble, dataset: str, shape: Sequence[int], run: str) -> None:
     if ens.in_shape is not None and tuple(shape) != tuple(ens.in_shape):
         trained = ens.config.get("dataset")
@@ -360,7 +377,7 @@ def _check_dataset_fits(ens: Ensemble, dataset: str, shape: Sequence[int], run: 
 def cmd_info(args: argparse.Namespace) -> int:
     """``ensdiv info RUN``: describe a saved ensemble, its training, and its test accuracy."""
     device = _setup(args)
-    path = _ensemble_path(args.run)
+    path = ensemble_path(args.run)
     ens = Ensemble.load(path, map_location=device)
     desc = ens.description()
     print(json.dumps({k: desc[k] for k in ("format", "version", "num_members", "config")},
@@ -397,7 +414,7 @@ def cmd_gdr(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         check_choice("dataset", args.dataset, DATASETS)
     device = _setup(args)
-    ens = Ensemble.load(_ensemble_path(args.run), map_location=device)
+    ens = Ensemble.load(ensemble_path(args.run), map_location=device)
     if ens.num_members < 2:
         raise EnsdivError(f"GDR needs at least 2 members; {args.run} has {ens.num_members}")
     dataset = args.dataset or ens.config.get("dataset")
@@ -450,7 +467,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         check_choice("dataset", args.dataset, DATASETS)
     device = _setup(args)
-    records = detect_into(_ensemble_path(args.run), config, args.out, dataset=args.dataset,
+    records = detect_into(ensemble_path(args.run), config, args.out, dataset=args.dataset,
                           resume=args.resume, overwrite=args.overwrite, device=device,
                           data_root=args.data_root, log=lambda line: print(line, flush=True))
     print()
@@ -495,7 +512,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         check_choice("dataset", args.dataset, DATASETS)
     device = _setup(args)
-    path = _ensemble_path(args.run)
+    path = ensemble_path(args.run)
     ens = Ensemble.load(path, map_location=device)
     dataset = args.dataset or ens.config.get("dataset")
     if not dataset:
@@ -546,6 +563,37 @@ def cmd_certify(args: argparse.Namespace) -> int:
                                   num_classes=info.num_classes, progress=not args.quiet)
     print(certified_table([(Path(args.run).name, config, records)]))
     print(f"{len(records)} records in {Path(args.out) / CERTIFY_RECORDS}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``ensdiv compare RUN... --out DIR``: cost, clean/robust accuracy, transfer, GDR and
+    certified accuracy of several runs on the same images and seeds."""
+    args.resume_hint = f"ensdiv compare ... --out {args.out} --resume"
+    labels = list(_name_list(args.labels)) if args.labels else [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise EnsdivError(f"--labels names {len(labels)} runs but {len(args.runs)} were given")
+    if len(set(labels)) != len(labels):
+        raise EnsdivError(f"labels must differ; got {', '.join(labels)} (give --labels)")
+    config = CompareConfig(eps=args.eps, steps=args.steps, apgd_steps=args.apgd_steps,
+                           n_eval=args.n_eval, eval_seed=args.seed, sigma=args.sigma,
+                           radii=args.radii, cert_n=args.cert_n,
+                           cert_points=args.cert_points).validate()
+    runs = [(label, ensemble_path(run).parent) for label, run in zip(labels, args.runs,
+                                                                      strict=True)]
+    device = _setup(args)
+    settings = {**config.to_dict(), "runs": [[label, str(run)] for label, run in runs]}
+    with run_lock(args.out) as out:
+        prepare_run_dir(out, settings, config_name=COMPARE_CONFIG, resume=args.resume,
+                        overwrite=args.overwrite,
+                        started=lambda p: (p / COMPARE_RECORDS).exists(),
+                        kind="comparison", command="ensdiv compare")
+        atomic_write_json(out / COMPARE_CONFIG, settings)
+        records = compare_runs(runs, config, out, device=device, progress=not args.quiet,
+                               log=lambda line: print(line, flush=True))
+    print()
+    print(compare_table(records))
+    print(f"\n{len(records)} records in {Path(args.out) / COMPARE_RECORDS}")
     return 0
 
 
@@ -694,6 +742,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, quiet=False)
     p.set_defaults(func=cmd_detect)
 
+    p = add("compare", "compare trained runs on the same images: training time, clean and "
+                       "white-box robust accuracy, transfer between members, GDR, certified "
+                       "accuracy; resumable")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders made by ensdiv train")
+    p.add_argument("--labels", default=None, metavar="L1,L2,...",
+                   help="row names (default: the folders' names)")
+    p.add_argument("--eps", type=float, default=0.1, help="L∞ radius of every attack")
+    p.add_argument("--steps", type=int, default=20, help="PGD steps (white-box and transfer)")
+    p.add_argument("--apgd-steps", type=int, default=50, help="APGD-CE / APGD-DLR iterations")
+    p.add_argument("--n-eval", type=int, default=500, help="test images attacked (the first N)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks and the noise")
+    p.add_argument("--sigma", type=float, default=0.5, help="smoothing noise std")
+    p.add_argument("--radii", type=_float_list, default=(0.5, 1.0), metavar="R1,R2,...",
+                   help="radii of the certified accuracy (default: 0.5,1.0)")
+    p.add_argument("--cert-n", type=int, default=1_000,
+                   help="noise samples bounding each certificate")
+    p.add_argument("--cert-points", type=int, default=100, help="test images certified")
+    _add_out_options(p, "result folder (compare.json, records.jsonl, certificates)",
+                     "continue the comparison in --out")
+    _add_common(p, data=False)
+    p.set_defaults(func=cmd_compare)
+
     p = add("certify", "randomized-smoothing certificates (Cohen et al.) of a member or the "
                        "ensemble, one record per test example; resumable")
     p.add_argument("run", help="run folder or ensemble file")
@@ -701,8 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n0", type=int, default=100, help="samples that pick the class")
     p.add_argument("--n", type=int, default=10_000, help="samples that bound its probability")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
-    p.add_argument("--batch-size", type=int, default=250,
-                   help="noisy copies per forward pass (100-250 fastest on CPU)")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="noisy copies per forward pass (about 100 is fastest on CPU)")
     p.add_argument("--skip", type=int, default=1, help="certify every SKIP-th test example")
     p.add_argument("--max", type=int, default=None, help="at most this many examples "
                    "(default: all)")

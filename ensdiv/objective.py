@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
+from ensdiv.attacks import pgd
 from ensdiv.diversity import DIVERSITY_LOSSES, cosine_loss
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice
@@ -56,7 +57,7 @@ def ce_loss(ensemble: Ensemble, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str,
 
 
 def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = "gal",
-                  lam: float = 0.5) -> tuple[Tensor, dict[str, float]]:
+                  lam: float = 0.5, ce_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
     """The gradient-diversity training objective and its detached parts.
 
     Args:
@@ -64,6 +65,7 @@ def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = 
         x: inputs [B, C, H, W] in [0, 1]; y: labels [B].
         diversity: one of ``DIVERSITIES``; ``"none"`` is plain summed cross-entropy.
         lam: weight λ ≥ 0 of the regularizer (GAL's authors used 0.5).
+        ce_weight: weight of the summed cross-entropy (a transfer loss may lower it).
 
     Returns:
         ``(loss, stats)``: a scalar to backpropagate, and floats ``ce_i`` (each member's
@@ -81,16 +83,17 @@ def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = 
     if not lam >= 0:
         raise EnsdivError(f"lam must be >= 0; got {lam}")
     if diversity == "none":
-        return ce_loss(ensemble, x, y)
+        ce, stats = ce_loss(ensemble, x, y)
+        return ce_weight * ce, stats
     if ensemble.num_members < 2:
         raise EnsdivError(f"diversity {diversity!r} needs at least 2 members; "
                           f"got {ensemble.num_members}")
     if diversity == "drt":
-        return drt_loss(ensemble, x, y, lam=lam)
+        return drt_loss(ensemble, x, y, lam=lam, ce_weight=ce_weight)
     grads, ce_sums = members_grad_and_value(ensemble, x, y, mode="loss", create_graph=True)
     ce = ce_sums / x.shape[0]
     reg = DIVERSITY_LOSSES[diversity](grads)
-    loss = ce.sum() + lam * reg
+    loss = ce_weight * ce.sum() + lam * reg
     stats = {f"ce_{i}": float(v) for i, v in enumerate(ce.detach())}
     stats["reg"] = float(reg.detach())
     stats["train_cos"] = float(cosine_loss(grads.detach()))  # the mean pairwise cosine
@@ -107,7 +110,7 @@ def _margin_and_logits(member: torch.nn.Module) -> Callable[[Tensor], tuple[Tens
 
 
 def drt_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *,
-             lam: float = 0.5) -> tuple[Tensor, dict[str, float]]:
+             lam: float = 0.5, ce_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
     """Diversity-Regularized Training (Yang et al., ICLR 2022, "On the certified robustness for
     ensemble models and beyond") on a batch, usually Gaussian-noised inputs.
 
@@ -154,8 +157,55 @@ def drt_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *,
     right = torch.stack(correct)
     cm = (right * torch.stack(margins)).sum() / right.sum().clamp_min(1.0)
     reg = gd - cm
-    loss = ce.sum() + lam * reg
+    loss = ce_weight * ce.sum() + lam * reg
     stats = {f"ce_{i}": float(v) for i, v in enumerate(ce.detach())}
     stats.update(reg=float(reg.detach()), drt_gd=float(gd.detach()), drt_cm=float(cm.detach()))
     stats["train_cos"] = float(cosine_loss(torch.stack(grads).detach()))
+    return loss, stats
+
+
+Objective = Literal["standard", "adversarial"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+
+def adversarial_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float, steps: int = 7,
+                     alpha: float | None = None, diversity: str = "none",
+                     lam: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """PGD adversarial training of every member (Madry et al. 2018, "Towards Deep Learning
+    Models Resistant to Adversarial Attacks"), optionally with a diversity term.
+
+    Each member m gets its own L∞ PGD examples x'ₘ (random start, ``steps`` steps of size
+    ``alpha``, default 2.5·eps/steps, the final iterate), crafted without building a graph
+    through the weights; the loss is ``Σₘ mean CE(fₘ(x'ₘ), y)`` — M independently robust
+    members — plus ``lam``·R on the clean batch when ``diversity`` is not ``"none"``. A step
+    costs about ``steps + 3`` forward passes and ``steps + 1`` backward passes per member.
+    The random starts use the global RNG (:func:`ensdiv.train.fit` seeds it per batch).
+
+    Returns:
+        ``(loss, stats)`` with ``ce_i`` (adversarial CE per member) and ``adv_acc_i`` (each
+        member's accuracy on its own PGD examples), plus ``reg`` and ``train_cos`` with a
+        diversity term.
+
+    Example:
+        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0)
+        >>> loss, stats = adversarial_loss(ens, torch.rand(4, 1, 8, 8), torch.arange(4),
+        ...                                eps=0.1, steps=2)
+        >>> loss.backward(); sorted(stats)
+        ['adv_acc_0', 'adv_acc_1', 'ce_0', 'ce_1']
+    """
+    ces, accs = [], []
+    for member in ensemble.members:
+        x_adv = pgd(member, x, y, eps=eps, steps=steps, alpha=alpha, keep="last")
+        logits = member(x_adv)
+        ces.append(torch.nn.functional.cross_entropy(logits, y))
+        accs.append(float((logits.argmax(-1) == y).float().mean()))
+    ce = torch.stack(ces)
+    loss = ce.sum()
+    stats = {f"ce_{i}": float(v) for i, v in enumerate(ce.detach())}
+    stats.update({f"adv_acc_{i}": a for i, a in enumerate(accs)})
+    if diversity != "none":
+        div, div_stats = ensemble_loss(ensemble, x, y, diversity=diversity, lam=lam,
+                                       ce_weight=0.0)
+        loss = loss + div
+        stats.update(reg=div_stats["reg"], train_cos=div_stats["train_cos"])
     return loss, stats

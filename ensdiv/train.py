@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -62,7 +62,8 @@ from ensdiv.io import (
     utc_now,
 )
 from ensdiv.models import ARCHS
-from ensdiv.objective import DIVERSITIES, ce_loss, ensemble_loss
+from ensdiv.objective import DIVERSITIES, OBJECTIVES, adversarial_loss, ce_loss, ensemble_loss
+from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS, Teacher, TransferLoss
 from ensdiv.runtime import resolve_device
 
 DIVERSITY_CHOICES: tuple[str, ...] = DIVERSITIES
@@ -88,6 +89,13 @@ DEFAULT_LR = 3e-3
 DEFAULT_LAM = 0.5
 """Default regularizer weight λ when a diversity term is chosen (GAL's authors' value)."""
 
+DEFAULT_AT_STEPS = 7
+"""PGD steps of adversarial training when ``--steps`` is not given (Madry et al.'s CIFAR-10
+setting; step size 2.5·eps/steps)."""
+
+ATTACKS: tuple[str, ...] = ("pgd",)
+"""Attacks adversarial training can use."""
+
 MAX_PLAUSIBLE_SIGMA = 1.0
 """Noise std above which training inputs (pixels in [0, 1]) are mostly clamped noise."""
 
@@ -99,6 +107,12 @@ class TrainConfig:
     ``diversity``/``lam``/``noise_sigma`` select the objective (see :func:`make_loss`). ``lam``
     left as None means 0 without a diversity term and :data:`DEFAULT_LAM` with one;
     :meth:`validate` returns the config with that resolved, which is what a run records.
+
+    ``objective="adversarial"`` trains every member on its own PGD examples (``attack``,
+    ``eps``, ``steps``; :func:`ensdiv.objective.adversarial_loss`). ``teacher`` (a run folder
+    or ensemble file of one model) with ``transfer`` ``"rrm"`` or ``"crt"`` trains every member
+    as its student (:class:`ensdiv.robust_transfer.TransferLoss`, CE weight
+    ``transfer_weight``); CRT needs ``noise_sigma`` > 0, the noise it transfers under.
     """
 
     dataset: str = "digits"
@@ -112,6 +126,13 @@ class TrainConfig:
     diversity: str = "none"
     lam: float | None = None
     noise_sigma: float = 0.0
+    objective: str = "standard"
+    attack: str = "pgd"
+    eps: float | None = None
+    steps: int | None = None
+    teacher: str | None = None
+    transfer: str = "none"
+    transfer_weight: float | None = None
 
     def validate(self) -> TrainConfig:
         """Check every field and return the config with ``lam`` resolved; raise
@@ -141,8 +162,56 @@ class TrainConfig:
             if self.members < 2:
                 raise EnsdivError(f"diversity {self.diversity!r} needs at least 2 members; "
                                   f"got {self.members}")
+        eps, steps = self._validate_adversarial(sigma)
+        weight = self._validate_transfer(sigma)
         return dataclasses.replace(self, lam=lam, lr=float(self.lr),
-                                   weight_decay=float(self.weight_decay), noise_sigma=sigma)
+                                   weight_decay=float(self.weight_decay), noise_sigma=sigma,
+                                   eps=eps, steps=steps, transfer_weight=weight)
+
+    def _validate_adversarial(self, sigma: float) -> tuple[float | None, int | None]:
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("attack", self.attack, ATTACKS)
+        if self.objective != "adversarial":
+            for name, value in (("eps", self.eps), ("steps", self.steps)):
+                if value is not None:
+                    raise EnsdivError(f"--{name} sets adversarial training; add --objective "
+                                      "adversarial (or drop it)")
+            return None, None
+        if self.eps is None:
+            raise EnsdivError("--objective adversarial needs --eps (the L∞ radius, e.g. 0.1)")
+        eps = check_real("eps", self.eps, minimum=0, strict=True)
+        if eps > 1:
+            raise EnsdivError(f"eps must be at most 1 (pixels are in [0, 1]); got {eps:g}")
+        steps = DEFAULT_AT_STEPS if self.steps is None else self.steps
+        check_int("steps", steps)
+        if sigma > 0:
+            raise EnsdivError("choose adversarial training or Gaussian noise training, not "
+                              "both (drop --noise-sigma or --objective adversarial)")
+        if self.transfer != "none":
+            raise EnsdivError("transfer students are trained on clean or noisy inputs, never "
+                              "adversarial ones: drop --objective adversarial or --transfer")
+        return float(eps), int(steps)
+
+    def _validate_transfer(self, sigma: float) -> float | None:
+        check_choice("transfer", self.transfer, TRANSFERS)
+        if self.transfer == "none":
+            if self.teacher is not None:
+                raise EnsdivError("--teacher needs --transfer rrm or crt (how to learn from it)")
+            if self.transfer_weight is not None:
+                raise EnsdivError("--transfer-weight needs --transfer rrm or crt")
+            return None
+        if self.teacher is None:
+            raise EnsdivError(f"--transfer {self.transfer} needs --teacher RUN (a trained "
+                              "robust model)")
+        if self.transfer == "crt" and sigma == 0:
+            raise EnsdivError("--transfer crt trains on Gaussian-noisy inputs: give "
+                              "--noise-sigma (the teacher's training sigma)")
+        if self.transfer == "rrm" and sigma > 0:
+            raise EnsdivError("--transfer rrm matches representations on clean inputs: drop "
+                              "--noise-sigma (or use --transfer crt)")
+        if self.transfer_weight is None:
+            return DEFAULT_TRANSFER_WEIGHT[self.transfer]
+        return float(check_real("transfer weight", self.transfer_weight, minimum=0))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields."""
@@ -158,12 +227,48 @@ class TrainConfig:
         return cls(**d)
 
 
-def make_loss(config: TrainConfig) -> LossFn:
-    """The objective a config asks for: summed CE plus λ·regularizer (:func:`ensemble_loss`)."""
+def make_loss(config: TrainConfig, ensemble: Ensemble | None = None,
+              teacher: Teacher | None = None) -> LossFn:
+    """The objective a config asks for: summed CE plus λ·regularizer (:func:`ensemble_loss`),
+    PGD adversarial training (:func:`adversarial_loss`), or a teacher's students
+    (:class:`TransferLoss`, which needs the student ``ensemble`` and the ``teacher``)."""
     config = config.validate()
+    if config.transfer != "none":
+        if ensemble is None or teacher is None:
+            raise EnsdivError("a transfer objective needs the student ensemble and the teacher")
+        return TransferLoss(teacher, ensemble, config.transfer, weight=config.transfer_weight,
+                            diversity=config.diversity, lam=config.lam)
+    if config.objective == "adversarial":
+        return functools.partial(adversarial_loss, eps=config.eps, steps=config.steps,
+                                 diversity=config.diversity, lam=config.lam)
     if config.diversity == "none":
         return ce_loss
     return functools.partial(ensemble_loss, diversity=config.diversity, lam=config.lam)
+
+
+def ensemble_path(run: str | os.PathLike) -> Path:
+    """The ensemble file of a run folder (``RUN/ensemble.pt``) or ``run`` itself if a file;
+    a missing one is one :class:`EnsdivError`."""
+    p = Path(run)
+    if p.is_dir():
+        p = p / ENSEMBLE
+    if not p.is_file():
+        raise EnsdivError(f"no ensemble at {run} (expected a run folder with {ENSEMBLE} "
+                          "or an ensemble file)")
+    return p
+
+
+def load_teacher(run: str | os.PathLike, *, device: torch.device | str = "cpu",
+                 noise_sigma: float = 0.0) -> Teacher:
+    """The frozen :class:`Teacher` saved in ``run`` (one model). Warns when a CRT teacher was
+    trained with another noise sigma than the students will see."""
+    ens = Ensemble.load(ensemble_path(run), map_location=device)
+    teacher = Teacher(ens)
+    trained = float(ens.config.get("noise_sigma") or 0.0)
+    if noise_sigma > 0 and abs(trained - noise_sigma) > 1e-12:
+        warnings.warn(f"the students train with noise sigma {noise_sigma:g} but the teacher "
+                      f"{run} was trained with {trained:g}", EnsdivWarning, stacklevel=2)
+    return teacher
 
 
 def gaussian_noise(sigma: float) -> Callable[[Tensor, torch.Generator], Tensor] | None:
@@ -271,13 +376,17 @@ def finished_epochs(out_dir: str | os.PathLike) -> int:
     return int(read_checkpoint(path)["epoch"]) if path.exists() else 0
 
 
-def _restore(ensemble: Ensemble, opt: torch.optim.Optimizer, out: Path) -> tuple[int, list]:
-    """Load the run's checkpoint into ``ensemble``/``opt``; its epoch and earlier records."""
+def _restore(ensemble: Ensemble, opt: torch.optim.Optimizer, out: Path,
+             extra: nn.Module | None = None) -> tuple[int, list]:
+    """Load the run's checkpoint into ``ensemble``/``opt`` (and a trainable loss's parts);
+    its epoch and earlier records."""
     path = out / CHECKPOINT
     ckpt = read_checkpoint(path)
     try:
         ensemble.load_state_dict(ckpt["ensemble"])
         opt.load_state_dict(ckpt["optimizer"])
+        if extra is not None:
+            extra.load_state_dict(ckpt.get("loss") or {})
     except (RuntimeError, ValueError, KeyError) as e:
         raise EnsdivError(f"{path} does not fit this run's ensemble ({first_sentence(e)}); "
                           f"{_CHECKPOINT_FIX}") from None
@@ -333,13 +442,16 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
     check_real("learning rate", lr, minimum=0, strict=True)
     check_real("weight decay", weight_decay, minimum=0)
     device = next(ensemble.parameters()).device
-    opt = torch.optim.Adam(ensemble.parameters(), lr=lr, weight_decay=weight_decay)
+    # A loss with trainable parts (RRM's projections) trains and checkpoints with the members.
+    extra = loss_fn if isinstance(loss_fn, nn.Module) else None
+    params = list(ensemble.parameters()) + (list(extra.parameters()) if extra else [])
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     out = Path(out_dir) if out_dir is not None else None
     records: list[dict[str, Any]] = []
     start = 0
     main = is_main_process()
     if resume and out is not None and (out / CHECKPOINT).exists():
-        start, records = _restore(ensemble, opt, out)
+        start, records = _restore(ensemble, opt, out, extra)
         if main:
             ensemble.save(out / ENSEMBLE)
     for epoch in range(start + 1, epochs + 1):
@@ -354,7 +466,11 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             x, y = x.to(device), y.to(device)
             if augment is not None:
                 x = augment(x, gen)
-            loss, stats = loss_fn(ensemble, x, y)
+            # Randomness inside the loss (PGD's random starts) is seeded per batch without
+            # touching the caller's global RNG, so a resumed run repeats it exactly.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(int(seed) * 100_003 + epoch * 10_007 + i)
+                loss, stats = loss_fn(ensemble, x, y)
             if not torch.isfinite(loss):
                 parts = ", ".join(f"{k}={v:.4g}" for k, v in stats.items())
                 kept = (f"the run in {out} keeps epoch {epoch - 1}" if out is not None and
@@ -389,6 +505,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             # The thread count changes CPU float reductions: a resume reuses it to stay exact.
             atomic_torch_save({"epoch": epoch, "ensemble": ensemble.state_dict(),
                                "optimizer": opt.state_dict(),
+                               "loss": extra.state_dict() if extra else None,
                                "threads": torch.get_num_threads()}, out / CHECKPOINT)
         if on_epoch_end is not None:
             on_epoch_end(record)
@@ -424,8 +541,10 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
     """
     config = config.validate()
     device = resolve_device(device)
+    teacher = None if config.teacher is None else \
+        load_teacher(config.teacher, device=device, noise_sigma=config.noise_sigma)
     if out_dir is None:
-        return _train(config, None, False, device, data_root, progress, on_epoch_end)
+        return _train(config, None, False, device, data_root, progress, on_epoch_end, teacher)
     with run_lock(out_dir) as out:
         resuming = prepare_run_dir(out, config.to_dict(), config_name=CONFIG, resume=resume,
                                    overwrite=overwrite, started=_started,
@@ -439,7 +558,8 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
                                   "more to extend it)")
         if is_main_process() and not (resuming and _saved_config(out) == config.to_dict()):
             atomic_write_json(out / CONFIG, config.to_dict())
-        return _train(config, out, resuming, device, data_root, progress, on_epoch_end)
+        return _train(config, out, resuming, device, data_root, progress, on_epoch_end,
+                      teacher)
 
 
 def _started(out: Path) -> bool:
@@ -449,15 +569,18 @@ def _started(out: Path) -> bool:
 def _train(config: TrainConfig, out: Path | None, resume: bool, device: torch.device,
            data_root: str | None, progress: bool,
            on_epoch_end: Callable[[dict[str, Any]], None] | None,
-           ) -> tuple[Ensemble, list[dict[str, Any]]]:
+           teacher: Teacher | None = None) -> tuple[Ensemble, list[dict[str, Any]]]:
     train_set, test_set, info = load_dataset(config.dataset, root=data_root, seed=0)
     torch.manual_seed(config.seed)
     ensemble = Ensemble.build(config.arch, config.members, in_shape=info.in_shape,
                               num_classes=info.num_classes, seed=config.seed, mean=info.mean,
                               std=info.std, config=config.to_dict()).to(device)
+    loss_fn = make_loss(config, ensemble, teacher)
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.to(device)
     records = fit(ensemble, train_set, test_set, epochs=config.epochs,
                   batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                  weight_decay=config.weight_decay, loss_fn=make_loss(config), out_dir=out,
+                  weight_decay=config.weight_decay, loss_fn=loss_fn, out_dir=out,
                   resume=resume, augment=gaussian_noise(config.noise_sigma),
                   epoch_hooks=make_epoch_hooks(config, test_set),
                   progress=progress, on_epoch_end=on_epoch_end)

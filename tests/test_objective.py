@@ -120,3 +120,35 @@ def test_drt_matches_an_autograd_loop_reference_with_parameter_gradients():
     assert stats["reg"] == pytest.approx(stats["drt_gd"] - stats["drt_cm"], abs=1e-6)
     same, _ = ensemble_loss(ens, x, y, diversity="drt", lam=0.7)
     torch.testing.assert_close(same, loss)
+
+
+def test_adversarial_loss_is_each_members_ce_on_its_own_pgd_examples():
+    from ensdiv.attacks import pgd
+    from ensdiv.objective import adversarial_loss
+
+    ens = Ensemble.build("cnn", 2, in_shape=(1, 8, 8), num_classes=5, seed=0)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 5, (6,))
+    torch.manual_seed(7)
+    loss, stats = adversarial_loss(ens, x, y, eps=0.1, steps=3)
+    ens.zero_grad()
+    loss.backward()
+    got = [p.grad.clone() for p in ens.parameters()]
+    torch.manual_seed(7)  # the same random starts, drawn in the same order
+    advs = [pgd(m, x, y, eps=0.1, steps=3, keep="last") for m in ens.members]
+    ces = [nn.functional.cross_entropy(m(a), y) for m, a in zip(ens.members, advs, strict=True)]
+    ens.zero_grad()
+    sum(ces).backward()  # the examples are constants: no gradient flows through the attack
+    for a, b in zip(got, [p.grad for p in ens.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
+    assert stats["ce_1"] == pytest.approx(float(ces[1].detach()), abs=1e-6)
+    for a in advs:
+        assert float((a - x).abs().max()) <= 0.1 + 1e-6
+    # the examples are adversarial: CE higher than on the clean batch
+    assert sum(float(c.detach()) for c in ces) > float(ce_loss(ens, x, y)[0].detach())
+    assert {"adv_acc_0", "adv_acc_1"} <= set(stats)
+    # with a diversity term: + λ·R on the clean batch
+    torch.manual_seed(7)
+    with_gal, stats = adversarial_loss(ens, x, y, eps=0.1, steps=3, diversity="gal", lam=0.5)
+    reg = ensemble_loss(ens, x, y, diversity="gal", lam=0.5, ce_weight=0.0)[0]
+    torch.testing.assert_close(with_gal, loss + reg)
+    assert "reg" in stats

@@ -263,3 +263,77 @@ def test_non_finite_loss_stops_with_the_epoch_and_parts(tmp_path):
     assert "\n" not in msg and "epoch 2, batch 3" in msg and "ce_1=nan" in msg
     assert "keeps epoch 1" in msg
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"eps": 0.1}, "--eps sets adversarial training; add --objective adversarial"),
+    ({"steps": 3}, "--steps sets adversarial training"),
+    ({"objective": "adversarial"}, "needs --eps"),
+    ({"objective": "adversarial", "eps": 2.0}, "eps must be at most 1"),
+    ({"objective": "adversarial", "eps": 0.1, "steps": 0}, "steps must be >= 1"),
+    ({"objective": "adversarial", "eps": 0.1, "noise_sigma": 0.5}, "not both"),
+    ({"objective": "fast"}, "unknown objective 'fast'; choose one of: adversarial, standard"),
+    ({"attack": "fgsm"}, "unknown attack 'fgsm'; choose one of: pgd"),
+    ({"teacher": "runs/t"}, "--teacher needs --transfer rrm or crt"),
+    ({"transfer_weight": 0.5}, "--transfer-weight needs --transfer"),
+    ({"transfer": "rrm"}, "--transfer rrm needs --teacher RUN"),
+    ({"transfer": "crt", "teacher": "t"}, "--transfer crt trains on Gaussian-noisy inputs"),
+    ({"transfer": "rrm", "teacher": "t", "noise_sigma": 0.5}, "drop --noise-sigma"),
+    ({"transfer": "rrm", "teacher": "t", "objective": "adversarial", "eps": 0.1},
+     "never adversarial ones"),
+    ({"transfer": "kd", "teacher": "t"}, "unknown transfer 'kd'"),
+])
+def test_adversarial_and_transfer_config_validation(kwargs, message):
+    with pytest.raises(EnsdivError, match=message):
+        TrainConfig(**kwargs).validate()
+
+
+def test_adversarial_and_transfer_defaults_are_recorded():
+    at = TrainConfig(objective="adversarial", eps=0.1).validate()
+    assert at.steps == 7 and at.eps == 0.1 and at.transfer_weight is None
+    rrm = TrainConfig(teacher="t", transfer="rrm").validate()
+    assert rrm.transfer_weight == 0.01 and rrm.steps is None
+    crt = TrainConfig(teacher="t", transfer="crt", noise_sigma=0.25).validate()
+    assert crt.transfer_weight == 0.0
+
+
+def test_teacher_problems_stop_before_the_run_folder_is_made(tmp_path):
+    with pytest.raises(EnsdivError, match="no ensemble at"):
+        train_run(TrainConfig(teacher=str(tmp_path / "none"), transfer="rrm"),
+                  out_dir=tmp_path / "s", progress=False)
+    teacher, _ = train_run(TrainConfig(arch="mlp", members=2, epochs=1), out_dir=tmp_path / "t",
+                           progress=False)
+    with pytest.raises(EnsdivError, match="a teacher is one model"):
+        train_run(TrainConfig(teacher=str(tmp_path / "t"), transfer="rrm"),
+                  out_dir=tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_adversarial_and_rrm_runs_resume_bit_for_bit(tmp_path):
+    train_run(TrainConfig(arch="mlp", members=1, epochs=1, seed=2), out_dir=tmp_path / "t",
+              progress=False)
+    for name, cfg in [
+        ("at", TrainConfig(arch="mlp", members=2, epochs=2, seed=1, objective="adversarial",
+                           eps=0.1, steps=2)),
+        # a cnn student of an mlp teacher: a trainable projection 128 -> 256, checkpointed
+        ("rrm", TrainConfig(arch="cnn", members=2, epochs=2, seed=1,
+                            teacher=str(tmp_path / "t"), transfer="rrm", diversity="gal")),
+    ]:
+        full, recs = train_run(cfg, out_dir=tmp_path / f"{name}-a", progress=False)
+
+        def stop(rec):
+            if rec["epoch"] == 1:
+                raise Interrupt
+
+        with pytest.raises(Interrupt):
+            train_run(cfg, out_dir=tmp_path / f"{name}-b", progress=False, on_epoch_end=stop)
+        again, recs_b = train_run(cfg, out_dir=tmp_path / f"{name}-b", resume=True,
+                                  progress=False)
+        for a, b in zip(full.state_dict().values(), again.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+        assert recs_b[-1]["loss"] == recs[-1]["loss"]
+        ckpt = torch.load(tmp_path / f"{name}-b" / CHECKPOINT, weights_only=True)
+        if name == "rrm":
+            assert {k for k in ckpt["loss"]} == {"project.0.weight", "project.1.weight"}
+        else:
+            assert ckpt["loss"] is None
