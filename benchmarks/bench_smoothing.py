@@ -1,7 +1,7 @@
 """Noisy samples per second through randomized smoothing: a member vs a whole ensemble.
 
 One call of ``Smooth.sample_counts`` (the inner loop of ``certify``) draws 2,000 noisy copies
-of one input and counts the base predictions, 250 per forward pass. The ensemble evaluates all
+of one input and counts the base predictions, 100 per forward pass. The ensemble evaluates all
 members on each noise batch; its cost relative to M separate members is the ratio of the two
 groups' times divided by M. ``channels_last`` compares the two weight memory formats.
 
@@ -25,7 +25,7 @@ from ensdiv.smoothing import Smooth
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SAMPLES = 2_000
-BATCH = 250
+BATCH = 100
 
 
 def flops_per_sample(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
