@@ -1,0 +1,187 @@
+"""Compare trained runs side by side: cost, clean and robust accuracy, transfer, GDR, certificates.
+
+The driver behind ``ensdiv compare RUN... --out DIR`` — the table a user needs to choose between
+plain, diverse, adversarially trained and robustness-transfer ensembles (issue: one robust
+teacher, every member a student). For every run, on the same first ``n_eval`` test images and
+the same seeds:
+
+- **cost**: the training wall time summed from the run's ``metrics.jsonl`` (``train_seconds``)
+  and, for a student, its teacher's, reported separately (a teacher is trained once);
+- **clean accuracy** of the ensemble and each member;
+- **white-box robust accuracy** on the ensemble: the share of *all* images still classified
+  correctly after the worst case over L∞ PGD, APGD-CE and APGD-DLR
+  (:func:`ensdiv.sweep.whitebox_entry`, with its half-budget convergence check);
+- **transfer** between members: full-budget PGD examples crafted on member i, success on
+  member j (:func:`ensdiv.transferability.transfer_matrix`), and the **GDR** (M ≥ 2);
+- **certified accuracy** of the Gaussian-smoothed ensemble at ``radii`` and its ACR (Cohen's
+  CERTIFY on the first ``cert_points`` images, per-image noise seeds shared by all runs).
+
+One JSON line per run in ``records.jsonl``; a rerun with the same settings skips runs already
+recorded, and the certificates themselves resume per image.
+
+Example:
+    >>> CompareConfig(eps=0.1, radii=(0.25, 0.5)).validate().radii
+    (0.25, 0.5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ensdiv.certify_run import certify_dataset
+from ensdiv.data import load_dataset
+from ensdiv.diversity import cosine_loss
+from ensdiv.ensemble import Ensemble
+from ensdiv.errors import EnsdivError, check_int, check_real
+from ensdiv.gdr import gdr, summarize_gdr
+from ensdiv.gradients import input_gradients
+from ensdiv.io import atomic_write_jsonl, read_json, read_jsonl, utc_now
+from ensdiv.smoothing import average_certified_radius, certified_accuracy
+from ensdiv.sweep import AttackSpec, whitebox_entry
+from ensdiv.train import CONFIG, METRICS, ensemble_path
+from ensdiv.transferability import transfer_matrix
+
+COMPARE_CONFIG = "compare.json"
+COMPARE_RECORDS = "records.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """The evaluation every compared run gets (saved as ``compare.json``).
+
+    ``eps``/``steps``/``apgd_steps``/``eval_seed``: the L∞ attacks (PGD with ``steps`` and a
+    random start seeded by ``eval_seed``; APGD-CE and APGD-DLR with ``apgd_steps``) on the first
+    ``n_eval`` test images. ``sigma``/``radii``/``cert_n0``/``cert_n``/``alpha``: Cohen's
+    CERTIFY on the first ``cert_points`` images.
+    """
+
+    eps: float = 0.1
+    steps: int = 20
+    apgd_steps: int = 50
+    n_eval: int = 500
+    eval_seed: int = 0
+    sigma: float = 0.5
+    radii: tuple[float, ...] = (0.5, 1.0)
+    cert_n0: int = 100
+    cert_n: int = 1_000
+    cert_points: int = 100
+    alpha: float = 0.001
+
+    def validate(self) -> CompareConfig:
+        """Check every field; one clear :class:`EnsdivError` for the first bad one."""
+        check_real("eps", self.eps, minimum=0, strict=True)
+        if self.eps > 1:
+            raise EnsdivError(f"eps must be at most 1 (pixels are in [0, 1]); got {self.eps:g}")
+        for name in ("steps", "apgd_steps", "n_eval", "cert_n0", "cert_n", "cert_points"):
+            check_int(name.replace("_", " "), getattr(self, name))
+        check_int("eval seed", self.eval_seed, minimum=0)
+        check_real("sigma", self.sigma, minimum=0, strict=True)
+        if not self.radii:
+            raise EnsdivError("radii needs at least one radius")
+        for r in self.radii:
+            check_real("radius", r, minimum=0)
+        check_real("alpha", self.alpha, minimum=0, strict=True)
+        if not self.alpha < 1:
+            raise EnsdivError(f"alpha must be in (0, 1); got {self.alpha!r}")
+        return dataclasses.replace(self, radii=tuple(float(r) for r in self.radii))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields (``radii`` as a list)."""
+        d = dataclasses.asdict(self)
+        d["radii"] = list(self.radii)
+        return d
+
+    def attacks(self) -> list[AttackSpec]:
+        """The white-box suite: PGD, APGD-CE, APGD-DLR, each keeping the first success."""
+        return [AttackSpec("pgd", self.eps, self.steps, "success", self.eval_seed),
+                AttackSpec("apgd-ce", self.eps, self.apgd_steps, "success", self.eval_seed),
+                AttackSpec("apgd-dlr", self.eps, self.apgd_steps, "success", self.eval_seed)]
+
+
+def train_cost(run: str | Path) -> dict[str, Any]:
+    """Training wall time of a run folder: ``{"train_seconds", "epochs"}`` summed from its
+    metrics (the loop's time, without the per-epoch evaluation)."""
+    recs = read_jsonl(Path(run) / METRICS, what="metrics file", required=("epoch",),
+                      fix="compare a run folder made by ensdiv train")
+    return {"train_seconds": round(sum(float(r.get("train_seconds", 0.0)) for r in recs), 2),
+            "epochs": len(recs)}
+
+
+def _binomial_se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else math.nan
+
+
+def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, *,
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every number of one row of the comparison for the run folder ``run`` (see the module
+    docstring); certificates go to ``out/certify-<label>.jsonl`` (resumable)."""
+    say = log or (lambda s: None)
+    run = Path(run)
+    ens = Ensemble.load(ensemble_path(run), map_location=device).eval()
+    train_cfg = read_json(run / CONFIG, what="run config", fix="compare a run folder made by "
+                          "ensdiv train")
+    dataset = train_cfg.get("dataset")
+    _, test, _ = load_dataset(dataset)
+    n = min(config.n_eval, len(test))
+    x = torch.stack([test[i][0] for i in range(n)]).to(device)
+    y = torch.tensor([int(test[i][1]) for i in range(n)], device=device)
+    rec: dict[str, Any] = {"label": label, "run": str(run), "dataset": dataset,
+                           "members": ens.num_members, "train": train_cfg, **train_cost(run)}
+    teacher = train_cfg.get("teacher")
+    if teacher:
+        rec["teacher"] = {"run": teacher, **train_cost(teacher)}
+    say(f"{label}: transfer matrix")
+    pgd_last = AttackSpec("pgd", config.eps, config.steps, "last", config.eval_seed)
+    tm = transfer_matrix(ens, x, y, attack=pgd_last.craft, whitebox=False)
+    rec.update(n_eval=n, clean_acc=tm.ensemble_acc, member_acc=list(tm.member_acc))
+    if ens.num_members >= 2:
+        rec["transfer"] = {**tm.to_dict(), "crafted_with": pgd_last.to_dict()}
+        rec["transfer_mean"] = tm.mean_transfer
+        grads = input_gradients(ens, x, y)
+        res = summarize_gdr(gdr(grads))
+        rec.update(gdr=res.mean, gdr_sem=res.sem, mean_cos=float(cosine_loss(grads)))
+    say(f"{label}: white-box PGD / APGD-CE / APGD-DLR at eps {config.eps:g}")
+    white = whitebox_entry(ens, x, y, config.attacks())
+    robust = (white["total"] - white["fooled"]) / n
+    rec.update(whitebox=white, robust_acc=robust, robust_acc_se=_binomial_se(robust, n))
+    say(f"{label}: certifying {config.cert_points} images at sigma {config.sigma:g}")
+    certs = certify_dataset(ens, test, sigma=config.sigma, n0=config.cert_n0, n=config.cert_n,
+                            alpha=config.alpha, batch_size=100, max=config.cert_points,
+                            out=out / f"certify-{label}.jsonl", seed=config.eval_seed,
+                            progress=progress)
+    acc = certified_accuracy(certs, config.radii)
+    rec["certified"] = {"sigma": config.sigma, "n0": config.cert_n0, "n": config.cert_n,
+                        "alpha": config.alpha, "points": len(certs),
+                        "radii": list(config.radii), "accuracy": acc,
+                        "accuracy_se": [_binomial_se(a, len(certs)) for a in acc],
+                        "acr": average_certified_radius(certs)}
+    rec["time"] = utc_now()
+    return rec
+
+
+def compare_runs(runs: Sequence[tuple[str, str | Path]], config: CompareConfig,
+                 out: str | Path, *, device: torch.device | str = "cpu",
+                 progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Evaluate each ``(label, run folder)`` not yet in ``out/records.jsonl`` and return all
+    records in the order given. The caller prepares ``out`` (settings, lock)."""
+    out = Path(out)
+    path = out / COMPARE_RECORDS
+    done = {r["label"]: r for r in (read_jsonl(path, what="comparison records",
+                                               required=("label",),
+                                               fix="delete its damaged lines and run again")
+                                    if path.exists() else [])}
+    for label, run in runs:
+        if label in done:
+            continue
+        done[label] = evaluate_run(label, run, config, out, device=device, progress=progress,
+                                   log=log)
+        atomic_write_jsonl(path, list(done.values()))
+    return [done[label] for label, _ in runs]

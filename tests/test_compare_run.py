@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from ensdiv.cli import main
+from ensdiv.compare_run import CompareConfig, train_cost
+from ensdiv.errors import EnsdivError
+from ensdiv.train import TrainConfig, train_run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("cmp")
+    train_run(TrainConfig(dataset="digits", arch="mlp", members=1, epochs=2, seed=3,
+                          noise_sigma=0.25), out_dir=root / "teacher", progress=False)
+    train_run(TrainConfig(dataset="digits", arch="mlp", members=2, epochs=2),
+              out_dir=root / "plain", progress=False)
+    train_run(TrainConfig(dataset="digits", arch="mlp", members=2, epochs=2, noise_sigma=0.25,
+                          teacher=str(root / "teacher"), transfer="crt"),
+              out_dir=root / "crt", progress=False)
+    return root
+
+
+def test_compare_records_every_number_and_resumes(runs, tmp_path, capsys):
+    args = ["compare", str(runs / "plain"), str(runs / "crt"), str(runs / "teacher"),
+            "--n-eval", "40", "--steps", "4", "--apgd-steps", "4", "--cert-n", "60",
+            "--cert-points", "5", "--radii", "0.1,0.2", "--sigma", "0.25", "--quiet",
+            "--out", str(tmp_path / "c")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| run | M | train min | teacher min | clean acc | robust acc (ε = 0.1) |" in out
+    recs = [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in recs] == ["plain", "crt", "teacher"]
+    plain, crt, teacher = recs
+    assert crt["teacher"]["train_seconds"] == train_cost(runs / "teacher")["train_seconds"] > 0
+    assert "teacher" not in plain and plain["epochs"] == 2
+    for r in recs:
+        wb = r["whitebox"]
+        assert r["robust_acc"] == pytest.approx((wb["total"] - wb["fooled"]) / 40)
+        assert r["robust_acc"] <= r["clean_acc"] and wb["total"] == round(r["clean_acc"] * 40)
+        assert set(wb["attacks"]) == {"pgd", "apgd-ce", "apgd-dlr"}
+        assert r["certified"]["points"] == 5 and len(r["certified"]["accuracy"]) == 2
+    assert 0 <= plain["transfer_mean"] <= 1 and "gdr" in plain
+    assert "transfer_mean" not in teacher  # one model: no members to transfer between
+    assert (tmp_path / "c" / "certify-crt.jsonl").exists()
+    # a rerun with --resume finds every run recorded and recomputes nothing
+    assert main([*args, "--resume"]) == 0
+    again = [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()]
+    assert again == recs
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--eps", "0"], "eps must be positive"),
+    (["--radii", "-1"], "radius must be"),
+    (["--labels", "a"], "--labels names 1 runs but 2 were given"),
+    (["--labels", "a,a"], "labels must differ"),
+])
+def test_bad_settings_are_one_line_errors(runs, tmp_path, capsys, extra, message):
+    args = ["compare", str(runs / "plain"), str(runs / "crt"), "--out", str(tmp_path / "x")]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_validation():
+    with pytest.raises(EnsdivError, match="alpha must be in"):
+        CompareConfig(alpha=1.0).validate()
+    with pytest.raises(EnsdivError, match="radii needs at least one"):
+        CompareConfig(radii=()).validate()
