@@ -8,11 +8,18 @@ at n = 100,000 (certified at r when its radius ≥ r; 100,100 samples) with
 and the mean number of samples, over ``REPS`` seeds per grid point, α = 0.001.
 
     python benchmarks/staged_sampling.py
+
+``--real CERTIFY_DIR STAGED_DIR...`` prints the same comparison for real runs instead: a plain
+``ensdiv certify`` run (records in CERTIFY_DIR) and ``ensdiv certify --radius r`` runs of the
+same model on the same images (one folder per r), all read from their records.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 from scipy.stats import norm
@@ -67,5 +74,42 @@ def main() -> None:
     assert ABSTAIN == -1
 
 
+def _records(folder: str) -> tuple[dict, list[dict]]:
+    cfg = json.loads((Path(folder) / "certify.json").read_text())
+    recs = [json.loads(line) for line in (Path(folder) / "records.jsonl").read_text().splitlines()]
+    return cfg, recs
+
+
+def real(certify_dir: str, staged_dirs: list[str]) -> None:
+    """The CERTIFY-vs-staged table from the records of real runs."""
+    cfg, plain = _records(certify_dir)
+    by_idx = {r["idx"]: r for r in plain}
+    stages = _records(staged_dirs[0])[0]["stages"]
+    print(f"σ = {cfg['sigma']}, α = {cfg['alpha']}, plain CERTIFY at n = {cfg['n']:,} "
+          f"(n0 = {cfg['n0']}) on {len(plain)} test images of {cfg['dataset']} "
+          f"({cfg['ensemble']}, weights {cfg['weights']}); staged: "
+          f"{' / '.join(f'{s:,}' for s in stages)}"
+          " with β = 1e-4, the same images.\n")
+    print("| asked r | certified, CERTIFY | certified, staged | mean samples, staged "
+          "| samples saved (×) | staged wall time / CERTIFY's |")
+    print("|---|---|---|---|---|---|")
+    for folder in staged_dirs:
+        scfg, staged = _records(folder)
+        if scfg["weights"] != cfg["weights"] or scfg["sigma"] != cfg["sigma"]:
+            raise SystemExit(f"{folder} certified another model or sigma than {certify_dir}")
+        r = scfg["radius"]
+        same = [by_idx[s["idx"]] for s in staged if s["idx"] in by_idx]
+        plain_hits = sum(1 for p in same if p["correct"] and p["radius"] >= r)
+        staged_hits = sum(1 for s in staged if s["correct"] and s["idx"] in by_idx)
+        mean_used = statistics.fmean(s["samples"] for s in staged)
+        seconds = sum(s["seconds"] for s in staged) / sum(p["seconds"] for p in same)
+        print(f"| {r:g} | {plain_hits / len(same):.3f} | {staged_hits / len(same):.3f} | "
+              f"{mean_used:,.0f} | {(cfg['n'] + cfg['n0']) / mean_used:.1f} | "
+              f"{seconds:.3f} |")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--real":
+        real(sys.argv[2], sys.argv[3:])
+    else:
+        main()

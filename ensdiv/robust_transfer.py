@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 import torch
@@ -115,13 +116,19 @@ class Teacher:
         """Raise one clear :class:`EnsdivError` if the student's input shape or class count
         differs from the teacher's."""
         member = student.members[0]
-        if tuple(member.in_shape) != self.in_shape:
-            raise EnsdivError(f"the teacher takes inputs {list(self.in_shape)} but the "
-                              f"students take {list(member.in_shape)}: train them on the same "
-                              "data set")
-        if int(member.num_classes) != self.num_classes:
-            raise EnsdivError(f"the teacher has {self.num_classes} classes but the students "
-                              f"have {member.num_classes}")
+        self.check_data(member.in_shape, member.num_classes, who="the student ensemble")
+
+    def check_data(self, in_shape: Sequence[int], num_classes: int, *,
+                   who: str = "the data set") -> None:
+        """Raise one clear :class:`EnsdivError` unless inputs of ``in_shape`` (C, H, W) with
+        ``num_classes`` classes fit the teacher."""
+        if tuple(in_shape) != self.in_shape:
+            raise EnsdivError(f"the teacher takes inputs of shape {list(self.in_shape)} but "
+                              f"{who} has inputs of shape {list(in_shape)}: train teacher and "
+                              "students on the same data")
+        if int(num_classes) != self.num_classes:
+            raise EnsdivError(f"the teacher has {self.num_classes} classes but {who} has "
+                              f"{num_classes}")
 
     @torch.no_grad()
     def features(self, x: Tensor) -> Tensor:

@@ -541,10 +541,14 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
     """
     config = config.validate()
     device = resolve_device(device)
-    teacher = None if config.teacher is None else \
-        load_teacher(config.teacher, device=device, noise_sigma=config.noise_sigma)
+    data = load_dataset(config.dataset, root=data_root, seed=0)
+    teacher = None
+    if config.teacher is not None:
+        teacher = load_teacher(config.teacher, device=device, noise_sigma=config.noise_sigma)
+        teacher.check_data(data[2].in_shape, data[2].num_classes,
+                           who=f"data set {config.dataset}")
     if out_dir is None:
-        return _train(config, None, False, device, data_root, progress, on_epoch_end, teacher)
+        return _train(config, None, False, device, data, progress, on_epoch_end, teacher)
     with run_lock(out_dir) as out:
         resuming = prepare_run_dir(out, config.to_dict(), config_name=CONFIG, resume=resume,
                                    overwrite=overwrite, started=_started,
@@ -558,8 +562,7 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
                                   "more to extend it)")
         if is_main_process() and not (resuming and _saved_config(out) == config.to_dict()):
             atomic_write_json(out / CONFIG, config.to_dict())
-        return _train(config, out, resuming, device, data_root, progress, on_epoch_end,
-                      teacher)
+        return _train(config, out, resuming, device, data, progress, on_epoch_end, teacher)
 
 
 def _started(out: Path) -> bool:
@@ -567,10 +570,10 @@ def _started(out: Path) -> bool:
 
 
 def _train(config: TrainConfig, out: Path | None, resume: bool, device: torch.device,
-           data_root: str | None, progress: bool,
+           data: tuple[Dataset, Dataset, Any], progress: bool,
            on_epoch_end: Callable[[dict[str, Any]], None] | None,
            teacher: Teacher | None = None) -> tuple[Ensemble, list[dict[str, Any]]]:
-    train_set, test_set, info = load_dataset(config.dataset, root=data_root, seed=0)
+    train_set, test_set, info = data
     torch.manual_seed(config.seed)
     ensemble = Ensemble.build(config.arch, config.members, in_shape=info.in_shape,
                               num_classes=info.num_classes, seed=config.seed, mean=info.mean,

@@ -88,11 +88,11 @@ def test_teacher_mismatches_are_clear_errors():
     with pytest.raises(EnsdivError, match="must be an ensdiv member"):
         Teacher(nn.Linear(3, 2))
     teacher = Teacher(Ensemble.build("mlp", 1, in_shape=(1, 8, 8), num_classes=10))
-    with pytest.raises(EnsdivError, match="teacher takes inputs \\[1, 8, 8\\] but the students "
-                                          "take \\[1, 28, 28\\]"):
+    with pytest.raises(EnsdivError, match="teacher takes inputs of shape \\[1, 8, 8\\] but the "
+                                          "student ensemble has inputs of shape \\[1, 28, 28\\]"):
         TransferLoss(teacher, Ensemble.build("mlp", 2, in_shape=(1, 28, 28), num_classes=10),
                      "rrm")
-    with pytest.raises(EnsdivError, match="teacher has 10 classes but the students have 3"):
+    with pytest.raises(EnsdivError, match="teacher has 10 classes but the student ensemble has 3"):
         TransferLoss(teacher, Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=3),
                      "crt")
     with pytest.raises(EnsdivError, match="unknown transfer .kd.; choose one of: crt, rrm"):

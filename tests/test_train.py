@@ -224,7 +224,10 @@ def test_a_run_that_failed_before_its_first_epoch_starts_again(tmp_path):
         with pytest.raises(EnsdivError, match="mnist not found"):
             train_run(cfg, out_dir=tmp_path / "r", data_root=str(tmp_path / "nodata"),
                       progress=False)
-    assert (tmp_path / "r" / CONFIG).exists() and not (tmp_path / "r" / CHECKPOINT).exists()
+    assert not (tmp_path / "r").exists()  # the data set is checked before the folder is made
+    # a run killed during its first epoch leaves its config and no checkpoint: it starts again
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / CONFIG).write_text(json.dumps(cfg.validate().to_dict()))
     _, recs = train_run(TrainConfig(arch="mlp", members=2, epochs=1), out_dir=tmp_path / "r",
                         progress=False)
     assert len(recs) == 1
@@ -337,3 +340,13 @@ def test_adversarial_and_rrm_runs_resume_bit_for_bit(tmp_path):
             assert {k for k in ckpt["loss"]} == {"project.0.weight", "project.1.weight"}
         else:
             assert ckpt["loss"] is None
+
+
+def test_a_teacher_for_other_data_is_refused_before_the_run_folder(tmp_path):
+    train_run(TrainConfig(arch="mlp", members=1, epochs=1), out_dir=tmp_path / "t",
+              progress=False)  # digits, 8x8
+    with pytest.raises(EnsdivError, match="teacher takes inputs of shape \\[1, 8, 8\\] but data "
+                                          "set mnist5k has inputs of shape \\[1, 28, 28\\]"):
+        train_run(TrainConfig(dataset="mnist5k", teacher=str(tmp_path / "t"), transfer="rrm"),
+                  out_dir=tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
