@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -284,13 +285,14 @@ def _pm(value: Any, se: Any) -> str:
 
 def compare_table(records: Sequence[Record]) -> str:
     """One row per compared run (records of ``ensdiv compare``): training minutes (a
-    student's teacher separately), clean and white-box robust accuracy of the ensemble (worst
+    student's teacher apart: by its row's label when the teacher is compared too, so its time
+    is listed once, else its minutes), clean and white-box robust accuracy of the ensemble (worst
     of PGD / APGD-CE / APGD-DLR; ± binomial standard error), pooled member → member transfer
     of full-budget PGD, GDR, certified accuracy at each radius (±) and the ACR.
 
     Example:
-        >>> rec = {"label": "plain", "members": 3, "train_seconds": 120, "clean_acc": 0.9,
-        ...        "robust_acc": 0.1, "robust_acc_se": 0.01, "transfer_mean": 0.8, "gdr": 0.3,
+        >>> rec = {"label": "plain", "run": "runs/plain", "members": 3, "train_seconds": 120,
+        ...        "clean_acc": 0.9, "robust_acc": 0.1, "robust_acc_se": 0.01, "transfer_mean": 0.8, "gdr": 0.3,
         ...        "whitebox": {"attacks": {"pgd": {"setup": {"eps": 0.1}}}},
         ...        "certified": {"radii": [0.5], "accuracy": [0.2], "accuracy_se": [0.04],
         ...                      "acr": 0.12, "sigma": 0.5}}
@@ -302,15 +304,19 @@ def compare_table(records: Sequence[Record]) -> str:
     radii = records[0]["certified"]["radii"]
     sigma = records[0]["certified"]["sigma"]
     eps = records[0]["whitebox"]["attacks"]["pgd"]["setup"]["eps"]
-    lines = [f"| run | M | train min | teacher min | clean acc | robust acc (ε = {eps:g}) | "
+    labels = {os.path.normpath(r["run"]): r["label"] for r in records}
+    lines = [f"| run | M | train min | teacher | clean acc | robust acc (ε = {eps:g}) | "
              "member → member transfer | GDR | "
              + " | ".join(f"certified r = {r:g} (σ = {sigma:g})" for r in radii) + " | ACR |",
              "|---" * (9 + len(radii)) + "|"]
     for r in records:
         teacher = r.get("teacher")
+        if teacher:
+            shown = labels.get(os.path.normpath(teacher["run"]),
+                               f"{teacher['train_seconds'] / 60:.1f} min")
         cert = r["certified"]
         cells = [r["label"], str(r["members"]), f"{r['train_seconds'] / 60:.1f}",
-                 f"{teacher['train_seconds'] / 60:.1f}" if teacher else "—",
+                 shown if teacher else "—",
                  f"{r['clean_acc']:.3f}", _pm(r["robust_acc"], r.get("robust_acc_se")),
                  _pm(r.get("transfer_mean"), None), _pm(r.get("gdr"), None),
                  *(_pm(a, s) for a, s in zip(cert["accuracy"], cert["accuracy_se"],

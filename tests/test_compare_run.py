@@ -28,7 +28,8 @@ def test_compare_records_every_number_and_resumes(runs, tmp_path, capsys):
             "--out", str(tmp_path / "c")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| run | M | train min | teacher min | clean acc | robust acc (ε = 0.1) |" in out
+    assert "| run | M | train min | teacher | clean acc | robust acc (ε = 0.1) |" in out
+    assert "| crt | 2 |" in out and "| teacher | 0." in out.split("| crt | 2 |")[1]
     recs = [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()]
     assert [r["label"] for r in recs] == ["plain", "crt", "teacher"]
     plain, crt, teacher = recs
