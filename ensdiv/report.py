@@ -292,7 +292,8 @@ def compare_table(records: Sequence[Record]) -> str:
 
     Example:
         >>> rec = {"label": "plain", "run": "runs/plain", "members": 3, "train_seconds": 120,
-        ...        "clean_acc": 0.9, "robust_acc": 0.1, "robust_acc_se": 0.01, "transfer_mean": 0.8, "gdr": 0.3,
+        ...        "clean_acc": 0.9, "robust_acc": 0.1, "robust_acc_se": 0.01,
+        ...        "transfer_mean": 0.8, "gdr": 0.3,
         ...        "whitebox": {"attacks": {"pgd": {"setup": {"eps": 0.1}}}},
         ...        "certified": {"radii": [0.5], "accuracy": [0.2], "accuracy_se": [0.04],
         ...                      "acr": 0.12, "sigma": 0.5}}
