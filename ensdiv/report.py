@@ -256,23 +256,26 @@ CERTIFY_RADII: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25)
 
 def certified_table(runs: Sequence[tuple[str, dict[str, Any], Sequence[Record]]],
                     radii: Sequence[float] = CERTIFY_RADII) -> str:
-    """Certified accuracy at each radius and the ACR, one row per (label, config, records).
+    """Certified accuracy at each radius, the ACR and the mean seconds per image, one row per
+    (label, config, records).
 
     Example:
         >>> print(certified_table([("m", {"sigma": 0.5, "n": 100, "alpha": 0.001},
-        ...     [{"correct": True, "radius": 0.6}, {"correct": False, "radius": 0.0}])],
+        ...     [{"correct": True, "radius": 0.6, "seconds": 1.0},
+        ...      {"correct": False, "radius": 0.0, "seconds": 2.0}])],
         ...     radii=(0.5, 1.0)).splitlines()[-1])
-        | m | 0.5 | 100 | 0.001 | 2 | 0.500 | 0.000 | 0.300 |
+        | m | 0.5 | 100 | 0.001 | 2 | 0.500 | 0.000 | 0.300 | 1.50 |
     """
     from ensdiv.smoothing import average_certified_radius, certified_accuracy
 
     lines = ["| model | σ | n | α | test points | " + " | ".join(f"r = {r:g}" for r in radii)
-             + " | ACR |", "|---|---|---|---|---|" + "---|" * (len(radii) + 1)]
+             + " | ACR | s / image |", "|---|---|---|---|---|" + "---|" * (len(radii) + 2)]
     for label, cfg, recs in runs:
         acc = certified_accuracy(recs, radii)
+        secs = sum(r.get("seconds", math.nan) for r in recs) / len(recs) if recs else math.nan
         lines.append(f"| {label} | {cfg.get('sigma')} | {cfg.get('n')} | {cfg.get('alpha')} | "
                      f"{len(recs)} | " + " | ".join(f"{a:.3f}" for a in acc)
-                     + f" | {average_certified_radius(recs):.3f} |")
+                     + f" | {average_certified_radius(recs):.3f} | {secs:.2f} |")
     return "\n".join(lines)
 
 

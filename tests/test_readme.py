@@ -45,3 +45,13 @@ def test_certification_table_comes_from_the_committed_records():
     runs = [(name, read_json(RESULTS / name / "certify.json"),
              read_jsonl(RESULTS / name / "records.jsonl")) for name in CERTIFIED]
     assert block("certified-table") == certified_table(runs).strip()
+
+
+def test_n10k_certification_table_comes_from_its_records():
+    from ensdiv.io import read_json
+    from ensdiv.report import certified_table
+
+    name = "certify-mnist5k-plain-n10k"
+    runs = [(name, read_json(RESULTS / name / "certify.json"),
+             read_jsonl(RESULTS / name / "records.jsonl"))]
+    assert block("certified-n10k") == certified_table(runs).strip()
