@@ -582,7 +582,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     runs = [(label, ensemble_path(run).parent) for label, run in zip(labels, args.runs,
                                                                       strict=True)]
     device = _setup(args)
-    settings = {**config.to_dict(), "runs": [[label, str(run)] for label, run in runs]}
+    settings = config.to_dict()  # runs may be added on --resume; each record names its run
     with run_lock(args.out) as out:
         prepare_run_dir(out, settings, config_name=COMPARE_CONFIG, resume=args.resume,
                         overwrite=args.overwrite,

@@ -17,7 +17,8 @@ the same seeds:
   CERTIFY on the first ``cert_points`` images, per-image noise seeds shared by all runs).
 
 One JSON line per run in ``records.jsonl``; a rerun with the same settings skips runs already
-recorded, and the certificates themselves resume per image.
+recorded (more runs may be added to it later), and the certificates themselves resume per
+image.
 
 Example:
     >>> CompareConfig(eps=0.1, radii=(0.25, 0.5)).validate().radii
@@ -180,6 +181,9 @@ def compare_runs(runs: Sequence[tuple[str, str | Path]], config: CompareConfig,
                                     if path.exists() else [])}
     for label, run in runs:
         if label in done:
+            if done[label]["run"] != str(run):
+                raise EnsdivError(f"{path} holds {label!r} for {done[label]['run']}, not {run}; "
+                                  "give this run another label or another --out")
             continue
         done[label] = evaluate_run(label, run, config, out, device=device, progress=progress,
                                    log=log)

@@ -48,6 +48,10 @@ def test_compare_records_every_number_and_resumes(runs, tmp_path, capsys):
     assert main([*args, "--resume"]) == 0
     again = [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()]
     assert again == recs
+    # a label already recorded for another run is refused
+    assert main([*args[:2], str(runs / "crt"), *args[4:], "--labels", "plain,teacher",
+                 "--resume"]) == 2
+    assert "holds 'teacher' for" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,message", [
