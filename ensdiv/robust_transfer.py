@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice, check_real
-from ensdiv.objective import ensemble_loss
+from ensdiv.objective import DIVERSITIES, ensemble_loss
 
 Transfer = Literal["none", "rrm", "crt"]
 TRANSFERS: tuple[str, ...] = get_args(Transfer)
@@ -177,7 +177,11 @@ class TransferLoss(nn.Module):
         self.teacher, self.transfer = teacher, transfer
         self.weight = DEFAULT_TRANSFER_WEIGHT[transfer] if weight is None else \
             check_real("transfer weight", weight, minimum=0)
-        self.diversity, self.lam = diversity, float(lam)
+        self.diversity = check_choice("diversity", diversity, DIVERSITIES)
+        self.lam = check_real("lam", lam, minimum=0)
+        if diversity != "none" and student.num_members < 2:
+            raise EnsdivError(f"diversity {diversity!r} needs at least 2 members; got "
+                              f"{student.num_members}")
         widths = [int(m.head.in_features) for m in student.members]
         self.project = nn.ModuleList(
             nn.Linear(w, teacher.feature_dim, bias=False) if transfer == "rrm" and

@@ -95,6 +95,14 @@ def test_teacher_mismatches_are_clear_errors():
     with pytest.raises(EnsdivError, match="teacher has 10 classes but the student ensemble has 3"):
         TransferLoss(teacher, Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=3),
                      "crt")
+    two = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(EnsdivError, match="unknown diversity 'galx'"):
+        TransferLoss(teacher, two, "rrm", diversity="galx")
+    with pytest.raises(EnsdivError, match="lam must be"):
+        TransferLoss(teacher, two, "rrm", diversity="gal", lam=-1.0)
+    with pytest.raises(EnsdivError, match="needs at least 2 members"):
+        TransferLoss(teacher, Ensemble.build("mlp", 1, in_shape=(1, 8, 8), num_classes=10),
+                     "rrm", diversity="gal")
     with pytest.raises(EnsdivError, match="unknown transfer .kd.; choose one of: crt, rrm"):
         TransferLoss(teacher, Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10),
                      "kd")
