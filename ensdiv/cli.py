@@ -67,9 +67,7 @@ from ensdiv.runtime import available_cores, resolve_device, set_threads
 from ensdiv.smoothing import Smooth, max_certifiable_radius
 from ensdiv.sweep import RECORDS, SWEEP_ATTACKS, SWEEP_CONFIG, SweepConfig, run_sweep
 from ensdiv.train import (
-    ATTACKS as AT_ATTACKS,
-)
-from ensdiv.train import (
+    ADVERSARIAL_ATTACKS,
     CHECKPOINT,
     CONFIG,
     DEFAULT_AT_STEPS,
@@ -154,7 +152,7 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], ..
      "std of Gaussian pixel noise added to training batches"),
     ("--objective", "objective", str, _choices(OBJECTIVES),
      "standard, or adversarial: every member trained on its own PGD examples (Madry et al.)"),
-    ("--attack", "attack", str, _choices(AT_ATTACKS), "attack of adversarial training"),
+    ("--attack", "attack", str, _choices(ADVERSARIAL_ATTACKS), "attack of adversarial training"),
     ("--eps", "eps", float, "ε", "L∞ radius of adversarial training (needed with "
      "--objective adversarial; default: none)"),
     ("--steps", "steps", int, None, f"PGD steps of adversarial training (default: "

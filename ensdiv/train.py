@@ -93,7 +93,7 @@ DEFAULT_AT_STEPS = 7
 """PGD steps of adversarial training when ``--steps`` is not given (Madry et al.'s CIFAR-10
 setting; step size 2.5·eps/steps)."""
 
-ATTACKS: tuple[str, ...] = ("pgd",)
+ADVERSARIAL_ATTACKS: tuple[str, ...] = ("pgd",)
 """Attacks adversarial training can use."""
 
 MAX_PLAUSIBLE_SIGMA = 1.0
@@ -170,7 +170,7 @@ class TrainConfig:
 
     def _validate_adversarial(self, sigma: float) -> tuple[float | None, int | None]:
         check_choice("objective", self.objective, OBJECTIVES)
-        check_choice("attack", self.attack, ATTACKS)
+        check_choice("attack", self.attack, ADVERSARIAL_ATTACKS)
         if self.objective != "adversarial":
             for name, value in (("eps", self.eps), ("steps", self.steps)):
                 if value is not None:
