@@ -93,6 +93,7 @@ def real(certify_dir: str, staged_dirs: list[str]) -> None:
     print("| asked r | certified, CERTIFY | certified, staged | mean samples, staged "
           "| samples saved (×) | most samples, staged |")
     print("|---|---|---|---|---|---|")
+    all_used, all_plain, all_staged, all_n = [], 0, 0, 0
     for folder in staged_dirs:
         scfg, staged = _records(folder)
         if scfg["weights"] != cfg["weights"] or scfg["sigma"] != cfg["sigma"]:
@@ -102,9 +103,17 @@ def real(certify_dir: str, staged_dirs: list[str]) -> None:
         plain_hits = sum(1 for p in same if p["correct"] and p["radius"] >= r)
         staged_hits = sum(1 for s in staged if s["correct"] and s["idx"] in by_idx)
         mean_used = statistics.fmean(s["samples"] for s in staged)
+        all_used += [s["samples"] for s in staged]
+        all_plain, all_staged, all_n = all_plain + plain_hits, all_staged + staged_hits, \
+            all_n + len(same)
         print(f"| {r:g} | {plain_hits / len(same):.3f} | {staged_hits / len(same):.3f} | "
               f"{mean_used:,.0f} | {(cfg['n'] + cfg['n0']) / mean_used:.1f} | "
               f"{max(s['samples'] for s in staged):,} |")
+    if len(staged_dirs) > 1:
+        mean_used = statistics.fmean(all_used)
+        print(f"| all {len(staged_dirs)} together | {all_plain / all_n:.3f} | "
+              f"{all_staged / all_n:.3f} | {mean_used:,.0f} | "
+              f"{(cfg['n'] + cfg['n0']) / mean_used:.1f} | {max(all_used):,} |")
 
 
 if __name__ == "__main__":
