@@ -328,3 +328,26 @@ def compare_table(records: Sequence[Record]) -> str:
                  _pm(cert["acr"], None)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compare_ratios(records: Sequence[Record], pairs: Sequence[tuple[str, str]]) -> str:
+    """For each ``(a, b)`` pair of compared runs' labels: a's robust accuracy, ACR and training
+    time as fractions of b's (a student's teacher time not included — listed in its own row).
+
+    Example:
+        >>> recs = [{"label": "s", "robust_acc": 0.6, "train_seconds": 60,
+        ...          "certified": {"acr": 0.5}},
+        ...         {"label": "t", "robust_acc": 0.8, "train_seconds": 600,
+        ...          "certified": {"acr": 1.0}}]
+        >>> print(compare_ratios(recs, [("s", "t")]).splitlines()[-1])
+        | s / t | 0.750 | 0.500 | 0.100 |
+    """
+    by = {r["label"]: r for r in records}
+    lines = ["| runs | robust acc ratio | ACR ratio | training time ratio |", "|---|---|---|---|"]
+    for a, b in pairs:
+        ra, rb = by[a], by[b]
+        cells = [ra["robust_acc"] / rb["robust_acc"] if rb["robust_acc"] else math.nan,
+                 ra["certified"]["acr"] / rb["certified"]["acr"] if rb["certified"]["acr"]
+                 else math.nan, ra["train_seconds"] / rb["train_seconds"]]
+        lines.append(f"| {a} / {b} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
