@@ -7,9 +7,9 @@ groups' times divided by M. ``channels_last`` compares the two weight memory for
 
 pytest-benchmark: ``make bench`` or ``pytest benchmarks/bench_smoothing.py --benchmark-enable``.
 The README's figures come from ``python benchmarks/bench_smoothing.py``: paired repetitions
-(member, M = 3, M = 5 timed back to back in each), medians of samples/s and of the per-repetition
-ratios, the FLOPs per sample (convolutions and matmuls, ``torch.utils.flop_counter``) and the
-machine's ceiling (measured float32 matmul rate).
+(every M, weight format and batch size timed back to back in each), medians of samples/s and of
+the per-repetition ratios, the FLOPs per sample (convolutions and matmuls,
+``torch.utils.flop_counter``) and the machine's ceiling (measured float32 matmul rate).
 """
 
 import statistics
@@ -77,24 +77,31 @@ def test_noisy_samples(benchmark, device, arch, shape, m, channels_last):
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
 
 
-def paired(arch: str, shape: tuple[int, ...], ms: tuple[int, ...], *, channels_last: bool,
-           device: str = "cpu", reps: int = 5) -> dict[int, list[float]]:
-    """Seconds per ``SAMPLES`` noisy samples for each M, measured back to back per repetition."""
+SETTINGS = [(False, 1_000), (False, BATCH), (True, 1_000), (True, BATCH)]
+"""(channels_last, batch) pairs: the old defaults first, then each change alone and both."""
+
+
+def paired(arch: str, shape: tuple[int, ...], ms: tuple[int, ...], *, device: str = "cpu",
+           reps: int = 5) -> dict[tuple[int, bool, int], list[float]]:
+    """Seconds per ``SAMPLES`` noisy samples for every (M, channels_last, batch), all timed
+    back to back in each repetition (so the machine's drift hits them alike)."""
     smooths = {}
     for m in ms:
-        torch.manual_seed(0)
-        ens = Ensemble.build(arch, m, in_shape=shape, num_classes=10).to(device).eval()
-        smooths[m] = Smooth(ens, num_classes=10, sigma=0.5, seed=0, channels_last=channels_last)
+        for cl in (False, True):
+            torch.manual_seed(0)
+            ens = Ensemble.build(arch, m, in_shape=shape, num_classes=10).to(device).eval()
+            smooths[(m, cl)] = Smooth(ens, num_classes=10, sigma=0.5, seed=0, channels_last=cl)
     x = torch.rand(*shape, device=device)
-    times: dict[int, list[float]] = {m: [] for m in ms}
+    keys = [(m, cl, batch) for m in ms for cl, batch in SETTINGS]
+    times: dict[tuple[int, bool, int], list[float]] = {k: [] for k in keys}
     for rep in range(reps + 1):
-        for m in ms:
+        for m, cl, batch in keys:
             t = time.perf_counter()
-            smooths[m].sample_counts(x, SAMPLES, BATCH)
+            smooths[(m, cl)].sample_counts(x, SAMPLES, batch)
             if device == "cuda":
                 torch.cuda.synchronize()
             if rep:  # the first repetition warms up
-                times[m].append(time.perf_counter() - t)
+                times[(m, cl, batch)].append(time.perf_counter() - t)
     return times
 
 
@@ -103,23 +110,26 @@ def main() -> None:
     ceiling = matmul_gflops(device)
     print(f"device {_device_name(device)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; float32 matmul ceiling {ceiling:.0f} GFLOP/s; "
-          f"{SAMPLES} samples per call, batch {BATCH}, median of 5 paired repetitions")
-    print("| model | weights | M | samples/s | GFLOP/s (share of ceiling) | time / member's "
-          "| / (M × member's) |")
-    print("|---|---|---|---|---|---|---|")
+          f"{SAMPLES} samples per call; median of 5 paired repetitions\n")
+    print("| model | M | weights | batch | samples/s | GFLOP/s (share of ceiling) "
+          "| speed-up vs NCHW, batch 1,000 | time / (M × member's) |")
+    print("|---|---|---|---|---|---|---|---|")
     for arch, shape, ms in [("cnn", (1, 28, 28), (1, 3, 5)), ("resnet20", (3, 32, 32), (1, 3))]:
         torch.manual_seed(0)
         flops = flops_per_sample(Ensemble.build(arch, 1, in_shape=shape, num_classes=10), shape)
-        for cl in (False, True):
-            times = paired(arch, shape, ms, channels_last=cl, device=device)
-            for m in ms:
-                rate = SAMPLES / statistics.median(times[m])
-                ratio = statistics.median(a / b for a, b in zip(times[m], times[1], strict=True))
+        times = paired(arch, shape, ms, device=device)
+        for m in ms:
+            old = times[(m, False, 1_000)]
+            for cl, batch in SETTINGS:
+                t = times[(m, cl, batch)]
+                rate = SAMPLES / statistics.median(t)
                 gf = rate * flops * m / 1e9
-                print(f"| {arch} ({flops / 1e6:.1f} MFLOP) | "
-                      f"{'channels_last' if cl else 'NCHW'} | {m} | {rate:,.0f} | "
-                      f"{gf:.1f} ({gf / ceiling:.0%}) | {ratio:.2f} | {ratio / m:.2f} |",
-                      flush=True)
+                speed = statistics.median(a / b for a, b in zip(old, t, strict=True))
+                per = statistics.median(a / (m * b) for a, b in
+                                        zip(t, times[(1, cl, batch)], strict=True))
+                print(f"| {arch} ({flops / 1e6:.1f} MFLOP) | {m} | "
+                      f"{'channels_last' if cl else 'NCHW'} | {batch:,} | {rate:,.0f} | "
+                      f"{gf:.1f} ({gf / ceiling:.0%}) | {speed:.2f} | {per:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,25 @@ def test_n10k_certification_table_comes_from_its_records():
     runs = [(name, read_json(RESULTS / name / "certify.json"),
              read_jsonl(RESULTS / name / "records.jsonl"))]
     assert block("certified-n10k") == certified_table(runs).strip()
+
+
+def test_staged_sampling_table_comes_from_the_real_run_records(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "staged_sampling", ROOT / "benchmarks" / "staged_sampling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.real(str(RESULTS / "certify-mnist5k-member-n100k"),
+             [str(RESULTS / f"staged-mnist5k-member-r{r}") for r in ("0.25", "0.5", "0.75", "1.0")])
+    assert block("staged-real") == capsys.readouterr().out.strip()
+
+
+def test_comparison_tables_come_from_the_committed_records():
+    from ensdiv.report import compare_ratios, compare_table
+
+    records = read_jsonl(RESULTS / "compare-mnist5k" / "records.jsonl")
+    assert block("compare-table") == compare_table(records).strip()
+    pairs = [("rrm", "at"), ("rrm-gal", "at"), ("rrm-gal0.05", "at"), ("at-teacher", "at"),
+             ("crt", "gaussian"), ("crt-gal", "gaussian"), ("crt", "noise-teacher")]
+    assert block("compare-ratios") == compare_ratios(records, pairs).strip()
