@@ -587,8 +587,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         started=lambda p: (p / COMPARE_RECORDS).exists(),
                         kind="comparison", command="ensdiv compare")
         atomic_write_json(out / COMPARE_CONFIG, settings)
-        records = compare_runs(runs, config, out, device=device, progress=not args.quiet,
-                               log=lambda line: print(line, flush=True))
+        records = compare_runs(runs, config, out, device=device, data_root=args.data_root,
+                               progress=not args.quiet, log=lambda line: print(line, flush=True))
     print()
     print(compare_table(records))
     print(f"\n{len(records)} records in {Path(args.out) / COMPARE_RECORDS}")
@@ -759,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert-points", type=int, default=100, help="test images certified")
     _add_out_options(p, "result folder (compare.json, records.jsonl, certificates)",
                      "continue the comparison in --out")
-    _add_common(p, data=False)
+    _add_common(p)
     p.set_defaults(func=cmd_compare)
 
     p = add("certify", "randomized-smoothing certificates (Cohen et al.) of a member or the "

@@ -119,7 +119,8 @@ def _binomial_se(p: float, n: int) -> float:
 
 
 def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, *,
-                 device: torch.device | str = "cpu", progress: bool = False,
+                 device: torch.device | str = "cpu", data_root: str | None = None,
+                 progress: bool = False,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every number of one row of the comparison for the run folder ``run`` (see the module
     docstring); certificates go to ``out/certify-<label>.jsonl`` (resumable)."""
@@ -129,7 +130,7 @@ def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, 
     train_cfg = read_json(run / CONFIG, what="run config", fix="compare a run folder made by "
                           "ensdiv train")
     dataset = train_cfg.get("dataset")
-    _, test, _ = load_dataset(dataset)
+    _, test, _ = load_dataset(dataset, root=data_root)
     n = min(config.n_eval, len(test))
     x = torch.stack([test[i][0] for i in range(n)]).to(device)
     y = torch.tensor([int(test[i][1]) for i in range(n)], device=device)
@@ -169,7 +170,7 @@ def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, 
 
 def compare_runs(runs: Sequence[tuple[str, str | Path]], config: CompareConfig,
                  out: str | Path, *, device: torch.device | str = "cpu",
-                 progress: bool = False,
+                 data_root: str | None = None, progress: bool = False,
                  log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Evaluate each ``(label, run folder)`` not yet in ``out/records.jsonl`` and return all
     records in the order given. The caller prepares ``out`` (settings, lock)."""
@@ -185,7 +186,7 @@ def compare_runs(runs: Sequence[tuple[str, str | Path]], config: CompareConfig,
                 raise EnsdivError(f"{path} holds {label!r} for {done[label]['run']}, not {run}; "
                                   "give this run another label or another --out")
             continue
-        done[label] = evaluate_run(label, run, config, out, device=device, progress=progress,
-                                   log=log)
+        done[label] = evaluate_run(label, run, config, out, device=device, data_root=data_root,
+                                   progress=progress, log=log)
         atomic_write_jsonl(path, list(done.values()))
     return [done[label] for label, _ in runs]
