@@ -206,6 +206,18 @@ _DETECT_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], .
 )
 
 
+_COMPARE_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str | None, str], ...] = (
+    ("--eps", "eps", float, "ε", "L∞ radius of every attack"),
+    ("--steps", "steps", int, None, "PGD steps (white-box and transfer)"),
+    ("--apgd-steps", "apgd_steps", int, None, "APGD-CE / APGD-DLR iterations"),
+    ("--n-eval", "n_eval", int, "N", "test images attacked (the first N)"),
+    ("--seed", "eval_seed", int, "SEED", "seed of the attacks and the noise"),
+    ("--sigma", "sigma", float, "σ", "smoothing noise std"),
+    ("--radii", "radii", _float_list, "R1,R2,...", "radii of the certified accuracy"),
+    ("--cert-n", "cert_n", int, "N", "noise samples bounding each certificate"),
+    ("--cert-points", "cert_points", int, "N", "test images certified"),
+)
+
 def _add_config_options(p: argparse.ArgumentParser, options: Sequence[tuple], defaults: Any,
                         ) -> None:
     for flag, field, type_, metavar, text in options:
@@ -573,10 +585,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise EnsdivError(f"--labels names {len(labels)} runs but {len(args.runs)} were given")
     if len(set(labels)) != len(labels):
         raise EnsdivError(f"labels must differ; got {', '.join(labels)} (give --labels)")
-    config = CompareConfig(eps=args.eps, steps=args.steps, apgd_steps=args.apgd_steps,
-                           n_eval=args.n_eval, eval_seed=args.seed, sigma=args.sigma,
-                           radii=args.radii, cert_n=args.cert_n,
-                           cert_points=args.cert_points).validate()
+    config = CompareConfig(**_given(args, _COMPARE_OPTIONS)).validate()
     runs = [(label, ensemble_path(run).parent) for label, run in zip(labels, args.runs,
                                                                       strict=True)]
     device = _setup(args)
@@ -746,17 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders made by ensdiv train")
     p.add_argument("--labels", default=None, metavar="L1,L2,...",
                    help="row names (default: the folders' names)")
-    p.add_argument("--eps", type=float, default=0.1, help="L∞ radius of every attack")
-    p.add_argument("--steps", type=int, default=20, help="PGD steps (white-box and transfer)")
-    p.add_argument("--apgd-steps", type=int, default=50, help="APGD-CE / APGD-DLR iterations")
-    p.add_argument("--n-eval", type=int, default=500, help="test images attacked (the first N)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attacks and the noise")
-    p.add_argument("--sigma", type=float, default=0.5, help="smoothing noise std")
-    p.add_argument("--radii", type=_float_list, default=(0.5, 1.0), metavar="R1,R2,...",
-                   help="radii of the certified accuracy (default: 0.5,1.0)")
-    p.add_argument("--cert-n", type=int, default=1_000,
-                   help="noise samples bounding each certificate")
-    p.add_argument("--cert-points", type=int, default=100, help="test images certified")
+    _add_config_options(p, _COMPARE_OPTIONS, CompareConfig())
     _add_out_options(p, "result folder (compare.json, records.jsonl, certificates)",
                      "continue the comparison in --out")
     _add_common(p)
