@@ -279,11 +279,8 @@ def certified_table(runs: Sequence[tuple[str, dict[str, Any], Sequence[Record]]]
     return "\n".join(lines)
 
 
-def _pm(value: Any, se: Any) -> str:
-    if value is None or not math.isfinite(_num(value)):
-        return "—"
-    return f"{value:.3f} ± {se:.3f}" if se is not None and math.isfinite(_num(se)) else \
-        f"{value:.3f}"
+def _num3(value: Any) -> str:
+    return "—" if value is None or not math.isfinite(_num(value)) else f"{value:.3f}"
 
 
 def compare_table(records: Sequence[Record]) -> str:
@@ -295,10 +292,10 @@ def compare_table(records: Sequence[Record]) -> str:
 
     Example:
         >>> rec = {"label": "plain", "run": "runs/plain", "members": 3, "train_seconds": 120,
-        ...        "clean_acc": 0.9, "robust_acc": 0.1, "robust_acc_se": 0.01,
+        ...        "clean_acc": 0.9, "robust_acc": 0.1, "n_eval": 900,
         ...        "transfer_mean": 0.8, "gdr": 0.3,
         ...        "whitebox": {"attacks": {"pgd": {"setup": {"eps": 0.1}}}},
-        ...        "certified": {"radii": [0.5], "accuracy": [0.2], "accuracy_se": [0.04],
+        ...        "certified": {"radii": [0.5], "accuracy": [0.2], "points": 100,
         ...                      "acr": 0.12, "sigma": 0.5}}
         >>> print(compare_table([rec]).splitlines()[-1])
         | plain | 3 | 2.0 | — | 0.900 | 0.100 ± 0.010 | 0.800 | 0.300 | 0.200 ± 0.040 | 0.120 |
@@ -321,11 +318,10 @@ def compare_table(records: Sequence[Record]) -> str:
         cert = r["certified"]
         cells = [r["label"], str(r["members"]), f"{r['train_seconds'] / 60:.1f}",
                  shown if teacher else "—",
-                 f"{r['clean_acc']:.3f}", _pm(r["robust_acc"], r.get("robust_acc_se")),
-                 _pm(r.get("transfer_mean"), None), _pm(r.get("gdr"), None),
-                 *(_pm(a, s) for a, s in zip(cert["accuracy"], cert["accuracy_se"],
-                                             strict=True)),
-                 _pm(cert["acr"], None)]
+                 f"{r['clean_acc']:.3f}", _pct_se(r["robust_acc"], r["n_eval"]),
+                 _num3(r.get("transfer_mean")), _num3(r.get("gdr")),
+                 *(_pct_se(a, cert["points"]) for a in cert["accuracy"]),
+                 _num3(cert["acr"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
