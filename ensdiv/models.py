@@ -6,7 +6,9 @@ logits [B, num_classes]. Each exposes ``features(x) -> [B, F]`` (the penultimate
 and a linear ``head`` (``logits = head(features(x))``) so representations can be matched.
 
 Normalization layers are GroupNorm: train-mode BatchNorm couples the samples of a batch, which
-breaks per-sample input gradients and ``vmap`` over samples.
+breaks per-sample input gradients and ``vmap`` over samples. Convolutions, GroupNorm, ReLU and
+max pooling are :mod:`ensdiv.layers`' drop-ins for the ``torch.nn`` ones (same parameters and
+numbers) whose double backward is cheaper, which is what gradient-diversity training pays for.
 
 Example:
     >>> import torch
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ensdiv.errors import EnsdivError, check_choice, check_shape
+from ensdiv.layers import Conv2d, GroupNorm, MaxPool2d, ReLU
 
 Arch = Literal["mlp", "cnn", "resnet20"]
 ARCHS: tuple[str, ...] = get_args(Arch)
@@ -96,8 +99,8 @@ class MLP(Member):
         super().__init__("mlp", in_shape, num_classes, mean, std)
         c, h, w = in_shape
         self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Flatten(), nn.Linear(c * h * w, hidden), ReLU(),
+            nn.Linear(hidden, hidden), ReLU(),
         )
         self.head = nn.Linear(hidden, num_classes)
 
@@ -106,8 +109,8 @@ class MLP(Member):
         return self.body(z)
 
 
-def _gn(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels), channels)
+def _gn(channels: int) -> GroupNorm:
+    return GroupNorm(min(8, channels), channels)
 
 
 class CNN(Member):
@@ -121,10 +124,10 @@ class CNN(Member):
         super().__init__("cnn", in_shape, num_classes, mean, std)
         c = in_shape[0]
         self.body = nn.Sequential(
-            nn.Conv2d(c, width, 3, padding=1), _gn(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), _gn(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            Conv2d(c, width, 3, padding=1), _gn(width), ReLU(), MaxPool2d(2),
+            Conv2d(width, 2 * width, 3, padding=1), _gn(2 * width), ReLU(), MaxPool2d(2),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-            nn.Linear(2 * width * 16, feat_dim), nn.ReLU(),
+            nn.Linear(2 * width * 16, feat_dim), ReLU(),
         )
         self.head = nn.Linear(feat_dim, num_classes)
 
@@ -138,18 +141,19 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.n1 = _gn(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.n2 = _gn(cout)
+        self.relu = ReLU()
         self.short: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _gn(cout))
+            self.short = nn.Sequential(Conv2d(cin, cout, 1, stride, bias=False), _gn(cout))
 
     def forward(self, x: Tensor) -> Tensor:
         """Residual block output."""
-        out = torch.relu(self.n1(self.conv1(x)))
-        return torch.relu(self.n2(self.conv2(out)) + self.short(x))
+        out = self.relu(self.n1(self.conv1(x)))
+        return self.relu(self.n2(self.conv2(out)) + self.short(x))
 
 
 class ResNet20(Member):
@@ -159,7 +163,7 @@ class ResNet20(Member):
                  std: Sequence[float], width: int = 16) -> None:
         super().__init__("resnet20", in_shape, num_classes, mean, std)
         c = in_shape[0]
-        layers: list[nn.Module] = [nn.Conv2d(c, width, 3, 1, 1, bias=False), _gn(width), nn.ReLU()]
+        layers: list[nn.Module] = [Conv2d(c, width, 3, 1, 1, bias=False), _gn(width), ReLU()]
         cin = width
         for stage, cout in enumerate((width, 2 * width, 4 * width)):
             for block in range(3):
