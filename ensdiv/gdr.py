@@ -163,29 +163,41 @@ def _genz(c: Tensor, n_points: int, seed: int, rank_tol: float) -> Tensor:
     u = sobol_points(m - 1, n_points, seed).to(c.device)  # [P, M-1]
     tiny = torch.finfo(torch.float64).tiny
     prob = c.new_ones(n, n_points)
-    partial = c.new_zeros(n, n_points, m)  # row i: sum over the sampled k of L_ik w_k
+    w_all = c.new_zeros(n, n_points, m)  # the sampled w, column k filled at step k
+    any_dependent = bool(dependent.any())
+
+    def partial(i: int, j: int) -> Tensor:
+        """Σ_{k<j} L_ik w_k for row i: one batched matrix-vector product (not a running sum
+        over all rows, which rewrote an [N, P, M] tensor M times)."""
+        if j == 0:
+            return c.new_zeros(n, n_points)
+        return torch.bmm(w_all[..., :j], chol[:, i, :j, None])[..., 0]
+
     for j in range(m):
         free = ~dependent[:, j, None]
         hi = torch.where(
-            free, -partial[..., j] / torch.where(free, chol[:, j, j, None], 1.0), math.inf
+            free, -partial(j, j) / torch.where(free, chol[:, j, j, None], 1.0), math.inf
         )
-        lo = torch.full_like(hi, -math.inf)
-        for i in range(j + 1, m):
+        lo = None
+        for i in range(j + 1, m) if any_dependent else ():
             folds = dependent[:, i] & (last_col[:, i] == j)
             if not folds.any():
                 continue
+            if lo is None:
+                lo = torch.full_like(hi, -math.inf)
             coef = chol[:, i, j, None]
-            bound = -partial[..., i] / torch.where(folds[:, None], coef, 1.0)
+            bound = -partial(i, j) / torch.where(folds[:, None], coef, 1.0)
             hi = torch.where(folds[:, None] & (coef > 0), torch.minimum(hi, bound), hi)
             lo = torch.where(folds[:, None] & (coef < 0), torch.maximum(lo, bound), lo)
-        p_lo = torch.special.ndtr(lo)
-        e = (torch.special.ndtr(hi) - p_lo).clamp_min(0.0)
+        p_hi = torch.special.ndtr(hi)
+        p_lo = torch.special.ndtr(lo) if lo is not None else None
+        e = p_hi if p_lo is None else (p_hi - p_lo).clamp_min(0.0)
         prob = prob * e
         if j < m - 1:
             # Clamped so ndtri never sees 0 or 1 (+-inf, then inf * 0 = NaN downstream).
-            w = torch.special.ndtri((p_lo + u[:, j] * e).clamp(tiny, 1.0 - 1e-16))
-            w = torch.where(free, w, 0.0)
-            partial[..., j + 1 :] += chol[:, None, j + 1 :, j] * w[..., None]
+            q = u[:, j] * e if p_lo is None else p_lo + u[:, j] * e
+            w = torch.special.ndtri(q.clamp(tiny, 1.0 - 1e-16))
+            w_all[..., j] = torch.where(free, w, 0.0)
     return prob.mean(-1)
 
 
