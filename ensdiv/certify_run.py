@@ -61,7 +61,7 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
                     max: int | None = None, radius: float | None = None,
                     stages: tuple[int, ...] = (1_000, 10_000, 100_000), beta: float = 1e-4,
                     vote: bool = False, seed: int = 0, num_classes: int | None = None,
-                    progress: bool = True,
+                    progress: bool = True, amp: bool = False,
                     log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Certify every ``skip``-th example of ``dataset`` (the first ``max`` of those) and
     return all records of ``out`` (old and new), sorted by ``idx``.
@@ -75,8 +75,9 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
             at this radius (``radius`` in the record is then ``radius`` or 0) with ``stages``
             and ``beta``; ``samples`` counts the noise samples it used.
         vote: majority vote of the members as the base prediction.
-        seed: the noise of example ``idx`` comes from a generator seeded with
-            ``seed * 1_000_003 + idx``.
+        seed: the noise of example ``idx`` comes from a generator (on the model's device)
+            seeded with ``seed * 1_000_003 + idx``.
+        amp: bfloat16 autocast for the noisy forward passes (see :class:`Smooth`).
     """
     check_int("skip", skip)
     if max is not None:
@@ -87,7 +88,7 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
     k = num_classes or getattr(base, "num_classes", None)
     if k is None:
         raise EnsdivError("num_classes is needed: the model does not declare it")
-    smooth = Smooth(base, num_classes=k, sigma=sigma, vote=vote)
+    smooth = Smooth(base, num_classes=k, sigma=sigma, vote=vote, amp=amp)
     indices = list(range(0, len(dataset), skip))[:max]
     path = Path(out)
     try:
@@ -106,7 +107,8 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
         with open(path, "a", encoding="utf-8") as f:
             for i in todo:
                 x, label = dataset[i]
-                smooth.generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                smooth.generator = torch.Generator(device=smooth._device()).manual_seed(
+                    seed * 1_000_003 + i)
                 t0 = time.perf_counter()
                 if radius is None:
                     pred, rad = smooth.certify(x, n0=n0, n=n, alpha=alpha,

@@ -39,7 +39,7 @@ Diversity = Literal["none", "cos", "gal", "gdr", "drt"]
 DIVERSITIES: tuple[str, ...] = get_args(Diversity)
 
 
-def ce_loss(ensemble: Ensemble, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+def ce_loss(ensemble: Ensemble, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Sum over members of each member's batch-mean cross-entropy (independent training).
 
     Example:
@@ -53,11 +53,11 @@ def ce_loss(ensemble: Ensemble, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str,
     m, b, k = logits.shape
     ce = torch.nn.functional.cross_entropy(
         logits.reshape(m * b, k), y.repeat(m), reduction="none").view(m, b).mean(1)
-    return ce.sum(), {f"ce_{i}": float(v) for i, v in enumerate(ce.detach())}
+    return ce.sum(), {f"ce_{i}": v for i, v in enumerate(ce.detach())}
 
 
 def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = "gal",
-                  lam: float = 0.5, ce_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+                  lam: float = 0.5, ce_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """The gradient-diversity training objective and its detached parts.
 
     Args:
@@ -68,7 +68,9 @@ def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = 
         ce_weight: weight of the summed cross-entropy (a transfer loss may lower it).
 
     Returns:
-        ``(loss, stats)``: a scalar to backpropagate, and floats ``ce_i`` (each member's
+        ``(loss, stats)``: a scalar to backpropagate, and detached 0-dim tensors (left on the
+        device: reading them is a GPU sync, which :func:`ensdiv.train.fit` does once per
+        epoch) ``ce_i`` (each member's
         batch-mean CE), ``reg`` (the regularizer) and ``train_cos`` (mean pairwise cosine on
         the batch).
 
@@ -94,9 +96,9 @@ def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = 
     ce = ce_sums / x.shape[0]
     reg = DIVERSITY_LOSSES[diversity](grads)
     loss = ce_weight * ce.sum() + lam * reg
-    stats = {f"ce_{i}": float(v) for i, v in enumerate(ce.detach())}
-    stats["reg"] = float(reg.detach())
-    stats["train_cos"] = float(cosine_loss(grads.detach()))  # the mean pairwise cosine
+    stats = {f"ce_{i}": v for i, v in enumerate(ce.detach())}
+    stats["reg"] = reg.detach()
+    stats["train_cos"] = cosine_loss(grads.detach())  # the mean pairwise cosine
     return loss, stats
 
 
@@ -110,7 +112,7 @@ def _margin_and_logits(member: torch.nn.Module) -> Callable[[Tensor], tuple[Tens
 
 
 def drt_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *,
-             lam: float = 0.5, ce_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+             lam: float = 0.5, ce_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Diversity-Regularized Training (Yang et al., ICLR 2022, "On the certified robustness for
     ensemble models and beyond") on a batch, usually Gaussian-noised inputs.
 
@@ -158,9 +160,9 @@ def drt_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *,
     cm = (right * torch.stack(margins)).sum() / right.sum().clamp_min(1.0)
     reg = gd - cm
     loss = ce_weight * ce.sum() + lam * reg
-    stats = {f"ce_{i}": float(v) for i, v in enumerate(ce.detach())}
-    stats.update(reg=float(reg.detach()), drt_gd=float(gd.detach()), drt_cm=float(cm.detach()))
-    stats["train_cos"] = float(cosine_loss(torch.stack(grads).detach()))
+    stats = {f"ce_{i}": v for i, v in enumerate(ce.detach())}
+    stats.update(reg=reg.detach(), drt_gd=gd.detach(), drt_cm=cm.detach())
+    stats["train_cos"] = cosine_loss(torch.stack(grads).detach())
     return loss, stats
 
 
@@ -170,7 +172,7 @@ OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 def adversarial_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float, steps: int = 7,
                      alpha: float | None = None, diversity: str = "none",
-                     lam: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+                     lam: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """PGD adversarial training of every member (Madry et al. 2018, "Towards Deep Learning
     Models Resistant to Adversarial Attacks"), optionally with a diversity term.
 
@@ -198,10 +200,10 @@ def adversarial_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float, st
         x_adv = pgd(member, x, y, eps=eps, steps=steps, alpha=alpha, keep="last")
         logits = member(x_adv)
         ces.append(torch.nn.functional.cross_entropy(logits, y))
-        accs.append(float((logits.argmax(-1) == y).float().mean()))
+        accs.append((logits.argmax(-1) == y).float().mean().detach())
     ce = torch.stack(ces)
     loss = ce.sum()
-    stats = {f"ce_{i}": float(v) for i, v in enumerate(ce.detach())}
+    stats = {f"ce_{i}": v for i, v in enumerate(ce.detach())}
     stats.update({f"adv_acc_{i}": a for i, a in enumerate(accs)})
     if diversity != "none":
         div, div_stats = ensemble_loss(ensemble, x, y, diversity=diversity, lam=lam,

@@ -188,7 +188,7 @@ class TransferLoss(nn.Module):
             w != teacher.feature_dim else nn.Identity() for w in widths)
 
     def forward(self, ensemble: Ensemble, x: Tensor,
-                y: Tensor) -> tuple[Tensor, dict[str, float]]:
+                y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``(loss, stats)`` with stats ``transfer_i``, ``ce_i`` (and ``reg``, ``train_cos``
         with a diversity term)."""
         target = self.teacher.features(x) if self.transfer == "rrm" else self.teacher.logits(x)
@@ -203,11 +203,11 @@ class TransferLoss(nn.Module):
             if self.diversity == "none":
                 ces.append(nn.functional.cross_entropy(logits, y))
         dist = torch.stack(dists)
-        stats = {f"transfer_{i}": float(v) for i, v in enumerate(dist.detach())}
+        stats = {f"transfer_{i}": v for i, v in enumerate(dist.detach())}
         if self.diversity == "none":
             ce = torch.stack(ces)
             loss = dist.sum() + self.weight * ce.sum()
-            stats.update({f"ce_{i}": float(v) for i, v in enumerate(ce.detach())})
+            stats.update({f"ce_{i}": v for i, v in enumerate(ce.detach())})
             return loss, stats
         # The diversity term's own pass gives the CE too (same value); it carries the weight.
         div, div_stats = ensemble_loss(ensemble, x, y, diversity=self.diversity, lam=self.lam,

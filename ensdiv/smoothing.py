@@ -95,8 +95,11 @@ class Smooth:
         vote: for an ensemble, the base prediction is the members' majority vote instead of the
             mean softmax's argmax.
         generator: a ``torch.Generator`` for the noise (on the CPU or the model's device), or
-            None for a fresh one seeded with ``seed``.
+            None for a fresh one on the model's device seeded with ``seed`` (the same seed
+            gives the same noise on CPU runs; a GPU's stream differs from the CPU's).
         seed: seed of that fresh generator.
+        amp: run the noisy forward passes under bfloat16 autocast (GPUs). The certificate's
+            statistics are exact counts either way; only the base classifier changes (slightly).
         channels_last: move ``base``'s 4-D weights to the channels-last memory format, in
             place (values unchanged). Noisy forward passes of the shipped cnn then run about
             1.5× faster on CPU (``benchmarks/bench_smoothing.py``); pass False to leave the
@@ -116,7 +119,7 @@ class Smooth:
 
     def __init__(self, base: nn.Module, *, num_classes: int, sigma: float, vote: bool = False,
                  generator: torch.Generator | None = None, seed: int = 0,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, amp: bool = False) -> None:
         if not isinstance(base, nn.Module):
             raise EnsdivError(f"base must be a torch.nn.Module; got {type(base).__name__}")
         check_int("num_classes", num_classes, minimum=2)
@@ -127,10 +130,12 @@ class Smooth:
             raise EnsdivError("vote=True needs an Ensemble base (it votes over members)")
         check_int("seed", seed, minimum=0)
         self.base, self.num_classes, self.sigma, self.vote = base, num_classes, float(sigma), vote
+        self.amp = bool(amp)
         if channels_last:
             base.to(memory_format=torch.channels_last)
+        # noise is drawn where the model is: no host-to-device copy per batch
         self.generator = generator if generator is not None else \
-            torch.Generator().manual_seed(seed)
+            torch.Generator(device=self._device()).manual_seed(seed)
 
     # ------------------------------------------------------------------ sampling
     def _check_x(self, x: Tensor) -> None:
@@ -159,10 +164,11 @@ class Smooth:
             noise = torch.randn((b, *x.shape), generator=self.generator,
                                 device=self.generator.device, dtype=x.dtype).to(dev)
             batch = x.unsqueeze(0) + noise * self.sigma
-            if self.vote:
-                pred = majority_vote(self.base.member_logits(batch))
-            else:
-                pred = self.base(batch).argmax(-1)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+                if self.vote:
+                    pred = majority_vote(self.base.member_logits(batch))
+                else:
+                    pred = self.base(batch).argmax(-1)
             counts += torch.bincount(pred, minlength=self.num_classes)[:self.num_classes]
             left -= b
         return counts.cpu()

@@ -68,8 +68,9 @@ from ensdiv.runtime import resolve_device
 
 DIVERSITY_CHOICES: tuple[str, ...] = DIVERSITIES
 
-LossFn = Callable[[Ensemble, Tensor, Tensor], tuple[Tensor, dict[str, float]]]
-"""A training objective: ``(ensemble, x [B,C,H,W], y [B]) -> (scalar loss, detached stats)``."""
+LossFn = Callable[[Ensemble, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+"""A training objective: ``(ensemble, x [B,C,H,W], y [B]) -> (scalar loss, stats)``, stats being
+detached 0-dim tensors (or floats) on any device."""
 
 EpochHook = Callable[[Ensemble], dict[str, Any]]
 """Extra per-epoch metrics computed on the trained ensemble (e.g. GDR on a held-out batch)."""
@@ -113,6 +114,7 @@ class TrainConfig:
     or ensemble file of one model) with ``transfer`` ``"rrm"`` or ``"crt"`` trains every member
     as its student (:class:`ensdiv.robust_transfer.TransferLoss`, CE weight
     ``transfer_weight``); CRT needs ``noise_sigma`` > 0, the noise it transfers under.
+    ``amp`` computes the loss under bfloat16 autocast (see :func:`fit`).
     """
 
     dataset: str = "digits"
@@ -133,6 +135,7 @@ class TrainConfig:
     teacher: str | None = None
     transfer: str = "none"
     transfer_weight: float | None = None
+    amp: bool = False
 
     def validate(self) -> TrainConfig:
         """Check every field and return the config with ``lam`` resolved; raise
@@ -147,6 +150,8 @@ class TrainConfig:
         check_int("seed", self.seed, minimum=0)
         check_real("learning rate", self.lr, minimum=0, strict=True)
         check_real("weight decay", self.weight_decay, minimum=0)
+        if not isinstance(self.amp, bool):
+            raise EnsdivError(f"amp must be true or false; got {self.amp!r}")
         sigma = check_real("noise sigma", self.noise_sigma, minimum=0)
         if sigma > MAX_PLAUSIBLE_SIGMA:
             warnings.warn(f"noise sigma {sigma:g} is larger than the whole pixel range [0, 1]; "
@@ -314,21 +319,23 @@ def evaluate(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
     was_training = ensemble.training
     ensemble.eval()
     m = ensemble.num_members
-    correct_members = [0] * m
-    correct_ens = correct_vote = n = 0
+    # counts stay on the device until the end: no GPU sync per batch
+    correct = torch.zeros(m + 2, dtype=torch.long, device=device)  # members, mean, vote
+    n = 0
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size):
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if n == 0:
                 check_input(ensemble, x, y)
             logits = ensemble.member_logits(x)  # one pass serves all three accuracies
-            for i, c in enumerate((logits.argmax(-1) == y).sum(1).tolist()):
-                correct_members[i] += c
-            correct_ens += int((mean_log_softmax(logits).argmax(-1) == y).sum())
-            correct_vote += int((majority_vote(logits) == y).sum())
+            correct[:m] += (logits.argmax(-1) == y).sum(1)
+            correct[m] += (mean_log_softmax(logits).argmax(-1) == y).sum()
+            correct[m + 1] += (majority_vote(logits) == y).sum()
             n += len(y)
     finally:
         ensemble.train(was_training)
+    counts = correct.tolist()
+    correct_members, correct_ens, correct_vote = counts[:m], counts[m], counts[m + 1]
     if n == 0:
         raise EnsdivError("evaluate needs a non-empty dataset")
     return round_floats({"member_acc": [c / n for c in correct_members],
@@ -412,7 +419,8 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         resume: bool = False,
         augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         epoch_hooks: Sequence[EpochHook] = (), progress: bool = True,
-        on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        amp: bool = False) -> list[dict[str, Any]]:
     """Train all members with ``loss_fn`` (Adam) and return the per-epoch metric records.
 
     Args:
@@ -425,6 +433,8 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         augment: ``(x, generator) -> x'`` applied to each training batch (e.g. noise).
         epoch_hooks: extra metrics merged into each epoch's record.
         on_epoch_end: called with each record after it is written (progress, interruption).
+        amp: compute the loss under bfloat16 autocast (mixed precision; parameters, gradients
+            and optimizer state stay float32). For GPUs; on CPU it is slower, not faster.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (the last finished epoch is kept).
@@ -459,38 +469,45 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=gen)
         ensemble.train()
         t0 = time.perf_counter()
-        total, sums, n = 0.0, {}, 0
+        # running sums stay on the device: reading them is a GPU sync, done every
+        # `sync_every` batches (every batch on CPU, where it costs nothing)
+        total, sums, n = torch.zeros((), dtype=torch.float64, device=device), {}, 0
+        sync_every = _sync_every(device)
         bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=None if progress and main else True)  # None: off when not a TTY
         for i, (x, y) in enumerate(bar, 1):
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if augment is not None:
                 x = augment(x, gen)
             # Randomness inside the loss (PGD's random starts) is seeded per batch without
             # touching the caller's global RNG, so a resumed run repeats it exactly.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 torch.manual_seed(int(seed) * 100_003 + epoch * 10_007 + i)
                 loss, stats = loss_fn(ensemble, x, y)
-            if not torch.isfinite(loss):
-                parts = ", ".join(f"{k}={v:.4g}" for k, v in stats.items())
+            check = i % sync_every == 0 or i == len(loader)
+            if check and not torch.isfinite(total + loss.detach()):
+                bad = "" if sync_every == 1 else f" (or one of the {sync_every - 1} before it)"
+                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in stats.items())
                 kept = (f"the run in {out} keeps epoch {epoch - 1}" if out is not None and
                         epoch > 1 else "no epoch was finished")
                 raise TrainingDiverged(
-                    f"training diverged at epoch {epoch}, batch {i}: loss is "
+                    f"training diverged at epoch {epoch}, batch {i}{bad}: loss is "
                     f"{float(loss.detach()):g} ({parts}); {kept}; try a lower learning rate "
                     "(or lam) in another --out")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             b = len(y)
-            total += float(loss.detach()) * b
+            total += loss.detach().double() * b
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v * b
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).double() * b
             n += b
-            bar.set_postfix(loss=f"{total / n:.3f}")
+            if check:
+                bar.set_postfix(loss=f"{float(total) / n:.3f}")
         train_seconds = time.perf_counter() - t0
-        record: dict[str, Any] = {"epoch": epoch, "loss": total / n,
-                                  **{k: v / n for k, v in sums.items()}}
+        record: dict[str, Any] = {"epoch": epoch, "loss": float(total) / n,
+                                  **{k: float(v) / n for k, v in sums.items()}}
         record.update(evaluate(ensemble, test_set, device=device))
         for hook in epoch_hooks:
             record.update(hook(ensemble))
@@ -510,6 +527,15 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         if on_epoch_end is not None:
             on_epoch_end(record)
     return records
+
+
+#: On a GPU, batches between two reads of the running loss (each read waits for the GPU).
+SYNC_EVERY = 25
+
+
+def _sync_every(device: torch.device) -> int:
+    """How often fit reads the loss back: every batch on CPU, every SYNC_EVERY on a GPU."""
+    return 1 if device.type == "cpu" else SYNC_EVERY
 
 
 def default_device() -> torch.device:
@@ -586,7 +612,7 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, device: torch.de
                   weight_decay=config.weight_decay, loss_fn=loss_fn, out_dir=out,
                   resume=resume, augment=gaussian_noise(config.noise_sigma),
                   epoch_hooks=make_epoch_hooks(config, test_set),
-                  progress=progress, on_epoch_end=on_epoch_end)
+                  progress=progress, on_epoch_end=on_epoch_end, amp=config.amp)
     return ensemble.eval(), records
 
 

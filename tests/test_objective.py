@@ -117,7 +117,8 @@ def test_drt_matches_an_autograd_loop_reference_with_parameter_gradients():
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert stats["drt_gd"] >= 0 and 0 <= stats["drt_cm"] <= 1
-    assert stats["reg"] == pytest.approx(stats["drt_gd"] - stats["drt_cm"], abs=1e-6)
+    assert float(stats["reg"]) == pytest.approx(float(stats["drt_gd"] - stats["drt_cm"]),
+                                                abs=1e-6)
     same, _ = ensemble_loss(ens, x, y, diversity="drt", lam=0.7)
     torch.testing.assert_close(same, loss)
 
