@@ -18,10 +18,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check ensdiv tests benchmarks
 	$(PY) -m pytest -q
+	# the benchmarks as a smoke test: tiny sizes, timing off, so they never rot
+	ENSDIV_BENCH_SMOKE=1 $(PY) -m pytest benchmarks -q -p no:cacheprovider
 
+# the full suite (several minutes on 2 CPU cores); copy the JSON to benchmarks/results/ to
+# commit a run, then regenerate the README's tables with benchmarks/report.py
 bench: $(STAMP)
 	mkdir -p .benchmarks
-	$(PY) -m pytest benchmarks --benchmark-enable -q --benchmark-json=.benchmarks/latest.json
+	$(PY) -m pytest benchmarks --benchmark-enable -q -p no:cacheprovider \
+		--benchmark-json=.benchmarks/latest.json
 	$(PY) benchmarks/report.py .benchmarks/latest.json
 
 clean:

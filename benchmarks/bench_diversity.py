@@ -1,70 +1,97 @@
-"""One training step (forward, regularizer, backward, Adam) for plain / cos / gal / gdr.
+"""One training step (forward, loss, backward, Adam) with each gradient-diversity regularizer,
+against a plain step of the same model: the headline cost of diversity training.
 
-The baseline ``plain`` is what a user writes in standard PyTorch: a loop over the M member
-modules, summed cross-entropies, backward. ``gal-stacked`` forces the torch.func vmap path,
-``gal-autograd`` is the loop reference with ``torch.autograd.grad(create_graph=True)``.
-Ratios to ``plain`` within one run: ``python benchmarks/report.py .benchmarks/diversity.json``.
+Methods (λ = 0.5): ``plain`` — what a user writes: a loop over the members, summed
+cross-entropies, backward; ``cos``, ``gal``, ``gdr``, ``drt`` — ``ensdiv.objective
+.ensemble_loss`` (torch.func per-member path); ``gal-stacked`` — the same through the stacked
+``vmap`` path; ``gal-compiled`` — with ``ensdiv.layers.use_compiled_kernels`` (CPU/GPU, not in
+the smoke run); ``gal-torch.nn`` and ``plain-torch.nn`` — the same model built from plain
+``torch.nn`` layers (before ensdiv.layers); ``gal-autograd`` — the reference a user writes in
+plain PyTorch: ``torch.autograd.grad(create_graph=True)`` per member on the ``torch.nn`` model.
+
+Each case is timed by pytest-benchmark and, round by round, paired with a plain step of the
+shipped model (run in the round's setup, untimed by pytest-benchmark): ``extra_info
+["ratio_to_plain"]`` is the median of those per-round ratios. ``make bench`` then
+``python benchmarks/report.py .benchmarks/latest.json``.
 """
+
+import functools
 
 import pytest
 import torch
 from torch import nn
 
+from ensdiv import layers
 from ensdiv.diversity import gal_loss
-from ensdiv.ensemble import Ensemble
 from ensdiv.objective import ensemble_loss
 
-CPU_CASES = [("cnn", (1, 28, 28), m) for m in (3, 5, 8)]
-GPU_CASES = [("cnn", (1, 28, 28), m) for m in (3, 5, 8)] + [
-    ("resnet20", (3, 32, 32), m) for m in (3, 5, 8)]
-CASES = [("cpu", *c) for c in CPU_CASES] + (
-    [("cuda", *c) for c in GPU_CASES] if torch.cuda.is_available() else [])
-METHODS = ["plain", "cos", "gal", "gdr", "gal-stacked", "gal-autograd"]
+from _common import DEVICES, SMOKE, batch, machine, make_ensemble, make_step, paired_rounds
+
+METHODS = ["plain", "cos", "gal", "gdr", "drt", "gal-stacked", "gal-compiled", "gal-torch.nn",
+           "plain-torch.nn", "gal-autograd"]
 
 
-def plain_step_loss(ens, x, y):
+def cases():
+    if SMOKE:
+        return [("cpu", "cnn", (1, 8, 8), 2, 8)]
+    out = [("cpu", "cnn", (1, 28, 28), m, 128) for m in (3, 5, 8)]
+    out.append(("cpu", "cnn", (1, 28, 28), 3, 32))
+    if "cuda" in DEVICES:
+        out += [("cuda", arch, shape, m, b) for arch, shape in
+                [("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32))]
+                for m in (3, 5, 8) for b in (128, 512)]
+    return out
+
+
+def plain_loss(ens, x, y):
+    """Summed member cross-entropies, as a user writes it."""
     return sum(nn.functional.cross_entropy(member(x), y) for member in ens.members)
 
 
-def autograd_gal_loss(ens, x, y):
+def autograd_gal_loss(ens, x, y, lam=0.5):
+    """GAL written with ``torch.autograd.grad(create_graph=True)``, one member at a time."""
     ces, grads = [], []
     for member in ens.members:
         xx = x.clone().requires_grad_(True)
-        logits = member(xx)
-        ce = nn.functional.cross_entropy(logits, y, reduction="sum")
+        ce = nn.functional.cross_entropy(member(xx), y, reduction="sum")
         (g,) = torch.autograd.grad(ce, xx, create_graph=True)
         ces.append(ce / len(y))
         grads.append(g)
-    return sum(ces) + 0.5 * gal_loss(torch.stack(grads))
+    return sum(ces) + lam * gal_loss(torch.stack(grads))
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("device,arch,shape,m", CASES)
-def test_step(benchmark, device, arch, shape, m, method):
-    torch.manual_seed(0)
-    path = "stacked" if method == "gal-stacked" else "auto"
-    ens = Ensemble.build(arch, m, in_shape=shape, num_classes=10, path=path).to(device)
-    opt = torch.optim.Adam(ens.parameters(), lr=1e-3)
-    x = torch.rand(128, *shape, device=device)
-    y = torch.randint(0, 10, (128,), device=device)
-    if method == "plain":
-        loss_fn = plain_step_loss
+def method_step(method, device, arch, shape, m, size):
+    """(step closure, ensemble) for one method."""
+    x, y = batch(shape, size, device)
+    native = method.endswith("torch.nn") or method == "gal-autograd"
+    ens = make_ensemble(arch, m, shape, device, native=native,
+                        path="stacked" if method == "gal-stacked" else "auto")
+    if method.startswith("plain"):
+        loss_fn = plain_loss
     elif method == "gal-autograd":
         loss_fn = autograd_gal_loss
     else:
-        div = "gal" if method.startswith("gal") else method
-        def loss_fn(e, xx, yy):
-            return ensemble_loss(e, xx, yy, diversity=div, lam=0.5)[0]
-    benchmark.group = f"{device} {arch} M={m}"
-    benchmark.extra_info.update(device=device, arch=arch, m=m, method=method,
-                                device_name=(torch.cuda.get_device_name(0)
-                                             if device == "cuda" else "cpu"))
+        div = method.split("-")[0]
+        loss_fn = functools.partial(ensemble_loss, diversity=div, lam=0.5)
+    return make_step(ens, loss_fn, x, y, device)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(ens, x, y).backward()
-        opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("device,arch,shape,m,size", cases())
+def test_step(benchmark, device, arch, shape, m, size, method):
+    if method == "gal-compiled" and (SMOKE or m != 3 or size != 128):
+        pytest.skip("compilation takes minutes per shape: measured for M = 3, batch 128 only")
+    step = method_step(method, device, arch, shape, m, size)
+    base = method_step("plain", device, arch, shape, m, size)
+    if method == "gal-compiled":
+        layers.use_compiled_kernels(True)
+        for _ in range(2):  # compile outside the timed rounds
+            step()
+    try:
+        benchmark.group = f"{device} {arch} M={m} batch={size}"
+        benchmark.extra_info.update(machine(device), bench="step", arch=arch,
+                                    shape=list(shape), m=m, batch=size, method=method)
+        ratio = paired_rounds(benchmark, step, base, device, rounds=5)
+        benchmark.extra_info["ratio_to_plain"] = ratio
+    finally:
+        layers.use_compiled_kernels(False)

@@ -23,8 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ensdiv.ensemble import Ensemble
 from ensdiv.smoothing import Smooth
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SAMPLES = 2_000
+from _common import DEVICES, SMOKE, device_name, machine, matmul_gflops, sync
+
+SAMPLES = 200 if SMOKE else 2_000
 BATCH = 100
 
 
@@ -36,45 +37,40 @@ def flops_per_sample(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     return counter.get_total_flops() / 8
 
 
-def matmul_gflops(device: str = "cpu", size: int = 1024, reps: int = 5) -> float:
-    """The ceiling: the best of ``reps`` float32 ``size``×``size`` matmuls, in GFLOP/s."""
-    a = torch.rand(size, size, device=device)
-    best = float("inf")
-    for _ in range(reps + 1):
-        t = time.perf_counter()
-        a @ a
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e9
+def cases():
+    if SMOKE:
+        return [("cpu", "cnn", (1, 8, 8), m, True) for m in (1, 2)]
+    out = [("cpu", arch, shape, m, cl) for arch, shape, ms in
+           [("cnn", (1, 28, 28), (1, 3, 5)), ("resnet20", (3, 32, 32), (1, 3))]
+           for m in ms for cl in (True, False)]
+    if "cuda" in DEVICES:
+        out += [("cuda", arch, shape, m, cl) for arch, shape in
+                [("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32))]
+                for m in (1, 3, 5, 8) for cl in (True, False)]
+    return out
 
 
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch,shape", [("cnn", (1, 28, 28)), ("resnet20", (3, 32, 32))])
-@pytest.mark.parametrize("m", [1, 3, 5])
-@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("device,arch,shape,m,channels_last", cases())
 def test_noisy_samples(benchmark, device, arch, shape, m, channels_last):
-    if device == "cpu" and arch == "resnet20" and m == 5:
-        pytest.skip("too slow for 2 CPU cores")
     torch.manual_seed(0)
     ens = Ensemble.build(arch, m, in_shape=shape, num_classes=10).to(device).eval()
     smooth = Smooth(ens, num_classes=10, sigma=0.5, seed=0, channels_last=channels_last)
     x = torch.rand(*shape, device=device)
-    benchmark.group = f"{device} {arch} smoothing"
-    benchmark.extra_info.update(samples=SAMPLES, batch=BATCH, members=m,
-                                channels_last=channels_last, device_name=_device_name(device),
-                                flops_per_sample=flops_per_sample(ens, shape))
+    batch = 1_000 if device == "cuda" else BATCH
 
     def run():
-        smooth.sample_counts(x, SAMPLES, BATCH)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        smooth.sample_counts(x, SAMPLES, batch)
+        sync(device)
 
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.group = f"{device} {arch} smoothing"
+    benchmark.pedantic(run, rounds=1 if SMOKE else 3, warmup_rounds=0 if SMOKE else 1)
+    seconds = benchmark.stats.stats.median if benchmark.stats else float("nan")
+    flops = flops_per_sample(ens, shape)
+    benchmark.extra_info.update(machine(device), bench="certify", arch=arch, shape=list(shape),
+                                m=m, samples=SAMPLES, batch=batch, channels_last=channels_last,
+                                flops_per_sample=flops, samples_per_s=SAMPLES / seconds,
+                                gflops=SAMPLES * flops / seconds / 1e9,
+                                ceiling_gflops=matmul_gflops(device))
 
 
 SETTINGS = [(False, 1_000), (False, BATCH), (True, 1_000), (True, BATCH)]
@@ -98,8 +94,7 @@ def paired(arch: str, shape: tuple[int, ...], ms: tuple[int, ...], *, device: st
         for m, cl, batch in keys:
             t = time.perf_counter()
             smooths[(m, cl)].sample_counts(x, SAMPLES, batch)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             if rep:  # the first repetition warms up
                 times[(m, cl, batch)].append(time.perf_counter() - t)
     return times
@@ -108,7 +103,7 @@ def paired(arch: str, shape: tuple[int, ...], ms: tuple[int, ...], *, device: st
 def main() -> None:
     device = "cuda" if "--cuda" in sys.argv else "cpu"
     ceiling = matmul_gflops(device)
-    print(f"device {_device_name(device)}, torch {torch.__version__}, "
+    print(f"device {device_name(device)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; float32 matmul ceiling {ceiling:.0f} GFLOP/s; "
           f"{SAMPLES} samples per call; median of 5 paired repetitions\n")
     print("| model | M | weights | batch | samples/s | GFLOP/s (share of ceiling) "

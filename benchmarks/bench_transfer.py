@@ -20,18 +20,18 @@ from ensdiv.ensemble import Ensemble
 from ensdiv.objective import adversarial_loss, ce_loss, ensemble_loss
 from ensdiv.robust_transfer import Teacher, TransferLoss
 
-SHAPE, M, BATCH = (1, 28, 28), 3, 128
+from _common import SMOKE, batch, machine, make_ensemble, make_step, paired_rounds
+
+SHAPE, M, BATCH = ((1, 8, 8), 2, 8) if SMOKE else ((1, 28, 28), 3, 128)
 OBJECTIVES = ["plain", "gal", "adversarial", "rrm", "rrm+gal", "crt", "crt+gal"]
 
 
-def make_step(name: str, device: str = "cpu"):
+def objective_step(name: str, device: str = "cpu"):
     """A closure running one optimizer step of objective ``name`` on a fixed batch."""
-    torch.manual_seed(0)
-    ens = Ensemble.build("cnn", M, in_shape=SHAPE, num_classes=10).to(device)
+    ens = make_ensemble("cnn", M, SHAPE, device)
     teacher = Teacher(Ensemble.build("cnn", 1, in_shape=SHAPE, num_classes=10,
                                      seed=7).to(device))
-    x = torch.rand(BATCH, *SHAPE, device=device)
-    y = torch.randint(0, 10, (BATCH,), device=device)
+    x, y = batch(SHAPE, BATCH, device)
     if name == "plain":
         loss_fn = ce_loss
     elif name == "gal":
@@ -41,31 +41,24 @@ def make_step(name: str, device: str = "cpu"):
     else:
         transfer, _, div = name.partition("+")
         loss_fn = TransferLoss(teacher, ens, transfer, diversity=div or "none", lam=0.5)
-    params = list(ens.parameters()) + (list(loss_fn.parameters())
-                                       if isinstance(loss_fn, torch.nn.Module) else [])
-    opt = torch.optim.Adam(params, lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(ens, x, y)[0].backward()
-        opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    return step
+    extra = list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else []
+    return make_step(ens, loss_fn, x, y, device, extra)
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_step(benchmark, name):
-    step = make_step(name)
+    if SMOKE and name == "adversarial":
+        pytest.skip("seven attack steps: not a smoke test")
+    step, base = objective_step(name), objective_step("plain")
     benchmark.group = "cpu cnn M=3 robust objectives"
-    benchmark.extra_info.update(objective=name, m=M, batch=BATCH, device_name="cpu",
-                                threads=torch.get_num_threads())
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update(machine("cpu"), bench="objective", objective=name, arch="cnn",
+                                m=M, batch=BATCH, shape=list(SHAPE))
+    benchmark.extra_info["ratio_to_plain"] = paired_rounds(benchmark, step, base, "cpu",
+                                                           rounds=3)
 
 
 def main(reps: int = 5) -> None:
-    steps = {name: make_step(name) for name in OBJECTIVES}
+    steps = {name: objective_step(name) for name in OBJECTIVES}
     times: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
     for rep in range(reps + 1):
         for name, step in steps.items():

@@ -1,0 +1,178 @@
+"""What every benchmark shares: devices, the machine's description, paired timing, and the
+training-step factory (one place for the ensemble, optimizer, batch and step closure).
+
+Every benchmark records in ``extra_info``: ``device``, ``device_name``, ``torch``, ``threads``,
+its shapes (``m``, ``batch``, ``arch`` …) and its derived figure (a ratio, a rate, GFLOP/s
+against the machine's measured matmul ceiling). ``benchmarks/report.py`` turns a saved JSON file
+into the README's tables from those fields only.
+
+Sizes: ``ENSDIV_BENCH_SMOKE=1`` (what CI sets) shrinks every benchmark to a tiny case so the
+suite runs in seconds and never rots; numbers from it mean nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ensdiv.ensemble import Ensemble
+
+SMOKE = os.environ.get("ENSDIV_BENCH_SMOKE", "") not in ("", "0")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model (from /proc/cpuinfo where there is one)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work so wall time measures it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@functools.cache
+def matmul_gflops(device: str = "cpu", size: int = 1024, reps: int = 5) -> float:
+    """The ceiling: the best of ``reps`` float32 ``size``×``size`` matmuls, in GFLOP/s."""
+    size = 256 if SMOKE else size
+    a = torch.rand(size, size, device=device)
+    best = float("inf")
+    for _ in range(reps + 1):
+        sync(device)
+        t = time.perf_counter()
+        a @ a
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def machine(device: str) -> dict[str, object]:
+    """The fields every benchmark's ``extra_info`` starts with."""
+    return {"device": device, "device_name": device_name(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def paired_ratio(target: Callable[[], None], base: Callable[[], None], device: str,
+                 reps: int = 5) -> tuple[float, float, float]:
+    """Median time of ``target`` and ``base`` and the median of their per-repetition ratios,
+    timed back to back in each repetition (after one warm-up of each): on a noisy machine a
+    ratio measured in pairs holds where two separate medians do not."""
+    reps = 1 if SMOKE else reps
+    times: dict[str, list[float]] = {"t": [], "b": []}
+    for rep in range(reps + 1):
+        for key, fn in (("b", base), ("t", target)):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            if rep:
+                times[key].append(time.perf_counter() - t)
+    ratio = statistics.median(a / b for a, b in zip(times["t"], times["b"], strict=True))
+    return statistics.median(times["t"]), statistics.median(times["b"]), ratio
+
+
+def native_layers(module: nn.Module) -> nn.Module:
+    """``module`` with ensdiv's double-backprop layers swapped for ``torch.nn``'s (in place, same
+    weights): the model as a user writes it in plain PyTorch."""
+    from ensdiv import layers
+
+    swaps = {layers.GroupNorm: lambda m: nn.GroupNorm(m.num_groups, m.num_channels, m.eps),
+             layers.Conv2d: lambda m: nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size,
+                                                m.stride, m.padding, m.dilation, m.groups,
+                                                m.bias is not None),
+             layers.ReLU: lambda m: nn.ReLU(),
+             layers.MaxPool2d: lambda m: nn.MaxPool2d(m.kernel_size, m.stride, m.padding,
+                                                      m.dilation, ceil_mode=m.ceil_mode)}
+    for name, child in module.named_children():
+        make = swaps.get(type(child))
+        if make is None:
+            native_layers(child)
+            continue
+        new = make(child)
+        new.load_state_dict(child.state_dict())
+        setattr(module, name, new.to(next(child.parameters(), torch.empty(0)).device))
+    return module
+
+
+def batch(shape: tuple[int, ...], size: int, device: str,
+          classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch (inputs in [0, 1], labels)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(size, *shape, generator=g).to(device)
+    y = torch.randint(0, classes, (size,), generator=g).to(device)
+    return x, y
+
+
+def make_ensemble(arch: str, m: int, shape: tuple[int, ...], device: str, *,
+                  path: str = "auto", native: bool = False) -> Ensemble:
+    """A seeded ensemble; ``native=True`` builds it from plain ``torch.nn`` layers."""
+    torch.manual_seed(0)
+    ens = Ensemble.build(arch, m, in_shape=shape, num_classes=10, path=path)
+    if native:
+        for member in ens.members:
+            native_layers(member)
+        ens.refresh_skeleton()
+    return ens.to(device)
+
+
+def make_step(ens: Ensemble, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+              device: str, extra_params: list[nn.Parameter] | None = None) -> Callable[[], None]:
+    """One optimizer step (zero_grad, loss, backward, Adam) of ``loss_fn(ens, x, y)`` as a
+    closure; ``loss_fn`` returns a scalar or ``(scalar, stats)``."""
+    opt = torch.optim.Adam(list(ens.parameters()) + list(extra_params or []), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = loss_fn(ens, x, y)
+        (out[0] if isinstance(out, tuple) else out).backward()
+        opt.step()
+        sync(device)
+
+    return step
+
+
+def paired_rounds(benchmark, target: Callable[[], None], base: Callable[[], None], device: str,
+                  rounds: int = 5) -> float:
+    """pytest-benchmark times ``target``; each round's setup runs ``base`` (timed here, not by
+    pytest-benchmark). Returns the median of the per-round ratios target / base."""
+    base_times: list[float] = []
+    target_times: list[float] = []
+
+    def setup() -> None:
+        sync(device)
+        t = time.perf_counter()
+        base()
+        sync(device)
+        base_times.append(time.perf_counter() - t)
+
+    def timed() -> None:
+        t = time.perf_counter()
+        target()
+        sync(device)
+        target_times.append(time.perf_counter() - t)
+
+    rounds = 1 if SMOKE else rounds
+    benchmark.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=0 if SMOKE else 1)
+    if not target_times or not base_times:  # --benchmark-disable runs the target once, bare
+        setup()
+        timed()
+    n = min(len(base_times), len(target_times), rounds)
+    pairs = list(zip(target_times[-n:], base_times[-n:], strict=True))
+    benchmark.extra_info["base_median_s"] = statistics.median(b for _, b in pairs)
+    return statistics.median(a / b for a, b in pairs)
