@@ -17,12 +17,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
+
+from ensdiv import layers
 
 from _common import device_name, machine
 from bench_diversity import method_step
-from ensdiv import layers
 
 GROUPS = {
     "aten::mkldnn_convolution": "convolution (forward, and inside double backward)",

@@ -21,7 +21,9 @@ keys and numbers (checkpoints load either way). The custom autograd runs inside 
 transforms — where ensdiv computes the input gradients it regularizes
 (:mod:`ensdiv.gradients`, DRT) — and its first-order backward calls the same native kernels as
 ``torch.nn``; everywhere else (plain training, attacks, certification) the layers *are*
-``torch.nn``'s. Tested against autograd's own double backward (``tests/test_layers.py``).
+``torch.nn``'s; ReLU, max pooling and convolutions also below :data:`MIN_ELEMENTS` elements,
+where an autograd Function's overhead outweighs the zero tensors it saves. Tested against
+autograd's own double backward (``tests/test_layers.py``).
 
 GroupNorm's closed form. Per sample and group of k elements, x̂ = (x − μ)·r, r = 1/√(var + ε),
 γ per channel, upstream gradient g, ĝ = g·γ, and P(z) = r·(z − mean(z) − x̂·mean(z·x̂)) (the
@@ -76,7 +78,13 @@ def compiled_kernels_enabled() -> bool:
 _EVERYWHERE = {"on": False}
 
 
-def _native(x: Tensor) -> bool:
+#: Below this many elements ReLU, MaxPool2d and Conv2d run the torch.nn layer even inside
+#: torch.func: the zero tensors they avoid are small, and an autograd Function's Python overhead
+#: under torch.func (~0.1–0.5 ms a call on CPU) costs more (measured at batch 32 vs 128).
+MIN_ELEMENTS = 1 << 20
+
+
+def _native(x: Tensor, large: bool = True) -> bool:
     """Whether to run the plain ``torch.nn`` layer: outside torch.func transforms (plain
     training, attacks, inference: bit-identical to torch.nn and without the Python overhead of
     an autograd Function, measured ~5% of a plain step), under autocast (mixed dtypes) and on
@@ -84,7 +92,9 @@ def _native(x: Tensor) -> bool:
     ``torch.func.grad``/``vmap``, where the custom autograd applies."""
     if torch.is_autocast_enabled(x.device.type) or x.numel() == 0:
         return True
-    return not (_EVERYWHERE["on"] or torch._C._are_functorch_transforms_active())
+    if _EVERYWHERE["on"]:
+        return False
+    return not (large and torch._C._are_functorch_transforms_active())
 
 
 # --------------------------------------------------------------------------- GroupNorm
@@ -292,7 +302,7 @@ class ReLU(nn.ReLU):
 
     def forward(self, x: Tensor) -> Tensor:
         """max(x, 0) elementwise."""
-        if self.inplace or _native(x):
+        if self.inplace or _native(x, x.numel() >= MIN_ELEMENTS):
             return super().forward(x)
         return _ReLUFn.apply(x)
 
@@ -334,7 +344,7 @@ class MaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """Max over each window of ``x`` [N, C, H, W]."""
-        if self.return_indices or x.dim() != 4 or _native(x):
+        if self.return_indices or x.dim() != 4 or _native(x, x.numel() >= MIN_ELEMENTS):
             return super().forward(x)
         stride = self.stride if self.stride else self.kernel_size
         return _MaxPoolFn.apply(x, list(_pair(self.kernel_size)), list(_pair(stride)),
@@ -428,8 +438,9 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """Cross-correlation of ``x`` [N, C, H, W] with the weight, plus bias."""
+        large = x.numel() * self.out_channels >= MIN_ELEMENTS * self.in_channels  # output size
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4 \
-                or _native(x):
+                or _native(x, large):
             return super().forward(x)
         bias_size = [self.out_channels] if self.bias is not None else None
         args = (list(self.stride), list(self.padding), list(self.dilation), self.groups,

@@ -168,6 +168,19 @@ def test_custom_autograd_only_inside_torch_func(monkeypatch):
     torch.autograd.grad(gx.sum(), gn.weight)
 
 
+def test_small_activations_keep_torch_nn_layers_inside_torch_func(monkeypatch):
+    monkeypatch.setitem(layers._EVERYWHERE, "on", False)
+    calls = []
+    apply = layers._ReLUFn.apply
+    monkeypatch.setattr(layers._ReLUFn, "apply", lambda *a: calls.append(1) or apply(*a))
+    relu = ReLU()
+    grad(lambda xx: relu(xx).sum())(torch.randn(4, 8))
+    assert not calls
+    monkeypatch.setattr(layers, "MIN_ELEMENTS", 32)
+    grad(lambda xx: relu(xx).sum())(torch.randn(4, 8))
+    assert calls
+
+
 def test_compiled_switch():
     layers.use_compiled_kernels(True)
     try:
