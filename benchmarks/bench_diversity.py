@@ -4,8 +4,8 @@ against a plain step of the same model: the headline cost of diversity training.
 Methods (λ = 0.5): ``plain`` — what a user writes: a loop over the members, summed
 cross-entropies, backward; ``cos``, ``gal``, ``gdr``, ``drt`` — ``ensdiv.objective
 .ensemble_loss`` (torch.func per-member path); ``gal-stacked`` — the same through the stacked
-``vmap`` path; ``gal-compiled`` — with ``ensdiv.layers.use_compiled_kernels`` (CPU/GPU, not in
-the smoke run); ``gal-torch.nn`` and ``plain-torch.nn`` — the same model built from plain
+``vmap`` path; ``gal-compiled`` — with ``ensdiv.layers.use_compiled_kernels`` (CPU, not in
+the smoke run; compiled once per activation shape before the timed rounds); ``gal-torch.nn`` and ``plain-torch.nn`` — the same model built from plain
 ``torch.nn`` layers (before ensdiv.layers); ``gal-autograd`` — the reference a user writes in
 plain PyTorch: ``torch.autograd.grad(create_graph=True)`` per member on the ``torch.nn`` model.
 
@@ -79,8 +79,9 @@ def method_step(method, device, arch, shape, m, size):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("device,arch,shape,m,size", cases())
 def test_step(benchmark, device, arch, shape, m, size, method):
-    if method == "gal-compiled" and (SMOKE or m != 3 or size != 128):
-        pytest.skip("compilation takes minutes per shape: measured for M = 3, batch 128 only")
+    if method == "gal-compiled" and (SMOKE or device != "cpu"):
+        pytest.skip("compiles (tens of seconds per activation shape): not a smoke test; on a "
+                    "GPU, triton kernels are a separate measurement")
     step = method_step(method, device, arch, shape, m, size)
     base = method_step("plain", device, arch, shape, m, size)
     if method == "gal-compiled":

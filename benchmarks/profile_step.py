@@ -24,20 +24,21 @@ from ensdiv import layers
 from _common import device_name, machine
 from bench_diversity import method_step
 
+ELEMENTWISE = "elementwise mul / add / sub / sum / fill (mostly GroupNorm's double backward)"
 GROUPS = {
     "aten::mkldnn_convolution": "convolution (forward, and inside double backward)",
     "aten::convolution": "convolution (forward, and inside double backward)",
     "aten::convolution_backward": "convolution backward",
     "aten::native_group_norm": "GroupNorm forward",
     "aten::native_group_norm_backward": "GroupNorm backward (native kernel)",
-    "aten::mul": "elementwise mul / add / sub / sum / fill (mostly GroupNorm's double backward)",
-    "aten::add": "elementwise mul / add / sub / sum / fill (mostly GroupNorm's double backward)",
-    "aten::sub": "elementwise mul / add / sub / sum / fill (mostly GroupNorm's double backward)",
-    "aten::sum": "elementwise mul / add / sub / sum / fill (mostly GroupNorm's double backward)",
-    "aten::fill_": "elementwise mul / add / sub / sum / fill (mostly GroupNorm's double backward)",
-    "aten::addcmul_": "elementwise mul / add / sub / sum / fill (mostly GroupNorm's double backward)",
-    "aten::add_": "elementwise mul / add / sub / sum / fill (mostly GroupNorm's double backward)",
-    "aten::div": "elementwise mul / add / sub / sum / fill (mostly GroupNorm's double backward)",
+    "aten::mul": ELEMENTWISE,
+    "aten::add": ELEMENTWISE,
+    "aten::sub": ELEMENTWISE,
+    "aten::sum": ELEMENTWISE,
+    "aten::fill_": ELEMENTWISE,
+    "aten::addcmul_": ELEMENTWISE,
+    "aten::add_": ELEMENTWISE,
+    "aten::div": ELEMENTWISE,
     "aten::max_pool2d_with_indices": "max pooling forward",
     "aten::max_pool2d_with_indices_backward": "max pooling backward",
     "aten::threshold_backward": "ReLU backward",
