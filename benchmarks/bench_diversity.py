@@ -4,10 +4,11 @@ against a plain step of the same model: the headline cost of diversity training.
 Methods (λ = 0.5): ``plain`` — what a user writes: a loop over the members, summed
 cross-entropies, backward; ``cos``, ``gal``, ``gdr``, ``drt`` — ``ensdiv.objective
 .ensemble_loss`` (torch.func per-member path); ``gal-stacked`` — the same through the stacked
-``vmap`` path; ``gal-compiled`` — with ``ensdiv.layers.use_compiled_kernels`` (CPU, not in
-the smoke run; compiled once per activation shape before the timed rounds); ``gal-torch.nn`` and ``plain-torch.nn`` — the same model built from plain
-``torch.nn`` layers (before ensdiv.layers); ``gal-autograd`` — the reference a user writes in
-plain PyTorch: ``torch.autograd.grad(create_graph=True)`` per member on the ``torch.nn`` model.
+``vmap`` path; ``gal-compiled`` — with ``ensdiv.layers.use_compiled_kernels`` (CPU, not in the
+smoke run; compiled once per activation shape before the timed rounds); ``gal-torch.nn`` and
+``plain-torch.nn`` — the same model built from plain ``torch.nn`` layers (before
+ensdiv.layers); ``gal-autograd`` — the reference a user writes in plain PyTorch:
+``torch.autograd.grad(create_graph=True)`` per member on the ``torch.nn`` model.
 
 Each case is timed by pytest-benchmark and, round by round, paired with a plain step of the
 shipped model (run in the round's setup, untimed by pytest-benchmark): ``extra_info
