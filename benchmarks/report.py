@@ -68,6 +68,23 @@ def step_table(data: dict) -> str:
     return _table(header, rows)
 
 
+def step_headline(data: dict, arch: str = "cnn", m: int = 3, size: int = 128) -> str:
+    """The issue's headline: GAL / plain for one case, with and without the compiled kernel."""
+    t = {r["method"]: r["ratio_to_plain"] for r in _rows(data, "step")
+         if r["arch"] == arch and r["m"] == m and r["batch"] == size and r["device"] == "cpu"}
+    if "gal" not in t:
+        return ""
+    parts = [f"**{t['gal']:.2f}** with ensdiv.layers"]
+    if "gal-compiled" in t:
+        parts.append(f"**{t['gal-compiled']:.2f}** with `--compile`")
+    if "gal-torch.nn" in t:
+        parts.append(f"{t['gal-torch.nn']:.2f} with torch.nn layers")
+    if "gal-autograd" in t:
+        parts.append(f"{t['gal-autograd']:.2f} for the `autograd.grad` loop on torch.nn layers")
+    return (f"GAL step / plain step, {arch}, M = {m}, batch {size}, CPU: " + ", ".join(parts)
+            + " (target: ≤ 2.3; floor ≈ 2.0).")
+
+
 def gradients_table(data: dict) -> str:
     """Input gradients alone: the stacked and loop paths against the autograd loop."""
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
@@ -175,6 +192,8 @@ def report(data: dict) -> str:
     for bench, fn, title in SECTIONS:
         if _rows(data, bench):
             parts.append(f"**{title}**\n\n{fn(data)}")
+            if bench == "step" and step_headline(data):
+                parts.append(step_headline(data))
     return "\n\n".join(parts) + "\n"
 
 

@@ -77,3 +77,36 @@ def test_comparison_tables_come_from_the_committed_records():
     pairs = [("rrm", "at"), ("rrm-gal", "at"), ("rrm-gal0.05", "at"), ("at-teacher", "at"),
              ("crt", "gaussian"), ("crt-gal", "gaussian"), ("crt", "noise-teacher")]
     assert block("compare-ratios") == compare_ratios(records, pairs).strip()
+
+
+def _benchmarks_module(name: str):
+    import importlib.util
+    import sys
+
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:  # report.py and profile_step.py import their siblings
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH_RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_performance_tables_come_from_the_committed_benchmark_run():
+    import json
+
+    report = _benchmarks_module("report")
+    data = json.loads((BENCH_RESULTS / "cpu-2026-12-02.json").read_text())
+    assert block("bench-cpu") == report.report(data).strip()
+
+
+def test_profile_table_comes_from_the_committed_profile():
+    import json
+
+    profile = _benchmarks_module("profile_step")
+    data = json.loads((BENCH_RESULTS / "profile-cpu-2026-12-02.json").read_text())
+    assert block("profile-cpu") == profile.table(data).strip()
