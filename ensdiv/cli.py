@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from ensdiv import __version__
+from ensdiv import __version__, distributed
 from ensdiv.adaptive import AGREEMENT_TARGETS, agreement_pgd
 from ensdiv.attacks import pgd
 from ensdiv.certify_run import certify_dataset
@@ -277,8 +277,13 @@ def _setup(args: argparse.Namespace) -> torch.device:
     """Threads, device and kernels from the common options, checked before any work."""
     if args.threads is not None:
         check_int("--threads", args.threads)
-    set_threads(args.threads)
-    device = resolve_device(args.device)
+    threads = args.threads
+    if threads is None and distributed.launched():  # the cores shared by this node's ranks
+        threads = max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    set_threads(threads)
+    device = distributed.init_from_env(resolve_device(args.device))
+    if not distributed.is_main():  # one copy of every message: rank 0's (errors still show)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     if getattr(args, "compile", False):
         use_compiled_kernels(True)
     return device
@@ -897,6 +902,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ensdiv: error: out of GPU memory ({str(e).splitlines()[0]})",
                   file=sys.stderr)
             return 1
+        except torch.distributed.DistError as e:  # a rank died or timed out
+            print(f"ensdiv: error: another process of this torchrun job failed or timed out "
+                  f"({str(e).splitlines()[0][:200]}); run the same command with --resume "
+                  "to continue from the last checkpoint", file=sys.stderr)
+            return 1
+        finally:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

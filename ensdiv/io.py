@@ -55,9 +55,11 @@ _OS_HINTS = {
 
 
 def is_main_process() -> bool:
-    """True unless running under an initialized ``torch.distributed`` group with rank != 0."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True unless running under an initialized ``torch.distributed`` group with rank != 0
+    (every rank counts as main inside :func:`ensdiv.distributed.independent`)."""
+    from ensdiv.distributed import is_main
+
+    return is_main()
 
 
 def os_error(action: str, path: str | os.PathLike, e: OSError) -> EnsdivError:

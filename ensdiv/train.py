@@ -31,10 +31,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ensdiv.data import DATASETS, load_dataset
+from ensdiv.distributed import (
+    all_reduce_gradients,
+    all_reduce_sum,
+    broadcast_outcome,
+    gather_objects,
+    rank_and_world,
+)
 from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble, majority_vote, mean_log_softmax
 from ensdiv.errors import (
@@ -299,11 +306,14 @@ class TrainingDiverged(EnsdivError):
 
 @torch.no_grad()
 def evaluate(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
-             device: torch.device | str | None = None) -> dict[str, Any]:
+             device: torch.device | str | None = None,
+             distributed: bool = False) -> dict[str, Any]:
     """Test accuracies: each member's, the ensemble's (mean softmax) and the majority vote's.
 
     Returns ``{"member_acc": [M floats], "ensemble_acc": float, "vote_acc": float, "n": N}``,
-    accuracies rounded to 6 significant digits. The ensemble's mode is restored afterwards.
+    accuracies rounded to 6 significant digits. ``distributed``: under a process group, each
+    rank counts every world-th example and the counts are summed over ranks. The ensemble's
+    mode is restored afterwards.
     The first batch is checked against the ensemble's input contract (shape, dtype, [0, 1],
     labels) before anything is computed.
 
@@ -322,6 +332,9 @@ def evaluate(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
     # counts stay on the device until the end: no GPU sync per batch
     correct = torch.zeros(m + 2, dtype=torch.long, device=device)  # members, mean, vote
     n = 0
+    rank, world = rank_and_world() if distributed else (0, 1)
+    if world > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), world))
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -334,6 +347,9 @@ def evaluate(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
             n += len(y)
     finally:
         ensemble.train(was_training)
+    if world > 1:
+        totals = all_reduce_sum(torch.cat([correct, torch.tensor([n], device=device)]))
+        correct, n = totals[:-1], int(totals[-1])
     counts = correct.tolist()
     correct_members, correct_ens, correct_vote = counts[:m], counts[m], counts[m + 1]
     if n == 0:
@@ -420,7 +436,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         epoch_hooks: Sequence[EpochHook] = (), progress: bool = True,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-        amp: bool = False) -> list[dict[str, Any]]:
+        amp: bool = False, distributed: bool = True) -> list[dict[str, Any]]:
     """Train all members with ``loss_fn`` (Adam) and return the per-epoch metric records.
 
     Args:
@@ -435,6 +451,14 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         on_epoch_end: called with each record after it is written (progress, interruption).
         amp: compute the loss under bfloat16 autocast (mixed precision; parameters, gradients
             and optimizer state stay float32). For GPUs; on CPU it is slower, not faster.
+        distributed: under a ``torch.distributed`` process group (torchrun), train
+            data-parallel: ``batch_size`` is the global batch; every rank draws the same
+            shuffled global batch and noise (the single-process ones), computes on its slice
+            (every world-th sample), and the gradients are averaged with one all-reduce
+            (:mod:`ensdiv.distributed`), so the run does not depend on the number of processes
+            beyond float reduction order. Loss, statistics and test accuracies are reduced over
+            ranks; only rank 0 writes. False trains this rank's ensemble alone (a sweep's ranks
+            train different ensembles).
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (the last finished epoch is kept).
@@ -460,6 +484,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
     records: list[dict[str, Any]] = []
     start = 0
     main = is_main_process()
+    rank, world = rank_and_world() if distributed else (0, 1)
     if resume and out is not None and (out / CHECKPOINT).exists():
         start, records = _restore(ensemble, opt, out, extra)
         if main:
@@ -479,14 +504,21 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if augment is not None:
                 x = augment(x, gen)
+            n_global = len(y)
+            if world > 1:  # this rank's slice of the global batch (shuffle and noise as one)
+                x, y = x[rank::world], y[rank::world]
+            b = len(y)
             # Randomness inside the loss (PGD's random starts) is seeded per batch without
             # touching the caller's global RNG, so a resumed run repeats it exactly.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                torch.manual_seed(int(seed) * 100_003 + epoch * 10_007 + i)
-                loss, stats = loss_fn(ensemble, x, y)
+                torch.manual_seed(int(seed) * 100_003 + epoch * 10_007 + i + 7_919 * rank)
+                if b:
+                    loss, stats = loss_fn(ensemble, x, y)
+                else:  # fewer samples than ranks in the last batch: nothing to add here
+                    loss, stats = torch.zeros((), device=device), {}
             check = i % sync_every == 0 or i == len(loader)
-            if check and not torch.isfinite(total + loss.detach()):
+            if check and not torch.isfinite(_all_sum(total + loss.detach() * b, world)):
                 bad = "" if sync_every == 1 else f" (or one of the {sync_every - 1} before it)"
                 parts = ", ".join(f"{k}={float(v):.4g}" for k, v in stats.items())
                 kept = (f"the run in {out} keeps epoch {epoch - 1}" if out is not None and
@@ -496,9 +528,11 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
                     f"{float(loss.detach()):g} ({parts}); {kept}; try a lower learning rate "
                     "(or lam) in another --out")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if b:
+                loss.backward()
+            if world > 1:  # the global batch's mean gradient on every rank
+                all_reduce_gradients(params, b / n_global)
             opt.step()
-            b = len(y)
             total += loss.detach().double() * b
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).double() * b
@@ -506,9 +540,16 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             if check:
                 bar.set_postfix(loss=f"{float(total) / n:.3f}")
         train_seconds = time.perf_counter() - t0
+        if world > 1:  # one all-reduce of every running sum (keys: the union over ranks)
+            keys = sorted({k for part in gather_objects(sorted(sums)) for k in part})
+            vec = torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=device)]
+                              + [torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64,
+                                                 device=device) for k in keys])
+            all_reduce_sum(vec)
+            total, n, sums = vec[0], int(vec[1]), dict(zip(keys, vec[2:], strict=True))
         record: dict[str, Any] = {"epoch": epoch, "loss": float(total) / n,
                                   **{k: float(v) / n for k, v in sums.items()}}
-        record.update(evaluate(ensemble, test_set, device=device))
+        record.update(evaluate(ensemble, test_set, device=device, distributed=world > 1))
         for hook in epoch_hooks:
             record.update(hook(ensemble))
         record["train_seconds"] = train_seconds
@@ -531,6 +572,11 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
 
 #: On a GPU, batches between two reads of the running loss (each read waits for the GPU).
 SYNC_EVERY = 25
+
+
+def _all_sum(t: Tensor, world: int) -> Tensor:
+    """``t`` summed over ranks (a copy), so every rank takes the same decision from it."""
+    return all_reduce_sum(t.clone()) if world > 1 else t
 
 
 def _sync_every(device: torch.device) -> int:
@@ -576,18 +622,23 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
     if out_dir is None:
         return _train(config, None, False, device, data, progress, on_epoch_end, teacher)
     with run_lock(out_dir) as out:
-        resuming = prepare_run_dir(out, config.to_dict(), config_name=CONFIG, resume=resume,
-                                   overwrite=overwrite, started=_started,
-                                   resumable=RESUMABLE_CHANGES, command=RESUME_COMMAND)
-        if resuming:  # everything resuming needs is readable before anything is written
-            done = finished_epochs(out)
-            _read_metrics(out)
-            if done > config.epochs:
-                raise EnsdivError(f"{out} holds {done} finished epochs; --epochs "
-                                  f"{config.epochs} cannot shrink it (give --epochs {done} or "
-                                  "more to extend it)")
-        if is_main_process() and not (resuming and _saved_config(out) == config.to_dict()):
-            atomic_write_json(out / CONFIG, config.to_dict())
+        def prepare() -> bool:
+            resuming = prepare_run_dir(out, config.to_dict(), config_name=CONFIG,
+                                       resume=resume, overwrite=overwrite, started=_started,
+                                       resumable=RESUMABLE_CHANGES, command=RESUME_COMMAND)
+            if resuming:  # everything resuming needs is readable before anything is written
+                done = finished_epochs(out)
+                _read_metrics(out)
+                if done > config.epochs:
+                    raise EnsdivError(f"{out} holds {done} finished epochs; --epochs "
+                                      f"{config.epochs} cannot shrink it (give --epochs {done} "
+                                      "or more to extend it)")
+            if not (resuming and _saved_config(out) == config.to_dict()):
+                atomic_write_json(out / CONFIG, config.to_dict())
+            return resuming
+
+        # under torchrun rank 0 prepares the folder; every rank gets its decision (or error)
+        resuming = broadcast_outcome(prepare)
         return _train(config, out, resuming, device, data, progress, on_epoch_end, teacher)
 
 

@@ -1,0 +1,117 @@
+"""ensdiv.distributed: 1 vs 2 gloo processes on CPU give the same run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+from ensdiv import distributed
+from ensdiv.ensemble import Ensemble
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(100, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (100,), generator=g)
+    return TensorDataset(x[:70], y[:70]), TensorDataset(x[70:], y[70:])
+
+
+def _fit(out_file, diversity):
+    """Train on the synthetic data (global batch 16: the last batch of 6 splits 3 + 3)."""
+    import functools
+
+    from ensdiv.objective import ensemble_loss
+    from ensdiv.train import fit, gaussian_noise
+
+    torch.set_num_threads(1)
+    train, test = _data()
+    ens = Ensemble.build("cnn", 2, in_shape=(1, 8, 8), num_classes=10, seed=3)
+    records = fit(ens, train, test, epochs=2, batch_size=16, lr=3e-3, seed=1, progress=False,
+                  loss_fn=functools.partial(ensemble_loss, diversity=diversity, lam=0.5),
+                  augment=gaussian_noise(0.1))
+    if distributed.rank_and_world()[0] == 0:
+        state = {k: v.tolist() for k, v in ens.state_dict().items()}
+        Path(out_file).write_text(json.dumps({"records": records, "state": state}))
+
+
+def _worker(rank, world, port, out_file, diversity):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    distributed.init_from_env(torch.device("cpu"))
+    try:
+        _fit(out_file, diversity)
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.parametrize("diversity", ["none", "gal"])
+def test_two_processes_train_the_single_process_run(tmp_path, diversity):
+    single = tmp_path / "single.json"
+    _fit(single, diversity)
+    double = tmp_path / "double.json"
+    mp.spawn(_worker, args=(2, _free_port(), str(double), diversity), nprocs=2, join=True)
+    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    for ra, rb in zip(a["records"], b["records"], strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+        assert rb["n"] == ra["n"] == 30
+        assert rb["member_acc"] == pytest.approx(ra["member_acc"], abs=1 / 30 + 1e-9)
+        for k in ra:
+            if k.startswith("ce_") or k in ("reg", "train_cos"):
+                assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), k
+    for k, v in a["state"].items():
+        torch.testing.assert_close(torch.tensor(b["state"][k]), torch.tensor(v),
+                                   rtol=1e-3, atol=1e-3)  # Adam scales tiny grads up
+
+
+def test_helpers_without_a_process_group():
+    assert distributed.rank_and_world() == (0, 1)
+    assert distributed.shard(list(range(5)), 0, 2) == [0, 2, 4]
+    t = torch.ones(3)
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1, 1, 1]
+    assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 3.0)
+    assert distributed.all_reduce_gradients([p], 0.5) == 8 and p.grad.tolist() == [1.5, 1.5]
+
+
+def test_timeout_setting(monkeypatch):
+    from ensdiv.errors import EnsdivError
+
+    monkeypatch.setenv("ENSDIV_DIST_TIMEOUT", "12")
+    assert distributed.timeout_seconds() == 12
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv("ENSDIV_DIST_TIMEOUT", bad)
+        with pytest.raises(EnsdivError, match="ENSDIV_DIST_TIMEOUT"):
+            distributed.timeout_seconds()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun test on Linux")
+def test_a_rank_that_dies_fails_the_run_loudly(tmp_path):
+    """One of two ranks exits before the first collective: the other fails within the
+    timeout, torchrun exits non-zero, nothing hangs."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from ensdiv import distributed\n"
+        "distributed.init_from_env(torch.device('cpu'))\n"
+        "if distributed.rank_and_world()[0] == 1:\n"
+        "    os._exit(3)\n"
+        "distributed.all_reduce_sum(torch.ones(1))\n")
+    env = {**os.environ, "ENSDIV_DIST_TIMEOUT": "20", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", "--master-port", str(_free_port()), str(script)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
