@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ensdiv.distributed import barrier, rank_and_world, shard
 from ensdiv.errors import EnsdivError, check_int, check_real
 from ensdiv.io import atomic_write_jsonl, os_error, read_jsonl
 from ensdiv.smoothing import ABSTAIN, Smooth
@@ -66,6 +67,10 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
     """Certify every ``skip``-th example of ``dataset`` (the first ``max`` of those) and
     return all records of ``out`` (old and new), sorted by ``idx``.
 
+    Under torchrun the examples are sharded over ranks (every world-th to each) and merged into
+    one file; each example's noise comes from its own seed, so the records are those of a
+    single-process run (timings aside).
+
     Args:
         base: a member or an ensemble (eval mode) returning logits.
         dataset: yields ``(x [C, H, W] in [0, 1], label)``.
@@ -95,16 +100,23 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_error("write", path.parent, e) from None
-    records = _done_records(path)
+    rank, world = rank_and_world()
+    # under torchrun each rank certifies every world-th example into its own part file; rank 0
+    # merges them into `out` at the end (and a resumed run counts them as done)
+    barrier()  # every rank reads the folder as it was before anyone writes
+    records = _done_records(path) + [r for part in _part_files(path)
+                                     for r in _done_records(part)]
+    barrier()
     done = {r["idx"] for r in records}
-    todo = [i for i in indices if i not in done]
+    todo = shard([i for i in indices if i not in done], rank, world)
+    own = path if world == 1 else _part_path(path, rank)
     bar = None
-    if progress and todo:
+    if progress and todo and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="certify", unit="example")
     try:
-        with open(path, "a", encoding="utf-8") as f:
+        with open(own, "a", encoding="utf-8") as f:
             for i in todo:
                 x, label = dataset[i]
                 smooth.generator = torch.Generator(device=smooth._device()).manual_seed(
@@ -132,8 +144,29 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
                     log(f"idx {i}: label {rec['label']} predict {pred} radius {rad:.3f} "
                         f"({rec['seconds']:.1f}s)")
     except OSError as e:
-        raise os_error("write", path, e) from None
+        raise os_error("write", own, e) from None
     finally:
         if bar is not None:
             bar.close()
+    if world > 1 or _part_files(path):
+        barrier()
+        if rank == 0:
+            merged = {r["idx"]: r for r in _done_records(path)}
+            for part in _part_files(path):
+                merged.update({r["idx"]: r for r in _done_records(part)})
+            atomic_write_jsonl(path, sorted(merged.values(), key=lambda r: r["idx"]))
+            for part in _part_files(path):
+                part.unlink()
+        barrier()
+        records = _done_records(path)
     return sorted(records, key=lambda r: r["idx"])
+
+
+def _part_path(path: Path, rank: int) -> Path:
+    """Rank ``rank``'s part of the records file ``path`` (records.rank1.jsonl)."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def _part_files(path: Path) -> list[Path]:
+    """Part files left by ranks of a distributed run, merged or not yet."""
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))

@@ -581,10 +581,15 @@ def cmd_certify(args: argparse.Namespace) -> int:
         warnings.warn(f"--radius {args.radius:g} is at or above {cap:.3f}: every example will "
                       "abstain", EnsdivWarning, stacklevel=1)
     with run_lock(args.out) as out:
-        prepare_run_dir(out, config, config_name=CERTIFY_CONFIG, resume=args.resume,
-                        overwrite=args.overwrite, started=lambda p: (p / CERTIFY_RECORDS).exists(),
-                        kind="certification run", command=f"ensdiv certify {args.run}")
-        atomic_write_json(out / CERTIFY_CONFIG, config)
+        def prepare() -> None:  # rank 0 under torchrun; the others get its outcome
+            prepare_run_dir(out, config, config_name=CERTIFY_CONFIG, resume=args.resume,
+                            overwrite=args.overwrite,
+                            started=lambda p: (p / CERTIFY_RECORDS).exists()
+                            or any(p.glob("records.rank*.jsonl")),
+                            kind="certification run", command=f"ensdiv certify {args.run}")
+            atomic_write_json(out / CERTIFY_CONFIG, config)
+
+        distributed.broadcast_outcome(prepare)
         records = certify_dataset(base, test, sigma=args.sigma, n0=args.n0, n=args.n,
                                   alpha=args.alpha, batch_size=args.batch_size,
                                   out=out / CERTIFY_RECORDS, skip=args.skip, max=args.max,

@@ -25,6 +25,13 @@ from torch import Tensor
 
 from ensdiv.attacks import apgd, fgsm, mifgsm, pgd
 from ensdiv.data import load_dataset
+from ensdiv.distributed import (
+    barrier,
+    broadcast_outcome,
+    independent,
+    rank_and_world,
+    shard,
+)
 from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
@@ -33,7 +40,6 @@ from ensdiv.gradients import input_gradients
 from ensdiv.io import (
     atomic_write_json,
     atomic_write_jsonl,
-    is_main_process,
     prepare_run_dir,
     read_jsonl,
     round_floats,
@@ -360,23 +366,36 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, resume: bool = False,
     config.validate()
     dev = resolve_device(device)
     with run_lock(out_dir) as out:
-        resuming = prepare_run_dir(out, config.to_dict(), config_name=SWEEP_CONFIG,
-                                   resume=resume, overwrite=overwrite, started=_started,
-                                   kind="sweep", command="ensdiv sweep")
-        if is_main_process():
+        def prepare() -> bool:  # rank 0 under torchrun; the others get its outcome
+            resuming = prepare_run_dir(out, config.to_dict(), config_name=SWEEP_CONFIG,
+                                       resume=resume, overwrite=overwrite, started=_started,
+                                       kind="sweep", command="ensdiv sweep")
             atomic_write_json(out / SWEEP_CONFIG, config.to_dict())
-        records = read_jsonl(out / RECORDS, what="sweep records file",
-                             required=("lam", "seed"),
-                             fix="restore it, or delete its damaged lines and resume (those "
-                                 "ensembles are then evaluated again)") if resuming else []
+            return resuming
+
+        resuming = broadcast_outcome(prepare)
+        records = [r for path in [out / RECORDS, *_part_files(out)] if path.exists()
+                   for r in _read_records(path)] if resuming else []
         return _sweep(config, out, records, dev, data_root, progress, log)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    return read_jsonl(path, what="sweep records file", required=("lam", "seed"),
+                      fix="restore it, or delete its damaged lines and resume (those "
+                          "ensembles are then evaluated again)")
+
+
+def _part_files(out: Path) -> list[Path]:
+    """Records of a torchrun sweep's ranks not yet merged into records.jsonl."""
+    return sorted(out.glob("records.rank*.jsonl"))
 
 
 def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: torch.device,
            data_root: str | None, progress: bool,
            log: Callable[[str], None]) -> list[dict[str, Any]]:
     done = {(r["lam"], r["seed"]) for r in records}
-    if all((lam, seed) in done for lam in config.lams for seed in range(config.seeds)):
+    if all((lam, seed) in done for lam in config.lams for seed in range(config.seeds)) \
+            and not _part_files(out):
         return records
     _, test, _ = load_dataset(config.dataset, root=data_root)
     n = min(config.n_eval, len(test))
@@ -392,10 +411,16 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
                      for a in config.attacks for e in config.eps}
     log(f"surrogate ready ({time.perf_counter() - t0:.0f}s)")
 
-    for lam in config.lams:
-        for seed in range(config.seeds):
-            if (lam, seed) in done:
-                continue
+    # under torchrun the ensembles are spread over the ranks (the surrogate above was trained
+    # by all of them together); each rank trains its own alone and keeps its records in a part
+    # file, which rank 0 merges into records.jsonl in the single-process order at the end
+    rank, world = rank_and_world()
+    todo = shard([(lam, seed) for lam in config.lams for seed in range(config.seeds)
+                  if (lam, seed) not in done], rank, world)
+    own = out / RECORDS if world == 1 else out / f"records.rank{rank}.jsonl"
+    mine = _read_records(own) if world > 1 and own.exists() else []
+    for lam, seed in todo:
+        with independent():
             t1 = time.perf_counter()
             tcfg = config.train_config(lam, seed)
             ens, hist = train_run(tcfg, out_dir=out / run_name(lam, seed), resume=True,
@@ -412,8 +437,8 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
                    "eval_seconds": time.perf_counter() - t2, "time": utc_now()}
             rec = round_floats(rec)
             records.append(rec)
-            if is_main_process():
-                atomic_write_jsonl(out / RECORDS, records)
+            mine.append(rec)
+            atomic_write_jsonl(own, records if world == 1 else mine)
             pgd_mid = [a for a in rec["attacks"] if a["attack"] == "pgd"]
             log(f"lam={lam:g} seed={seed}: acc {rec['ensemble_acc']:.3f} "
                 f"GDR {rec['gdr']:.4f}±{rec['gdr_sem']:.4f} cos {rec['mean_cos']:.3f}"
@@ -421,4 +446,17 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
                    if pgd_mid else "") + f" ({time.perf_counter() - t1:.0f}s)")
             for w in rec["warnings"]:
                 log(f"  warning: {w}")
+    if world > 1 or _part_files(out):
+        barrier()
+        if rank == 0:
+            merged = {(r["lam"], r["seed"]): r for path in [out / RECORDS, *_part_files(out)]
+                      if path.exists() for r in _read_records(path)}
+            order = {lam: i for i, lam in enumerate(config.lams)}
+            records = sorted(merged.values(), key=lambda r: (order.get(r["lam"], len(order)),
+                                                            r["seed"]))
+            atomic_write_jsonl(out / RECORDS, records)
+            for part in _part_files(out):
+                part.unlink()
+        barrier()
+        records = _read_records(out / RECORDS)
     return records

@@ -115,3 +115,87 @@ def test_a_rank_that_dies_fails_the_run_loudly(tmp_path):
                            "2", "--master-port", str(_free_port()), str(script)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode != 0
+
+
+def _certify(out_file):
+    from ensdiv.certify_run import certify_dataset
+
+    torch.set_num_threads(1)
+    _, test = _data()
+    ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=4).eval()
+    return certify_dataset(ens, test, sigma=0.5, n0=20, n=200, alpha=0.01, batch_size=100,
+                           out=out_file, skip=3, progress=False, seed=2)
+
+
+def _certify_worker(rank, world, port, out_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    distributed.init_from_env(torch.device("cpu"))
+    try:
+        _certify(out_file)
+    finally:
+        distributed.shutdown()
+
+
+def test_two_processes_certify_the_single_process_records(tmp_path):
+    from ensdiv.io import read_jsonl
+
+    single = _certify(tmp_path / "single" / "records.jsonl")
+    out = tmp_path / "double" / "records.jsonl"
+    # a resumed run: two examples already done by an earlier single process
+    out.parent.mkdir()
+    out.write_text("".join(json.dumps(r) + "\n" for r in single[:2]))
+    mp.spawn(_certify_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    double = read_jsonl(out)
+    assert [r["idx"] for r in double] == [r["idx"] for r in single] == list(range(0, 30, 3))
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in single]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in double] == strip
+    assert not list(out.parent.glob("records.rank*"))  # merged and removed
+
+
+def _torchrun(args, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENSDIV_DIST_TIMEOUT": "120"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", "--master-port", str(_free_port()), "-m", "ensdiv", *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+
+SWEEP = ["sweep", "--dataset", "digits", "--arch", "mlp", "--members", "2", "--lams", "0,0.5,1",
+         "--seeds", "1", "--epochs", "1", "--attacks", "pgd", "--eps", "0.1", "--steps", "3",
+         "--apgd-steps", "3", "--n-eval", "40", "--quiet"]
+
+
+def test_torchrun_sweep_spreads_the_ensembles_and_writes_the_single_process_records(tmp_path):
+    from ensdiv.cli import main
+    from ensdiv.io import read_jsonl
+
+    assert main([*SWEEP, "--out", str(tmp_path / "one"), "--threads", "1"]) == 0
+    proc = _torchrun([*SWEEP, "--out", str(tmp_path / "two")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("records in") == 1  # only rank 0 prints
+
+    def strip(r):
+        return {k: v for k, v in r.items() if k not in ("time", "train_seconds",
+                                                        "eval_seconds")}
+
+    one = [strip(r) for r in read_jsonl(tmp_path / "one" / "records.jsonl")]
+    two = [strip(r) for r in read_jsonl(tmp_path / "two" / "records.jsonl")]
+    assert two == one and [r["lam"] for r in two] == [0.0, 0.5, 1.0]
+    assert not list((tmp_path / "two").glob("records.rank*"))
+
+
+def test_torchrun_train_matches_one_process_and_resumes(tmp_path):
+    from ensdiv.cli import main
+    from ensdiv.io import read_jsonl
+
+    args = ["train", "--dataset", "digits", "--arch", "cnn", "--members", "2", "--epochs", "1",
+            "--diversity", "gal", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--threads", "1"]) == 0
+    proc = _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _torchrun(["train", "--out", str(tmp_path / "two"), "--resume", "--epochs", "2",
+                      "--quiet"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert len(two) == 2 and two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-4)
