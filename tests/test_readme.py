@@ -110,3 +110,11 @@ def test_profile_table_comes_from_the_committed_profile():
     profile = _benchmarks_module("profile_step")
     data = json.loads((BENCH_RESULTS / "profile-cpu-2026-12-02.json").read_text())
     assert block("profile-cpu") == profile.table(data).strip()
+
+
+def test_distributed_table_comes_from_the_committed_simulation():
+    import json
+
+    bench = _benchmarks_module("bench_distributed")
+    data = json.loads((BENCH_RESULTS / "distributed-cpu-2026-12-02.json").read_text())
+    assert block("distributed-cpu") == bench.table(data).strip()
