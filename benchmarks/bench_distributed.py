@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from _common import SMOKE, batch, machine, make_ensemble
 from ensdiv import distributed
 from ensdiv.objective import ensemble_loss
+
+from _common import SMOKE, batch, machine, make_ensemble
 
 SHAPE, M, GLOBAL_BATCH = ((1, 8, 8), 2, 16) if SMOKE else ((1, 28, 28), 3, 128)
 
