@@ -75,7 +75,6 @@ def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
                       "compute_s": max(t[0] for t in timings),
                       "allreduce_s": statistics.median(t[1] for t in timings)}
             Path(out).write_text(json.dumps(result, indent=1) + "\n")
-        distributed.barrier()  # nobody leaves the group while another still uses it
     finally:
         distributed.shutdown()
 
