@@ -876,6 +876,10 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+#: Commands that run under torchrun (data-parallel training, sharded certification and sweeps).
+DISTRIBUTED_COMMANDS = ("train", "certify", "sweep")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ensdiv`` console script and of ``python -m ensdiv``."""
     parser = build_parser()
@@ -888,6 +892,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always", EnsdivWarning)
         warnings.showwarning = _show_warning
         try:
+            if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+                raise EnsdivError(f"ensdiv {args.command} runs in one process; start it without "
+                                  f"torchrun (torchrun runs: {', '.join(DISTRIBUTED_COMMANDS)})")
             return int(args.func(args))
         except EnsdivError as e:
             print(f"ensdiv: error: {e}", file=sys.stderr)

@@ -199,3 +199,14 @@ def test_torchrun_train_matches_one_process_and_resumes(tmp_path):
     one = read_jsonl(tmp_path / "one" / "metrics.jsonl")
     two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert len(two) == 2 and two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-4)
+
+
+def test_commands_that_do_not_scale_out_refuse_torchrun(monkeypatch, capsys, tmp_path):
+    from ensdiv.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["detect", str(tmp_path / "run"), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ensdiv: error: ensdiv detect runs in one process") and \
+        "train, certify, sweep" in err
+    assert not (tmp_path / "d").exists()
