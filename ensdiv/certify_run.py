@@ -38,7 +38,15 @@ from torch.utils.data import Dataset
 
 from ensdiv.distributed import barrier, rank_and_world, shard
 from ensdiv.errors import EnsdivError, check_int, check_real
-from ensdiv.io import atomic_write_jsonl, os_error, read_jsonl
+from ensdiv.io import (
+    atomic_write_jsonl,
+    merge_rank_parts,
+    os_error,
+    rank_part,
+    rank_parts,
+    read_jsonl,
+    read_with_parts,
+)
 from ensdiv.smoothing import ABSTAIN, Smooth
 
 RECORD_KEYS: tuple[str, ...] = ("idx", "label", "predict", "radius", "correct", "samples",
@@ -104,12 +112,11 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
     # under torchrun each rank certifies every world-th example into its own part file; rank 0
     # merges them into `out` at the end (and a resumed run counts them as done)
     barrier()  # every rank reads the folder as it was before anyone writes
-    records = _done_records(path) + [r for part in _part_files(path)
-                                     for r in _done_records(part)]
+    records = read_with_parts(path, _done_records)
     barrier()
     done = {r["idx"] for r in records}
     todo = shard([i for i in indices if i not in done], rank, world)
-    own = path if world == 1 else _part_path(path, rank)
+    own = path if world == 1 else rank_part(path, rank)
     bar = None
     if progress and todo and rank == 0:
         from tqdm.auto import tqdm
@@ -148,25 +155,6 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
     finally:
         if bar is not None:
             bar.close()
-    if world > 1 or _part_files(path):
-        barrier()
-        if rank == 0:
-            merged = {r["idx"]: r for r in _done_records(path)}
-            for part in _part_files(path):
-                merged.update({r["idx"]: r for r in _done_records(part)})
-            atomic_write_jsonl(path, sorted(merged.values(), key=lambda r: r["idx"]))
-            for part in _part_files(path):
-                part.unlink()
-        barrier()
-        records = _done_records(path)
+    if world > 1 or rank_parts(path):
+        records = merge_rank_parts(path, _done_records, key=lambda r: r["idx"])
     return sorted(records, key=lambda r: r["idx"])
-
-
-def _part_path(path: Path, rank: int) -> Path:
-    """Rank ``rank``'s part of the records file ``path`` (records.rank1.jsonl)."""
-    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-
-
-def _part_files(path: Path) -> list[Path]:
-    """Part files left by ranks of a distributed run, merged or not yet."""
-    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))

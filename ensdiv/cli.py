@@ -42,6 +42,7 @@ from ensdiv.io import (
     atomic_write_json,
     os_error,
     prepare_run_dir,
+    rank_parts,
     read_json,
     read_jsonl,
     run_lock,
@@ -585,7 +586,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             prepare_run_dir(out, config, config_name=CERTIFY_CONFIG, resume=args.resume,
                             overwrite=args.overwrite,
                             started=lambda p: (p / CERTIFY_RECORDS).exists()
-                            or any(p.glob("records.rank*.jsonl")),
+                            or bool(rank_parts(p / CERTIFY_RECORDS)),
                             kind="certification run", command=f"ensdiv certify {args.run}")
             atomic_write_json(out / CERTIFY_CONFIG, config)
 

@@ -40,6 +40,7 @@ from typing import IO, Any
 
 import torch
 
+from ensdiv import distributed
 from ensdiv.errors import EnsdivError
 
 LOCK = ".ensdiv.lock"
@@ -57,9 +58,40 @@ _OS_HINTS = {
 def is_main_process() -> bool:
     """True unless running under an initialized ``torch.distributed`` group with rank != 0
     (every rank counts as main inside :func:`ensdiv.distributed.independent`)."""
-    from ensdiv.distributed import is_main
+    return distributed.is_main()
 
-    return is_main()
+
+def rank_part(path: Path, rank: int) -> Path:
+    """Rank ``rank``'s part of the records file ``path`` under torchrun (records.rank1.jsonl)."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def rank_parts(path: Path) -> list[Path]:
+    """The part files of ``path`` that ranks of a distributed run left, merged or not yet."""
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+
+
+def read_with_parts(path: Path, read: Callable[[Path], list[dict]]) -> list[dict]:
+    """The records of ``path`` and of its part files (what a resumed run counts as done)."""
+    return [r for p in [path, *rank_parts(path)] if p.exists() for r in read(p)]
+
+
+def merge_rank_parts(path: Path, read: Callable[[Path], list[dict]],
+                     key: Callable[[dict], Any]) -> list[dict]:
+    """Merge the ranks' part files into ``path`` and return its records sorted by ``key``.
+
+    Every rank waits for the others; rank 0 writes ``path`` (one record per key, a part's
+    over the file's) atomically and deletes the parts; then every rank reads the result.
+    Without part files or a process group this just reads ``path``.
+    """
+    distributed.barrier()
+    if distributed.rank_and_world()[0] == 0 and rank_parts(path):
+        merged = {key(r): r for r in read_with_parts(path, read)}
+        atomic_write_jsonl(path, sorted(merged.values(), key=key))
+        for part in rank_parts(path):
+            part.unlink()
+    distributed.barrier()
+    return read(path) if path.exists() else []
 
 
 def os_error(action: str, path: str | os.PathLike, e: OSError) -> EnsdivError:

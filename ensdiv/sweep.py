@@ -26,7 +26,6 @@ from torch import Tensor
 from ensdiv.attacks import apgd, fgsm, mifgsm, pgd
 from ensdiv.data import load_dataset
 from ensdiv.distributed import (
-    barrier,
     broadcast_outcome,
     independent,
     rank_and_world,
@@ -40,8 +39,12 @@ from ensdiv.gradients import input_gradients
 from ensdiv.io import (
     atomic_write_json,
     atomic_write_jsonl,
+    merge_rank_parts,
     prepare_run_dir,
+    rank_part,
+    rank_parts,
     read_jsonl,
+    read_with_parts,
     round_floats,
     run_lock,
     utc_now,
@@ -374,8 +377,7 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, resume: bool = False,
             return resuming
 
         resuming = broadcast_outcome(prepare)
-        records = [r for path in [out / RECORDS, *_part_files(out)] if path.exists()
-                   for r in _read_records(path)] if resuming else []
+        records = read_with_parts(out / RECORDS, _read_records) if resuming else []
         return _sweep(config, out, records, dev, data_root, progress, log)
 
 
@@ -385,17 +387,12 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
                           "ensembles are then evaluated again)")
 
 
-def _part_files(out: Path) -> list[Path]:
-    """Records of a torchrun sweep's ranks not yet merged into records.jsonl."""
-    return sorted(out.glob("records.rank*.jsonl"))
-
-
 def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: torch.device,
            data_root: str | None, progress: bool,
            log: Callable[[str], None]) -> list[dict[str, Any]]:
     done = {(r["lam"], r["seed"]) for r in records}
     if all((lam, seed) in done for lam in config.lams for seed in range(config.seeds)) \
-            and not _part_files(out):
+            and not rank_parts(out / RECORDS):
         return records
     _, test, _ = load_dataset(config.dataset, root=data_root)
     n = min(config.n_eval, len(test))
@@ -417,7 +414,7 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
     rank, world = rank_and_world()
     todo = shard([(lam, seed) for lam in config.lams for seed in range(config.seeds)
                   if (lam, seed) not in done], rank, world)
-    own = out / RECORDS if world == 1 else out / f"records.rank{rank}.jsonl"
+    own = out / RECORDS if world == 1 else rank_part(out / RECORDS, rank)
     mine = _read_records(own) if world > 1 and own.exists() else []
     for lam, seed in todo:
         with independent():
@@ -446,17 +443,9 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
                    if pgd_mid else "") + f" ({time.perf_counter() - t1:.0f}s)")
             for w in rec["warnings"]:
                 log(f"  warning: {w}")
-    if world > 1 or _part_files(out):
-        barrier()
-        if rank == 0:
-            merged = {(r["lam"], r["seed"]): r for path in [out / RECORDS, *_part_files(out)]
-                      if path.exists() for r in _read_records(path)}
-            order = {lam: i for i, lam in enumerate(config.lams)}
-            records = sorted(merged.values(), key=lambda r: (order.get(r["lam"], len(order)),
-                                                            r["seed"]))
-            atomic_write_jsonl(out / RECORDS, records)
-            for part in _part_files(out):
-                part.unlink()
-        barrier()
-        records = _read_records(out / RECORDS)
+    if world > 1 or rank_parts(out / RECORDS):
+        order = {lam: i for i, lam in enumerate(config.lams)}
+        records = merge_rank_parts(out / RECORDS, _read_records,
+                                   key=lambda r: (order.get(r["lam"], len(order)), r["lam"],
+                                                  r["seed"]))
     return records
