@@ -68,25 +68,6 @@ def machine(device: str) -> dict[str, object]:
             "threads": torch.get_num_threads()}
 
 
-def paired_ratio(target: Callable[[], None], base: Callable[[], None], device: str,
-                 reps: int = 5) -> tuple[float, float, float]:
-    """Median time of ``target`` and ``base`` and the median of their per-repetition ratios,
-    timed back to back in each repetition (after one warm-up of each): on a noisy machine a
-    ratio measured in pairs holds where two separate medians do not."""
-    reps = 1 if SMOKE else reps
-    times: dict[str, list[float]] = {"t": [], "b": []}
-    for rep in range(reps + 1):
-        for key, fn in (("b", base), ("t", target)):
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            if rep:
-                times[key].append(time.perf_counter() - t)
-    ratio = statistics.median(a / b for a, b in zip(times["t"], times["b"], strict=True))
-    return statistics.median(times["t"]), statistics.median(times["b"]), ratio
-
-
 def native_layers(module: nn.Module) -> nn.Module:
     """``module`` with ensdiv's double-backprop layers swapped for ``torch.nn``'s (in place, same
     weights): the model as a user writes it in plain PyTorch."""
