@@ -485,6 +485,9 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
     start = 0
     main = is_main_process()
     rank, world = rank_and_world() if distributed else (0, 1)
+    if batch_size < world:
+        raise EnsdivError(f"batch size {batch_size} is the global batch, split over {world} "
+                          f"processes: give at least {world}")
     if resume and out is not None and (out / CHECKPOINT).exists():
         start, records = _restore(ensemble, opt, out, extra)
         if main:
