@@ -99,6 +99,14 @@ def _native(x: Tensor, large: bool = True) -> bool:
 
 # --------------------------------------------------------------------------- GroupNorm
 
+def _gn_backward(g: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+                 groups: int, mask: list[bool]) -> tuple[Tensor | None, ...]:
+    """GroupNorm's native first backward (dx, dγ, dβ as ``mask`` asks) for x [N, C, *]."""
+    n, c = x.shape[:2]
+    return torch.ops.aten.native_group_norm_backward(g, x, mean, rstd, weight, n, c,
+                                                     x[0, 0].numel(), groups, mask)
+
+
 def _gn_double_backward(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                         dx: Tensor, v: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
     """(∂/∂g, ∂/∂x, ∂/∂γ) of ⟨v, dx⟩ as plain elementwise code (what torch.compile fuses)."""
@@ -127,8 +135,7 @@ def _gn_double_backward_eager(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor
     k = x.numel() // (n * groups)
     cshape = (1, -1) + (1,) * (x.dim() - 2)
     # P(v) is GroupNorm's own input backward with γ = 1: one native kernel
-    pv = torch.ops.aten.native_group_norm_backward(
-        v, x, mean, rstd, None, n, c, x[0, 0].numel(), groups, [True, False, False])[0]
+    pv = _gn_backward(v, x, mean, rstd, None, groups, [True, False, False])[0]
     grad_g = pv * weight.view(cshape) if need[0] else None
     grad_w = torch.linalg.vecdot(g.flatten(2), pv.flatten(2)).sum(0) if need[2] else None
     grad_x = None
@@ -181,9 +188,7 @@ class _GroupNormInputGrad(torch.autograd.Function):
     @staticmethod
     def forward(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                 groups: int) -> Tensor:
-        n, c = x.shape[:2]
-        return torch.ops.aten.native_group_norm_backward(
-            g, x, mean, rstd, weight, n, c, x[0, 0].numel(), groups, [True, False, False])[0]
+        return _gn_backward(g, x, mean, rstd, weight, groups, [True, False, False])[0]
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -236,11 +241,9 @@ class _GroupNormFn(torch.autograd.Function):
             return None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        n, c = x.shape[:2]
         if not torch.is_grad_enabled():  # first order only: the native fused kernel
-            dx, dw, db = torch.ops.aten.native_group_norm_backward(
-                g, x, mean, rstd, weight, n, c, x[0, 0].numel(), ctx.groups,
-                [need_x, need_w, need_b])
+            dx, dw, db = _gn_backward(g, x, mean, rstd, weight, ctx.groups,
+                                      [need_x, need_w, need_b])
             return dx, dw, db, None, None
         dx = _GroupNormInputGrad.apply(g, x, weight, mean, rstd, ctx.groups) if need_x else None
         dw = db = None
