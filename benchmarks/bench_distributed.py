@@ -75,14 +75,8 @@ def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
                       "compute_s": max(t[0] for t in timings),
                       "allreduce_s": statistics.median(t[1] for t in timings)}
             Path(out).write_text(json.dumps(result, indent=1) + "\n")
-    except BaseException:
+    finally:
         distributed.shutdown()
-        raise
-    distributed.shutdown()
-    # A plain interpreter exit after gloo sometimes aborted ("terminate called without an
-    # active exception") when the parent had run other benchmarks; the work is done: leave.
-    sys.stdout.flush()
-    os._exit(0)
 
 
 def simulate(procs: int, steps: int, out: str) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
@@ -106,6 +107,10 @@ def init_from_env(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # torch._dynamo (torchvision imports it) imported *after* the group exists keeps
+    # references to it that outlive destroy_process_group: gloo's threads then stay alive and
+    # abort the interpreter at exit (SIGABRT, "terminate called without an active exception").
+    importlib.import_module("torch._dynamo")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
     return device
 

@@ -76,6 +76,30 @@ def test_two_processes_train_the_single_process_run(tmp_path, diversity):
                                    rtol=1e-3, atol=1e-3)  # Adam scales tiny grads up
 
 
+def _late_import_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    distributed.init_from_env(torch.device("cpu"))
+    import importlib
+
+    importlib.import_module("torchvision")  # imports torch._dynamo, as ensdiv.data does
+    distributed.all_reduce_sum(torch.ones(3))
+    distributed.shutdown()
+    names = [Path(f"/proc/self/task/{t}/comm").read_text().strip()
+             for t in os.listdir("/proc/self/task")]
+    Path(out_dir, f"threads{rank}.json").write_text(json.dumps(names))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="threads listed from /proc")
+def test_shutdown_stops_gloos_threads_even_after_a_late_torchvision_import(tmp_path):
+    """A gloo thread left running past shutdown aborts the interpreter at exit (SIGABRT) in
+    some runs: modules imported after the group exists must not keep it alive."""
+    mp.spawn(_late_import_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        names = json.loads((tmp_path / f"threads{rank}.json").read_text())
+        assert not [n for n in names if "gloo" in n], names
+
+
 def test_helpers_without_a_process_group():
     assert distributed.rank_and_world() == (0, 1)
     assert distributed.shard(list(range(5)), 0, 2) == [0, 2, 4]
