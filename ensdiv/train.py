@@ -485,9 +485,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
     start = 0
     main = is_main_process()
     rank, world = rank_and_world() if distributed else (0, 1)
-    if batch_size < world:
-        raise EnsdivError(f"batch size {batch_size} is the global batch, split over {world} "
-                          f"processes: give at least {world}")
+    _check_global_batch(batch_size, world)
     if resume and out is not None and (out / CHECKPOINT).exists():
         start, records = _restore(ensemble, opt, out, extra)
         if main:
@@ -615,6 +613,7 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
         True
     """
     config = config.validate()
+    _check_global_batch(config.batch_size, rank_and_world()[1])
     device = resolve_device(device)
     data = load_dataset(config.dataset, root=data_root, seed=0)
     teacher = None
@@ -643,6 +642,12 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
         # under torchrun rank 0 prepares the folder; every rank gets its decision (or error)
         resuming = broadcast_outcome(prepare)
         return _train(config, out, resuming, device, data, progress, on_epoch_end, teacher)
+
+
+def _check_global_batch(batch_size: int, world: int) -> None:
+    if batch_size < world:
+        raise EnsdivError(f"batch size {batch_size} is the global batch, split over {world} "
+                          f"processes: give at least {world}")
 
 
 def _started(out: Path) -> bool:

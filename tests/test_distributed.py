@@ -234,3 +234,15 @@ def test_commands_that_do_not_scale_out_refuse_torchrun(monkeypatch, capsys, tmp
     assert err.startswith("ensdiv: error: ensdiv detect runs in one process") and \
         "train, certify, sweep" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_a_global_batch_smaller_than_the_world_fails_before_the_run_folder_is_written(
+        monkeypatch, tmp_path):
+    from ensdiv import train
+    from ensdiv.errors import EnsdivError
+
+    monkeypatch.setattr(train, "rank_and_world", lambda: (0, 4))
+    config = train.TrainConfig(arch="mlp", members=2, epochs=1, batch_size=3)
+    with pytest.raises(EnsdivError, match="global batch, split over 4 processes: give at least 4"):
+        train.train_run(config, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
