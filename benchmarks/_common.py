@@ -17,12 +17,15 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from ensdiv.ensemble import Ensemble
+
+K = TypeVar("K", bound=Hashable)
 
 SMOKE = os.environ.get("ENSDIV_BENCH_SMOKE", "") not in ("", "0")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -157,3 +160,25 @@ def paired_rounds(benchmark, target: Callable[[], None], base: Callable[[], None
     pairs = list(zip(target_times[-n:], base_times[-n:], strict=True))
     benchmark.extra_info["base_median_s"] = statistics.median(b for _, b in pairs)
     return statistics.median(a / b for a, b in pairs)
+
+
+def paired_times(fns: dict[K, Callable[[], None]], device: str,
+                 reps: int = 5) -> dict[K, list[float]]:
+    """Seconds of each closure in each of ``reps`` repetitions, all closures timed back to back
+    in every repetition (the machine's drift hits them alike; ratios are taken per
+    repetition). The first repetition only warms up."""
+    times: dict[K, list[float]] = {k: [] for k in fns}
+    for rep in range(reps + 1):
+        for key, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            if rep:
+                times[key].append(time.perf_counter() - t)
+    return times
+
+
+def paired_median(times: list[float], base: list[float], scale: float = 1.0) -> float:
+    """Median over repetitions of ``times[i] / (scale · base[i])``."""
+    return statistics.median(a / (scale * b) for a, b in zip(times, base, strict=True))

@@ -2,16 +2,20 @@
 
 cnn members on 28×28 inputs, M = 3, batch 128, Adam; the teacher is one cnn. Objectives: plain
 (summed CE), GAL, PGD adversarial training of every member (7 steps), RRM and CRT students, with
-and without GAL. ``python benchmarks/bench_transfer.py`` times them back to back in each of
-several repetitions and prints the median time and the median of the per-repetition ratios to
-the plain step (the machine is noisy; ratios measured together are what holds). pytest-benchmark:
+and without GAL. ``python benchmarks/bench_transfer.py --out FILE.json`` times them back to back
+in each of several repetitions and saves the times; :func:`table` prints the median time and the
+median of the per-repetition ratios to the plain step (the machine is noisy; ratios measured
+together are what holds). pytest-benchmark:
 ``pytest benchmarks/bench_transfer.py --benchmark-enable``.
 """
 
+import argparse
+import datetime
 import functools
+import json
 import statistics
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +24,16 @@ from ensdiv.ensemble import Ensemble
 from ensdiv.objective import adversarial_loss, ce_loss, ensemble_loss
 from ensdiv.robust_transfer import Teacher, TransferLoss
 
-from _common import SMOKE, batch, machine, make_ensemble, make_step, paired_rounds
+from _common import (
+    SMOKE,
+    batch,
+    machine,
+    make_ensemble,
+    make_step,
+    paired_median,
+    paired_rounds,
+    paired_times,
+)
 
 SHAPE, M, BATCH = ((1, 8, 8), 2, 8) if SMOKE else ((1, 28, 28), 3, 128)
 OBJECTIVES = ["plain", "gal", "adversarial", "rrm", "rrm+gal", "crt", "crt+gal"]
@@ -57,24 +70,42 @@ def test_step(benchmark, name):
                                                            rounds=3)
 
 
-def main(reps: int = 5) -> None:
-    steps = {name: objective_step(name) for name in OBJECTIVES}
-    times: dict[str, list[float]] = {name: [] for name in OBJECTIVES}
-    for rep in range(reps + 1):
-        for name, step in steps.items():
-            t = time.perf_counter()
-            step()
-            if rep:  # the first repetition warms up
-                times[name].append(time.perf_counter() - t)
-    print(f"cnn, M = {M}, batch {BATCH}, {SHAPE[1]}×{SHAPE[2]}, cpu, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {reps} paired repetitions\n")
-    print("| objective | step (ms) | step / plain step |")
-    print("|---|---|---|")
-    for name in OBJECTIVES:
-        ratio = statistics.median(a / b for a, b in zip(times[name], times["plain"],
-                                                         strict=True))
-        print(f"| {name} | {statistics.median(times[name]) * 1000:.0f} | {ratio:.2f} |")
+def run(reps: int = 5, objectives: list[str] = OBJECTIVES) -> dict:
+    """Every objective's step timed back to back in each repetition, as the README's JSON."""
+    times = paired_times({name: objective_step(name) for name in objectives}, "cpu", reps)
+    return {**machine("cpu"), "arch": "cnn", "m": M, "batch": BATCH, "shape": list(SHAPE),
+            "reps": reps, "date": datetime.date.today().isoformat(), "seconds": times}
+
+
+def table(data: dict) -> str:
+    """Median step time and median per-repetition ratio to the plain step, per objective."""
+    t = data["seconds"]
+    lines = [f"{data['arch']}, M = {data['m']}, batch {data['batch']}, "
+             f"{data['shape'][1]}×{data['shape'][2]}, {data['device_name']}, torch "
+             f"{data['torch']}, {data['threads']} threads; median of {data['reps']} paired "
+             f"repetitions ({data['date']})", "",
+             "| objective | step (ms) | step / plain step |", "|---|---|---|"]
+    lines += [f"| {name} | {statistics.median(t[name]) * 1000:.0f} | "
+              f"{paired_median(t[name], t['plain']):.2f} |" for name in t]
+    return "\n".join(lines)
+
+
+def test_the_readme_table_from_a_tiny_paired_run():
+    data = json.loads(json.dumps(run(reps=1, objectives=["plain", "rrm"])))
+    lines = table(data).splitlines()
+    assert len(lines) == 6 and lines[4].startswith("| plain |") and lines[4].endswith("| 1.00 |")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description="paired robust-objective steps for the README")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", help="write the JSON here (benchmarks/results/…)")
+    args = parser.parse_args(argv)
+    data = run(args.reps)
+    if args.out:
+        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+    print(table(data))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    main(sys.argv[1:])

@@ -118,3 +118,19 @@ def test_distributed_table_comes_from_the_committed_simulation():
     bench = _benchmarks_module("bench_distributed")
     data = json.loads((BENCH_RESULTS / "distributed-cpu-2026-12-02.json").read_text())
     assert block("distributed-cpu") == bench.table(data).strip()
+
+
+def test_smoothing_speed_table_comes_from_the_committed_paired_run():
+    import json
+
+    bench = _benchmarks_module("bench_smoothing")
+    data = json.loads((BENCH_RESULTS / "smoothing-cpu-2026-12-02.json").read_text())
+    assert block("smoothing-cpu") == bench.table(data).strip()
+
+
+def test_robust_objective_table_comes_from_the_committed_paired_run():
+    import json
+
+    bench = _benchmarks_module("bench_transfer")
+    data = json.loads((BENCH_RESULTS / "objectives-cpu-2026-12-02.json").read_text())
+    assert block("objectives-cpu") == bench.table(data).strip()
