@@ -611,7 +611,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise EnsdivError(f"--labels names {len(labels)} runs but {len(args.runs)} were given")
     if len(set(labels)) != len(labels):
         raise EnsdivError(f"labels must differ; got {', '.join(labels)} (give --labels)")
-    config = CompareConfig(**_given(args, _COMPARE_OPTIONS)).validate()
+    # with --resume the saved settings hold; the runs are named again (more may be added)
+    config = _resolve_config(CompareConfig, _given(args, _COMPARE_OPTIONS), args.out,
+                             args.resume, COMPARE_CONFIG, "comparison",
+                             "ensdiv compare RUN...").validate()
     runs = [(label, ensemble_path(run).parent) for label, run in zip(labels, args.runs,
                                                                       strict=True)]
     device = _setup(args)

@@ -98,6 +98,14 @@ class CompareConfig:
         d["radii"] = list(self.radii)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompareConfig:
+        """Inverse of :meth:`to_dict` (a saved ``compare.json``); unknown keys are an error."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise EnsdivError(f"unknown config keys {sorted(unknown)}")
+        return cls(**{**d, **({"radii": tuple(d["radii"])} if "radii" in d else {})})
+
     def attacks(self) -> list[AttackSpec]:
         """The white-box suite: PGD, APGD-CE, APGD-DLR, each keeping the first success."""
         return [AttackSpec("pgd", self.eps, self.steps, "success", self.eval_seed),

@@ -48,10 +48,20 @@ def test_compare_records_every_number_and_resumes(runs, tmp_path, capsys):
     assert main([*args, "--resume"]) == 0
     again = [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()]
     assert again == recs
+    # --resume needs only the runs and --out: the settings come from compare.json
+    assert main([*args[:4], "--quiet", "--out", str(tmp_path / "c"), "--resume"]) == 0
+    assert [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()
+            ] == recs
     # a label already recorded for another run is refused
     assert main([*args[:2], str(runs / "crt"), *args[4:], "--labels", "plain,teacher",
                  "--resume"]) == 2
     assert "holds 'teacher' for" in capsys.readouterr().err
+    # a damaged compare.json is named, with what to do
+    saved = json.loads((tmp_path / "c" / "compare.json").read_text())
+    (tmp_path / "c" / "compare.json").write_text(json.dumps({**saved, "epz": 1}))
+    assert main([*args[:4], "--out", str(tmp_path / "c"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "compare.json is not a valid comparison config" in err and "restore it" in err
 
 
 @pytest.mark.parametrize("extra,message", [
