@@ -37,10 +37,9 @@ import torch
 
 from ensdiv.certify_run import certify_dataset
 from ensdiv.data import load_dataset
-from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_int, check_real
-from ensdiv.gdr import gdr, summarize_gdr
+from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import atomic_write_jsonl, read_json, read_jsonl, utc_now
 from ensdiv.smoothing import average_certified_radius, certified_accuracy
@@ -154,9 +153,7 @@ def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, 
     if ens.num_members >= 2:
         rec["transfer"] = {**tm.to_dict(), "crafted_with": pgd_last.to_dict()}
         rec["transfer_mean"] = tm.mean_transfer
-        grads = input_gradients(ens, x, y)
-        res = summarize_gdr(gdr(grads))
-        rec.update(gdr=res.mean, gdr_sem=res.sem, mean_cos=float(cosine_loss(grads)))
+        rec.update(gradient_diversity(input_gradients(ens, x, y)))
     say(f"{label}: white-box PGD / APGD-CE / APGD-DLR at eps {config.eps:g}")
     white = whitebox_entry(ens, x, y, config.attacks())
     robust = (white["total"] - white["fooled"]) / n

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ensdiv._genz import pivoted_cholesky, sobol_points
-from ensdiv.diversity import pairwise_cosine
+from ensdiv.diversity import cosine_loss, pairwise_cosine
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_int
 from ensdiv.gradients import input_gradients
@@ -295,6 +295,28 @@ def summarize_gdr(values: Tensor) -> GDRResult:
     mean = float(used.mean()) if n_used else math.nan
     sem = float(used.std() / math.sqrt(n_used)) if n_used >= 2 else math.nan
     return GDRResult(mean=mean, sem=sem, n_used=n_used, n_excluded=int(flat.numel()) - n_used)
+
+
+def gradient_diversity(grads: Tensor) -> dict[str, float | int]:
+    """The diversity figures every ensdiv record carries, from one batch of input gradients:
+    GDR (Adam & Speciel 2020) with its standard error, samples used and excluded
+    (:func:`summarize_gdr`), and the mean pairwise cosine (Kariyappa & Qureshi 2019).
+
+    Args:
+        grads: ``[M, B, *features]`` input gradients, ``M >= 2``.
+
+    Returns:
+        ``{"gdr", "gdr_sem", "gdr_n", "gdr_excluded", "mean_cos"}``.
+
+    Example:
+        >>> g = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 0.0]]])
+        >>> d = gradient_diversity(g)  # sample 1: member 1's gradient is zero, excluded
+        >>> d["gdr"], d["gdr_n"], d["gdr_excluded"]
+        (0.25, 1, 1)
+    """
+    res = summarize_gdr(gdr(grads))
+    return {"gdr": res.mean, "gdr_sem": res.sem, "gdr_n": res.n_used,
+            "gdr_excluded": res.n_excluded, "mean_cos": float(cosine_loss(grads))}
 
 
 def ensemble_gdr(ensemble: Ensemble, data: Dataset | DataLoader, *, mode: str = "loss",

@@ -31,10 +31,9 @@ from ensdiv.distributed import (
     rank_and_world,
     shard,
 )
-from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
-from ensdiv.gdr import gdr, summarize_gdr
+from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import (
     atomic_write_json,
@@ -297,7 +296,6 @@ def evaluate_point(ensemble: Ensemble, x: Tensor, y: Tensor, config: SweepConfig
     """
     ensemble.eval()
     grads = input_gradients(ensemble, x, y)  # one pass serves GDR, cosine and the zero check
-    res = summarize_gdr(gdr(grads))
     zero = float((grads.flatten(2).abs().amax(-1) == 0).any(0).float().mean())
     attacks = []
     tm = None
@@ -328,9 +326,8 @@ def evaluate_point(ensemble: Ensemble, x: Tensor, y: Tensor, config: SweepConfig
                                                      config.eval_seed).craft(ensemble, x, y))
     assert tm is not None  # validate() guarantees at least one attack and eps
     return {"member_acc": list(tm.member_acc), "ensemble_acc": tm.ensemble_acc,
-            "gdr": res.mean, "gdr_sem": res.sem, "gdr_n": res.n_used,
-            "gdr_excluded": res.n_excluded, "mean_cos": float(cosine_loss(grads)),
-            "zero_grad_fraction": zero, "huge_eps_pgd": huge.to_dict(), "attacks": attacks,
+            **gradient_diversity(grads), "zero_grad_fraction": zero,
+            "huge_eps_pgd": huge.to_dict(), "attacks": attacks,
             "warnings": sanity_warnings(zero, huge.rate, attacks)}
 
 

@@ -42,7 +42,6 @@ from ensdiv.distributed import (
     gather_objects,
     rank_and_world,
 )
-from ensdiv.diversity import cosine_loss
 from ensdiv.ensemble import Ensemble, majority_vote, mean_log_softmax
 from ensdiv.errors import (
     EnsdivError,
@@ -52,7 +51,7 @@ from ensdiv.errors import (
     check_int,
     check_real,
 )
-from ensdiv.gdr import gdr, summarize_gdr
+from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import (
     atomic_torch_save,
@@ -690,9 +689,7 @@ def diversity_hook(test_set: Dataset, n: int = HELD_OUT) -> EpochHook:
         ensemble.eval()
         grads = input_gradients(ensemble, x.to(device), y.to(device))
         ensemble.train(was_training)
-        res = summarize_gdr(gdr(grads))
-        return {"mean_cos": float(cosine_loss(grads)), "gdr": res.mean,
-                "gdr_sem": res.sem, "gdr_n": res.n_used, "gdr_excluded": res.n_excluded}
+        return gradient_diversity(grads)
 
     return hook
 

@@ -276,3 +276,18 @@ def test_gdr_result_is_frozen():
     res = GDRResult(mean=0.2, sem=0.01, n_used=10, n_excluded=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         res.mean = 0.3  # type: ignore[misc]
+
+
+def test_gradient_diversity_closed_forms_and_exclusions():
+    from ensdiv.gdr import gradient_diversity
+
+    # sample 0: orthogonal pair (GDR 1/4, cos 0); sample 1: angle 60° (GDR 1/2 - 60/360 = 1/3,
+    # cos 1/2); sample 2: member 1's gradient is zero (excluded from GDR)
+    g = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]],
+                      [[0.0, 2.0], [0.5, 0.75 ** 0.5], [0.0, 0.0]]])
+    d = gradient_diversity(g)
+    assert d["gdr_n"] == 2 and d["gdr_excluded"] == 1
+    assert d["gdr"] == pytest.approx((1 / 4 + 1 / 3) / 2, abs=1e-6)
+    assert d["gdr_sem"] == pytest.approx(abs(1 / 3 - 1 / 4) / 2, abs=1e-6)
+    cos = torch.nn.functional.cosine_similarity(g[0], g[1], dim=-1, eps=1e-12)
+    assert d["mean_cos"] == pytest.approx(float(cos.mean()), abs=1e-6)
