@@ -57,6 +57,11 @@ def test_n10k_certification_table_comes_from_its_records():
     assert block("certified-n10k") == certified_table(runs).strip()
 
 
+def test_staged_sampling_simulation_table_is_the_scripts_output(capsys):
+    _benchmarks_module("staged_sampling").main()  # seeded: the same table on every machine
+    assert block("staged-simulated") == capsys.readouterr().out.strip()
+
+
 def test_staged_sampling_table_comes_from_the_real_run_records(capsys):
     import importlib.util
 
