@@ -283,6 +283,7 @@ def _setup(args: argparse.Namespace) -> torch.device:
         threads = max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     set_threads(threads)
     device = distributed.init_from_env(resolve_device(args.device))
+    args.rank_stdout = sys.stdout  # where a rank's own lines go (a sweep's ensembles)
     if not distributed.is_main():  # one copy of every message: rank 0's (errors still show)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     if getattr(args, "compile", False):
@@ -467,7 +468,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     device = _setup(args)
     records = run_sweep(config, args.out, resume=args.resume, overwrite=args.overwrite,
                         device=device, data_root=args.data_root, progress=not args.quiet,
-                        log=lambda line: print(line, flush=True))
+                        log=lambda line: print(line, file=args.rank_stdout, flush=True))
     print(f"{len(records)} records in {Path(args.out) / RECORDS}")
     return 0
 

@@ -353,7 +353,9 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, resume: bool = False,
     The folder rules are those of ``ensdiv train`` (:func:`ensdiv.io.prepare_run_dir`): a
     started sweep continues only with ``resume`` and the same config; the folder is locked
     while the sweep runs. Every argument is checked before anything is trained. ``log`` gets
-    a line per trained epoch and per finished ensemble, so a log file shows progress.
+    a line per trained epoch and per finished ensemble, so a log file shows progress. Under
+    torchrun the surrogate's lines (trained by all ranks together) come from rank 0 only, and
+    every rank logs its own ensembles' lines prefixed ``[rank r]``.
 
     Example (tiny):
         >>> cfg = SweepConfig(dataset="digits", arch="mlp", members=2, lams=(0.0, 1.0),
@@ -395,20 +397,22 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
     n = min(config.n_eval, len(test))
     x, y = test[:n]
 
+    rank, world = rank_and_world()
+    shared = log if rank == 0 else (lambda line: None)  # the same line on every rank
+    mine_log = log if world == 1 else (lambda line: log(f"[rank {rank}] {line}"))
     t0 = time.perf_counter()
     surrogate, _ = train_run(config.train_config(0.0, config.surrogate_seed),
                              out_dir=out / SURROGATE, resume=True, device=dev,
                              data_root=data_root, progress=progress,
-                             on_epoch_end=_epoch_logger(log, "surrogate", config.epochs))
+                             on_epoch_end=_epoch_logger(shared, "surrogate", config.epochs))
     x, y = x.to(dev), y.to(dev)
     surrogate_adv = {(a, e): transfer_spec(a, e, config).craft(surrogate, x, y)
                      for a in config.attacks for e in config.eps}
-    log(f"surrogate ready ({time.perf_counter() - t0:.0f}s)")
+    shared(f"surrogate ready ({time.perf_counter() - t0:.0f}s)")
 
     # under torchrun the ensembles are spread over the ranks (the surrogate above was trained
     # by all of them together); each rank trains its own alone and keeps its records in a part
     # file, which rank 0 merges into records.jsonl in the single-process order at the end
-    rank, world = rank_and_world()
     todo = shard([(lam, seed) for lam in config.lams for seed in range(config.seeds)
                   if (lam, seed) not in done], rank, world)
     own = out / RECORDS if world == 1 else rank_part(out / RECORDS, rank)
@@ -419,7 +423,8 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
             tcfg = config.train_config(lam, seed)
             ens, hist = train_run(tcfg, out_dir=out / run_name(lam, seed), resume=True,
                                   device=dev, data_root=data_root, progress=progress,
-                                  on_epoch_end=_epoch_logger(log, f"lam={lam:g} seed={seed}",
+                                  on_epoch_end=_epoch_logger(mine_log,
+                                                             f"lam={lam:g} seed={seed}",
                                                              config.epochs))
             t2 = time.perf_counter()
             rec = {"lam": lam, "seed": seed, "diversity": config.diversity,
@@ -434,12 +439,12 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
             mine.append(rec)
             atomic_write_jsonl(own, records if world == 1 else mine)
             pgd_mid = [a for a in rec["attacks"] if a["attack"] == "pgd"]
-            log(f"lam={lam:g} seed={seed}: acc {rec['ensemble_acc']:.3f} "
+            mine_log(f"lam={lam:g} seed={seed}: acc {rec['ensemble_acc']:.3f} "
                 f"GDR {rec['gdr']:.4f}±{rec['gdr_sem']:.4f} cos {rec['mean_cos']:.3f}"
                 + (f" PGD@{pgd_mid[0]['eps']} white {pgd_mid[0]['whitebox']['rate']:.3f}"
                    if pgd_mid else "") + f" ({time.perf_counter() - t1:.0f}s)")
             for w in rec["warnings"]:
-                log(f"  warning: {w}")
+                mine_log(f"  warning: {w}")
     if world > 1 or rank_parts(out / RECORDS):
         order = {lam: i for i, lam in enumerate(config.lams)}
         records = merge_rank_parts(out / RECORDS, _read_records,

@@ -197,6 +197,10 @@ def test_torchrun_sweep_spreads_the_ensembles_and_writes_the_single_process_reco
     proc = _torchrun([*SWEEP, "--out", str(tmp_path / "two")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("records in") == 1  # only rank 0 prints
+    assert proc.stdout.count("surrogate ready") == 1  # trained by both: one line
+    # each rank's own ensembles (λ 0 and 1 on rank 0, λ 0.5 on rank 1), prefixed
+    for rank, lam in ((0, "0"), (1, "0.5"), (0, "1")):
+        assert f"[rank {rank}] lam={lam} seed=0: acc" in proc.stdout, proc.stdout
 
     def strip(r):
         return {k: v for k, v in r.items() if k not in ("time", "train_seconds",
