@@ -440,9 +440,9 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
             atomic_write_jsonl(own, records if world == 1 else mine)
             pgd_mid = [a for a in rec["attacks"] if a["attack"] == "pgd"]
             mine_log(f"lam={lam:g} seed={seed}: acc {rec['ensemble_acc']:.3f} "
-                f"GDR {rec['gdr']:.4f}±{rec['gdr_sem']:.4f} cos {rec['mean_cos']:.3f}"
-                + (f" PGD@{pgd_mid[0]['eps']} white {pgd_mid[0]['whitebox']['rate']:.3f}"
-                   if pgd_mid else "") + f" ({time.perf_counter() - t1:.0f}s)")
+                     f"GDR {rec['gdr']:.4f}±{rec['gdr_sem']:.4f} cos {rec['mean_cos']:.3f}"
+                     + (f" PGD@{pgd_mid[0]['eps']} white {pgd_mid[0]['whitebox']['rate']:.3f}"
+                        if pgd_mid else "") + f" ({time.perf_counter() - t1:.0f}s)")
             for w in rec["warnings"]:
                 mine_log(f"  warning: {w}")
     if world > 1 or rank_parts(out / RECORDS):
