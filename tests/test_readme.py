@@ -101,41 +101,18 @@ def _benchmarks_module(name: str):
 BENCH_RESULTS = ROOT / "benchmarks" / "results"
 
 
-def test_performance_tables_come_from_the_committed_benchmark_run():
+BENCH_TABLES = [  # README block, benchmarks module, its function, committed JSON
+    ("bench-cpu", "report", "report", "cpu-2026-12-02.json"),
+    ("profile-cpu", "profile_step", "table", "profile-cpu-2026-12-02.json"),
+    ("distributed-cpu", "bench_distributed", "table", "distributed-cpu-2026-12-02.json"),
+    ("smoothing-cpu", "bench_smoothing", "table", "smoothing-cpu-2026-12-02.json"),
+    ("objectives-cpu", "bench_transfer", "table", "objectives-cpu-2026-12-02.json"),
+]
+
+
+@pytest.mark.parametrize("name,module,fn,results", BENCH_TABLES)
+def test_performance_tables_come_from_the_committed_benchmark_runs(name, module, fn, results):
     import json
 
-    report = _benchmarks_module("report")
-    data = json.loads((BENCH_RESULTS / "cpu-2026-12-02.json").read_text())
-    assert block("bench-cpu") == report.report(data).strip()
-
-
-def test_profile_table_comes_from_the_committed_profile():
-    import json
-
-    profile = _benchmarks_module("profile_step")
-    data = json.loads((BENCH_RESULTS / "profile-cpu-2026-12-02.json").read_text())
-    assert block("profile-cpu") == profile.table(data).strip()
-
-
-def test_distributed_table_comes_from_the_committed_simulation():
-    import json
-
-    bench = _benchmarks_module("bench_distributed")
-    data = json.loads((BENCH_RESULTS / "distributed-cpu-2026-12-02.json").read_text())
-    assert block("distributed-cpu") == bench.table(data).strip()
-
-
-def test_smoothing_speed_table_comes_from_the_committed_paired_run():
-    import json
-
-    bench = _benchmarks_module("bench_smoothing")
-    data = json.loads((BENCH_RESULTS / "smoothing-cpu-2026-12-02.json").read_text())
-    assert block("smoothing-cpu") == bench.table(data).strip()
-
-
-def test_robust_objective_table_comes_from_the_committed_paired_run():
-    import json
-
-    bench = _benchmarks_module("bench_transfer")
-    data = json.loads((BENCH_RESULTS / "objectives-cpu-2026-12-02.json").read_text())
-    assert block("objectives-cpu") == bench.table(data).strip()
+    make = getattr(_benchmarks_module(module), fn)
+    assert block(name) == make(json.loads((BENCH_RESULTS / results).read_text())).strip()
