@@ -52,13 +52,6 @@ def timeout_seconds() -> float:
     return value
 
 
-def global_rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the process group even inside :func:`independent`."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def launched() -> bool:
     """Whether this process was started by torchrun (or similar) with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
