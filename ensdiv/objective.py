@@ -68,11 +68,10 @@ def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = 
         ce_weight: weight of the summed cross-entropy (a transfer loss may lower it).
 
     Returns:
-        ``(loss, stats)``: a scalar to backpropagate, and detached 0-dim tensors (left on the
-        device: reading them is a GPU sync, which :func:`ensdiv.train.fit` does once per
-        epoch) ``ce_i`` (each member's
-        batch-mean CE), ``reg`` (the regularizer) and ``train_cos`` (mean pairwise cosine on
-        the batch).
+        ``(loss, stats)``: a scalar to backpropagate, and detached 0-dim tensors ``ce_i``
+        (each member's batch-mean CE), ``reg`` (the regularizer) and ``train_cos`` (mean
+        pairwise cosine on the batch), left on the device: reading them is a GPU sync, which
+        :func:`ensdiv.train.fit` does once per epoch.
 
     Example:
         >>> from ensdiv.ensemble import Ensemble
