@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from ensdiv.ensemble import Ensemble
-from ensdiv.objective import adversarial_loss, ce_loss, ensemble_loss
-from ensdiv.robust_transfer import Teacher, TransferLoss
+from ensdiv.objective import TransferLoss, adversarial_loss, ce_loss, ensemble_loss
+from ensdiv.robust_transfer import Teacher
 
 from _common import (
     SMOKE,

@@ -1,8 +1,74 @@
 """ensdiv: ensembles whose members disagree where it matters.
 
-Train diverse ensembles (gradient-diversity regularizers), measure transferability and the
-Gradient Diversity Rating (GDR), detect and certify. Inputs are float images in [0, 1], NCHW;
-every model normalizes inside itself.
+Inputs are float images in [0, 1], NCHW; every model normalizes inside itself. The names
+below are the ones a user reaches for first; each lives in a small library module (shown in
+brackets). ``import ensdiv`` loads the library (torch's import dominates its time), never the
+drivers or matplotlib.
+
+Data and models
+    load_dataset [data]          (train, test, info) of digits, mnist5k, mnist, fashion-mnist
+    build_model [models]         one member: mlp, cnn, resnet20
+    Ensemble [ensemble]          M members; mean softmax, votes, save/load
+Training
+    TrainConfig [train]          everything that defines a run; ensdiv.train.train builds
+                                 the ensemble it describes and fits it
+    fit [loop]                   the training loop (any loss, checkpoints, exact resume)
+    ensemble_loss [objective]    CE + λ · gradient-diversity term (cos, gal, gdr), double backprop
+    TransferLoss [objective]     a robust teacher's students (RRM, CRT)
+Gradients and diversity
+    input_gradients [gradients]  per-member, per-sample input gradients [M, B, C, H, W]
+    ensemble_gdr [gdr]           Gradient Diversity Rating of an ensemble on a data set, with
+                                 its standard error (ensdiv.gdr.gdr: of a batch of gradients)
+Attacks and transfer
+    fgsm, pgd, mifgsm, apgd [attacks]
+    transfer_matrix [transferability]   member → member attack transfer
+    whitebox_entry [evaluation]  worst case over PGD, APGD-CE, APGD-DLR with a convergence check
+Detection and certification
+    DisagreementDetector [detect]       flag inputs the members disagree on
+    agreement_pgd, penalized_pgd [adaptive]   adaptive attacks on that detector
+    Smooth [smoothing]           randomized smoothing: predict, certify (Cohen et al. 2019)
+Errors
+    EnsdivError [errors]         every bad input, one line
+
+No top-level name shadows a module: ``ensdiv.train`` and ``ensdiv.gdr`` are the modules (their
+functions ``train`` and ``gdr`` are inside them).
+
+Commands and everything that owns a run folder (train, sweep, detect, certify, compare, demo,
+tables, figures) live in :mod:`ensdiv.runs`; ``ensdiv --help`` lists the commands.
+
+Example:
+    >>> import ensdiv, torch
+    >>> ens = ensdiv.Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10)
+    >>> ensdiv.input_gradients(ens, ensdiv.load_dataset("digits")[1].tensors[0][:4],
+    ...                        torch.arange(4)).shape
+    torch.Size([2, 4, 1, 8, 8])
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from ensdiv import _moved
+from ensdiv._version import __version__
+from ensdiv.adaptive import agreement_pgd, penalized_pgd
+from ensdiv.attacks import apgd, fgsm, mifgsm, pgd
+from ensdiv.data import load_dataset
+from ensdiv.detect import DisagreementDetector
+from ensdiv.ensemble import Ensemble
+from ensdiv.errors import EnsdivError
+from ensdiv.evaluation import whitebox_entry
+from ensdiv.gdr import ensemble_gdr
+from ensdiv.gradients import input_gradients
+from ensdiv.loop import fit
+from ensdiv.models import build_model
+from ensdiv.objective import TransferLoss, ensemble_loss
+from ensdiv.smoothing import Smooth
+from ensdiv.train import TrainConfig
+from ensdiv.transferability import transfer_matrix
+
+__all__ = [
+    "__version__", "load_dataset", "build_model", "Ensemble", "TrainConfig", "fit",
+    "ensemble_loss", "TransferLoss", "input_gradients", "ensemble_gdr", "fgsm", "pgd",
+    "mifgsm", "apgd", "transfer_matrix", "whitebox_entry", "DisagreementDetector",
+    "agreement_pgd", "penalized_pgd", "Smooth", "EnsdivError",
+]
+
+_moved.install()

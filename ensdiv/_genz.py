@@ -1,7 +1,8 @@
 """Shared pieces of Genz's orthant-probability integration (private to ensdiv).
 
 Used by :func:`ensdiv.gdr.orthant_probability` (the metric) and
-:func:`ensdiv.diversity.gdr_loss` (the differentiable training estimator).
+:func:`ensdiv.diversity.gdr_loss` (the differentiable training estimator), which share the exact
+closed forms for M = 2 and 3 (:func:`orthant_closed_form`) and the integration pieces for larger M.
 """
 
 from __future__ import annotations
@@ -11,6 +12,25 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+
+def orthant_closed_form(corr: Tensor) -> Tensor:
+    """P(all z_i > 0) for z ~ N(0, corr), exact, for M = 2 and 3: ``1/4 + asin(c)/(2 pi)`` and
+    ``1/8 + (asin c12 + asin c13 + asin c23)/(4 pi)`` (Sheppard). ``corr`` is ``[..., M, M]``;
+    the result ``[...]`` is differentiable in it.
+
+    Example:
+        >>> float(orthant_closed_form(torch.eye(2)))
+        0.25
+    """
+    m = corr.shape[-1]
+    if m == 2:
+        return 0.25 + torch.asin(corr[..., 0, 1]) / (2 * math.pi)
+    if m == 3:
+        asin = (torch.asin(corr[..., 0, 1]) + torch.asin(corr[..., 0, 2])
+                + torch.asin(corr[..., 1, 2]))
+        return 0.125 + asin / (4 * math.pi)
+    raise ValueError(f"closed forms exist for M = 2 and 3 only; got M = {m}")
 
 
 @lru_cache(maxsize=32)

@@ -188,7 +188,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | Tensor,
     _check_count("steps", steps)
     _check_count("restarts", restarts)
     eps_t = _check_inputs(model, x, y, eps)
-    alpha_t = 2.5 * eps_t / steps if alpha is None else _check_alpha(alpha, eps_t)
+    alpha_t = default_step_size("pgd", eps_t, steps) if alpha is None \
+        else _check_alpha(alpha, eps_t)
     x = x.detach()
     with torch.no_grad():
         clean_loss, clean_ok = _loss_and_success(model(x), y, targeted)
@@ -257,7 +258,8 @@ def mifgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | Tensor,
     if not (isinstance(decay, (int, float)) and math.isfinite(decay) and decay >= 0):
         raise EnsdivError(f"decay must be a finite number >= 0; got {decay!r}")
     eps_t = _check_inputs(model, x, y, eps)
-    alpha_t = eps_t / steps if alpha is None else _check_alpha(alpha, eps_t)
+    alpha_t = default_step_size("mifgsm", eps_t, steps) if alpha is None \
+        else _check_alpha(alpha, eps_t)
     x = x.detach()
     with torch.no_grad():
         clean_loss, clean_ok = _loss_and_success(model(x), y, targeted)
@@ -448,11 +450,11 @@ def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, norm: str,
             eta_ckpt, f_max_ckpt, last_ckpt = eta.clone(), f_max.clone(), k + 1
 
 
-Objective = Callable[[Tensor], tuple[Tensor, Tensor]]
+AttackObjective = Callable[[Tensor], tuple[Tensor, Tensor]]
 """``x_adv -> (value [B] to maximize, differentiable; success [B] bool)``."""
 
 
-def pgd_objective(objective: Objective, x: Tensor, *, eps: float | Tensor,
+def pgd_objective(objective: AttackObjective, x: Tensor, *, eps: float | Tensor,
                   alpha: float | None = None, steps: int = 40, norm: str = "linf",
                   random_start: bool = True, keep: str = "best",
                   generator: torch.Generator | None = None) -> Tensor:
@@ -491,7 +493,8 @@ def pgd_objective(objective: Objective, x: Tensor, *, eps: float | Tensor,
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
         raise EnsdivError("x must be a floating-point tensor [B, ...]")
     eps_t = _check_eps(eps, x)
-    alpha_t = 2.5 * eps_t / steps if alpha is None else _check_alpha(alpha, eps_t)
+    alpha_t = default_step_size("pgd", eps_t, steps) if alpha is None \
+        else _check_alpha(alpha, eps_t)
     x = x.detach()
 
     def value_and_grad(xa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -516,6 +519,19 @@ def pgd_objective(objective: Objective, x: Tensor, *, eps: float | Tensor,
         val, ok = objective(x_adv)
     best.offer(x_adv, val.detach(), ok.detach(), steps)
     return x_adv if keep == "last" else best.x
+
+
+def default_step_size(attack: str, eps: float | Tensor, steps: int) -> float | Tensor:
+    """The step size ``alpha`` an attack takes when none is given: ``2.5 * eps / steps`` for
+    ``pgd`` (and :func:`pgd_objective`; Madry et al.), ``eps / steps`` for ``mifgsm`` (Dong et
+    al.). Records state it beside each attack.
+
+    Example:
+        >>> default_step_size("pgd", 0.1, 10), default_step_size("mifgsm", 0.1, 10)
+        (0.025, 0.01)
+    """
+    factor = {"pgd": 2.5, "mifgsm": 1.0}[check_choice("attack", attack, ("pgd", "mifgsm"))]
+    return factor * eps / steps
 
 
 ATTACKS: dict[str, Callable[..., Tensor]] = {"fgsm": fgsm, "pgd": pgd, "mifgsm": mifgsm,

@@ -21,13 +21,12 @@ back-propagates through them into the members' weights).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ensdiv._genz import pivoted_cholesky, sobol_points
+from ensdiv._genz import orthant_closed_form, pivoted_cholesky, sobol_points
 from ensdiv.errors import EnsdivError
 
 #: Gradients whose L2 norm is at most this count as zero (see :func:`pairwise_cosine`).
@@ -217,10 +216,8 @@ def gdr_loss(grads: Tensor, n_points: int = GDR_LOSS_POINTS) -> Tensor:
     eye = torch.eye(m, dtype=cos.dtype, device=cos.device)
     # Diagonal forced to 1: a zero-gradient member has cos 0 there (see pairwise_cosine).
     corr = (1.0 - SHRINK) * (cos * (1.0 - eye)) + eye
-    if m == 2:
-        gdr = 0.25 + torch.asin(corr[:, 0, 1]) / (2 * math.pi)
-    elif m == 3:
-        gdr = 0.125 + torch.asin(_pairs(corr)).sum(-1) / (4 * math.pi)
+    if m in (2, 3):
+        gdr = orthant_closed_form(corr)
     else:
         gdr = _genz_smooth(corr, n_points)
     return gdr.mean().to(grads.dtype)

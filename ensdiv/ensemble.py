@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ensdiv import __version__
+from ensdiv._version import __version__
 from ensdiv.errors import EnsdivError, check_choice, check_shape, model_input_spec
 from ensdiv.io import atomic_torch_save, first_sentence, read_torch
 from ensdiv.models import Member, build_model
@@ -256,36 +256,43 @@ class Ensemble(nn.Module):
         """Rebuild an ensemble saved by :meth:`save`; predictions are reproduced exactly."""
         blob = read_ensemble_file(path)
         desc = blob["description"]
-        fix = _repair(path)
+        fix, run = _repair(path)
         try:
             members = [build_model(**spec) for spec in desc["members"]]
             ens = cls(members, path=desc.get("path", "auto"), config=desc.get("config"))
             ens.load_state_dict(blob["state_dict"])
         except (EnsdivError, KeyError, TypeError, RuntimeError) as e:
             raise EnsdivError(f"{path} holds an ensemble description that does not match its "
-                              f"weights ({first_sentence(e)}); {fix}") from None
+                              f"weights ({first_sentence(e)}); {fix}",
+                              remedy="retrain" if run else None, folder=run) from None
         return ens.to(map_location).eval()
 
 
-def _repair(path: str | os.PathLike) -> str:
-    """What to do about a damaged ensemble file: its run's checkpoint can rebuild it."""
+def _repair(path: str | os.PathLike) -> tuple[str, str | None]:
+    """What to do about a damaged ensemble file, and the run folder whose checkpoint can
+    rebuild it (resuming its training), if any."""
     run = Path(path).parent
     if (run / "checkpoint.pt").exists():
-        return f"restore it, or rebuild it from the run's checkpoint with `ensdiv train --out " \
-               f"{run} --resume`"
-    return "restore it, or save the ensemble again"
+        return f"restore it, or rebuild it from the checkpoint of the run in {run} by resuming " \
+               "that run", str(run)
+    return "restore it, or save the ensemble again", None
 
 
 def read_ensemble_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a file written by :meth:`Ensemble.save` (``{"description", "state_dict"}``) onto
     the CPU; a missing, damaged or foreign file is one :class:`EnsdivError`."""
-    fix = _repair(path)
-    blob = read_torch(path, what="ensdiv ensemble file", fix=fix,
-                      required=("description", "state_dict"))
+    fix, run = _repair(path)
+    remedy = "retrain" if run else None
+    try:
+        blob = read_torch(path, what="ensdiv ensemble file", fix=fix,
+                          required=("description", "state_dict"))
+    except EnsdivError as e:  # the same message, with the run that can rebuild the file
+        raise EnsdivError(str(e), remedy=remedy, folder=run) from None
     desc = blob["description"]
     if not isinstance(desc, dict) or desc.get("format") != FORMAT \
             or not isinstance(desc.get("members"), list):
-        raise EnsdivError(f"{path} is not an ensdiv ensemble file (format {FORMAT}); {fix}")
+        raise EnsdivError(f"{path} is not an ensdiv ensemble file (format {FORMAT}); {fix}",
+                          remedy=remedy, folder=run)
     return blob
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +29,23 @@ class EnsdivError(ValueError):
         Traceback (most recent call last):
         ...
         ensdiv.errors.EnsdivError: unknown arch 'vgg'; choose one of: cnn, mlp, resnet20
+
+    The message speaks Python, not command lines. Where the fix is an action a front end can
+    name in its own words, ``remedy`` says which (:data:`Remedy`) and ``folder`` which run
+    folder it concerns; the CLI turns them into a command (``ensdiv train --out RUN --resume``).
     """
+
+    def __init__(self, message: str, *, remedy: Remedy | None = None,
+                 folder: str | os.PathLike | None = None) -> None:
+        super().__init__(message)
+        self.remedy = remedy
+        self.folder = None if folder is None else str(folder)
+
+
+Remedy = Literal["resume", "elsewhere", "retrain"]
+"""What fixes an :class:`EnsdivError`: ``resume`` — run the interrupted work again, resuming;
+``elsewhere`` — write to another folder; ``retrain`` — rebuild the run in ``folder`` from its
+checkpoint (resume its training)."""
 
 
 class EnsdivWarning(UserWarning):

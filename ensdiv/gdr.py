@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ensdiv._genz import pivoted_cholesky, sobol_points
+from ensdiv._genz import orthant_closed_form, pivoted_cholesky, sobol_points
 from ensdiv.diversity import cosine_loss, pairwise_cosine
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_int
@@ -114,11 +114,8 @@ def orthant_probability(
     c.diagonal(dim1=-2, dim2=-1).fill_(1.0)
     if m == 1:
         p = torch.full(c.shape[:1], 0.5, dtype=torch.float64, device=c.device)
-    elif m == 2:
-        p = 0.25 + torch.asin(c[:, 0, 1]) / (2 * math.pi)
-    elif m == 3:
-        asin = torch.asin(c[:, 0, 1]) + torch.asin(c[:, 0, 2]) + torch.asin(c[:, 1, 2])
-        p = 0.125 + asin / (4 * math.pi)
+    elif m in (2, 3):
+        p = orthant_closed_form(c)
     elif len(c) == 0:
         p = c.new_zeros(0)
     else:

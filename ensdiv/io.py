@@ -1,5 +1,5 @@
 """Every file ensdiv writes and reads goes through here: atomic writes, one reader per format,
-run folders with a lock, and the rank-0 rule.
+and the JSON round trip of settings.
 
 - **Writes** are atomic: the bytes are built in memory, written to a temporary file in the same
   folder, fsynced and renamed over the target, so an interrupted run leaves the previous good
@@ -10,10 +10,10 @@ run folders with a lock, and the rank-0 rule.
   GDR); readers treat ``null`` as "not defined".
 - **Reads** (:func:`read_json`, :func:`read_jsonl`, :func:`read_torch`) turn a missing, empty,
   truncated or foreign file into one :class:`EnsdivError` naming the file and what to do.
-- **Run folders** (:func:`prepare_run_dir`, :func:`run_lock`): a folder holds one run or sweep,
-  identified by its config file; a second process writing into it at the same time is refused.
+- **Configs** (:class:`JsonConfig`): a frozen dataclass of settings round-trips through JSON.
 
-Under ``torch.distributed`` only rank 0 writes.
+Run folders (locks, resume rules, rank part files) belong to the drivers:
+:mod:`ensdiv.runs.rundir`.
 
 Example:
     >>> import tempfile, pathlib
@@ -24,74 +24,31 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import datetime
 import errno
 import io
 import json
 import math
 import os
-import shutil
-import socket
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar, TypeVar
 
 import torch
 
-from ensdiv import distributed
-from ensdiv.errors import EnsdivError
+from ensdiv.errors import EnsdivError, Remedy
 
-LOCK = ".ensdiv.lock"
-"""Lock file inside a run folder, held (``flock``) while a process writes into the folder."""
-
-_OS_HINTS = {
-    errno.ENOSPC: "free some disk space, then run the same command again with --resume",
-    errno.EDQUOT: "free some disk space, then run the same command again with --resume",
-    errno.EROFS: "the file system is read-only; choose a writable --out",
-    errno.EACCES: "you may not write there; choose another --out or fix its permissions",
-    errno.EPERM: "you may not write there; choose another --out or fix its permissions",
+_OS_HINTS: dict[int, tuple[str, Remedy]] = {
+    errno.ENOSPC: ("free some disk space, then resume", "resume"),
+    errno.EDQUOT: ("free some disk space, then resume", "resume"),
+    errno.EROFS: ("the file system is read-only; write to another folder", "elsewhere"),
+    errno.EACCES: ("you may not write there; write to another folder or fix its permissions",
+                   "elsewhere"),
+    errno.EPERM: ("you may not write there; write to another folder or fix its permissions",
+                  "elsewhere"),
 }
-
-
-def is_main_process() -> bool:
-    """True unless running under an initialized ``torch.distributed`` group with rank != 0
-    (every rank counts as main inside :func:`ensdiv.distributed.independent`)."""
-    return distributed.is_main()
-
-
-def rank_part(path: Path, rank: int) -> Path:
-    """Rank ``rank``'s part of the records file ``path`` under torchrun (records.rank1.jsonl)."""
-    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-
-
-def rank_parts(path: Path) -> list[Path]:
-    """The part files of ``path`` that ranks of a distributed run left, merged or not yet."""
-    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
-
-
-def read_with_parts(path: Path, read: Callable[[Path], list[dict]]) -> list[dict]:
-    """The records of ``path`` and of its part files (what a resumed run counts as done)."""
-    return [r for p in [path, *rank_parts(path)] if p.exists() for r in read(p)]
-
-
-def merge_rank_parts(path: Path, read: Callable[[Path], list[dict]],
-                     key: Callable[[dict], Any]) -> list[dict]:
-    """Merge the ranks' part files into ``path`` and return its records sorted by ``key``.
-
-    Every rank waits for the others; rank 0 writes ``path`` (one record per key, a part's
-    over the file's) atomically and deletes the parts; then every rank reads the result.
-    Without part files or a process group this just reads ``path``.
-    """
-    distributed.barrier()
-    if distributed.rank_and_world()[0] == 0 and rank_parts(path):
-        merged = {key(r): r for r in read_with_parts(path, read)}
-        atomic_write_jsonl(path, sorted(merged.values(), key=key))
-        for part in rank_parts(path):
-            part.unlink()
-    distributed.barrier()
-    return read(path) if path.exists() else []
 
 
 def os_error(action: str, path: str | os.PathLike, e: OSError) -> EnsdivError:
@@ -103,8 +60,9 @@ def os_error(action: str, path: str | os.PathLike, e: OSError) -> EnsdivError:
         'cannot write r/x.pt: No space left on device; free s'
     """
     reason = e.strerror or str(e)
-    hint = _OS_HINTS.get(e.errno or 0)
-    return EnsdivError(f"cannot {action} {path}: {reason}" + (f"; {hint}" if hint else ""))
+    hint, remedy = _OS_HINTS.get(e.errno or 0, (None, None))
+    return EnsdivError(f"cannot {action} {path}: {reason}" + (f"; {hint}" if hint else ""),
+                       remedy=remedy)
 
 
 def _umask() -> int:
@@ -362,129 +320,40 @@ def read_torch(path: str | os.PathLike, *, what: str, fix: str,
     return blob
 
 
-# ------------------------------------------------------------------------------ run folders
-def _lock_owner(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text())
-        return f"process {info['pid']} on {info['host']} since {info['time']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+# ---------------------------------------------------------------------------------- configs
+_C = TypeVar("_C", bound="JsonConfig")
 
 
-@contextlib.contextmanager
-def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
-    """Hold an exclusive lock on ``folder`` (created if needed) while the block runs.
+class JsonConfig:
+    """Mixin for a frozen dataclass of settings saved as JSON (a run's ``config.json``, a
+    sweep's ``sweep.json``, ...): :meth:`to_dict` and its inverse :meth:`from_dict`.
 
-    The lock is an ``flock`` on ``folder/.ensdiv.lock``: the kernel releases it when the
-    holder exits or is killed, so a stale lock from a dead process never blocks a rerun. A
-    second process asking for a held lock gets an :class:`EnsdivError` naming the holder.
-    Only rank 0 locks under ``torch.distributed``.
+    Tuples are written as JSON lists and read back as tuples. ``KIND`` names the settings in
+    messages; ``SAVED_WITH`` lists keys a folder's file stores beside the settings (e.g. the
+    ensemble it concerns), which :meth:`from_dict` skips.
 
     Example:
-        >>> import tempfile
-        >>> d = tempfile.mkdtemp()
-        >>> with run_lock(d):
-        ...     pass
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Demo(JsonConfig):
+        ...     eps: tuple[float, ...] = (0.1,)
+        >>> Demo.from_dict(Demo().to_dict()) == Demo(), Demo().to_dict()
+        (True, {'eps': [0.1]})
     """
-    folder = Path(folder)
-    if not is_main_process():
-        yield folder
-        return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locking
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder
-        return
-    path = folder / LOCK
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise os_error("write", path, e) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EnsdivError(f"{folder} is in use by {_lock_owner(path)}; wait for it to "
-                              "finish (or stop it) before writing into the same folder") from None
-        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": utc_now()})
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, me.encode())
-        except OSError as e:
-            raise os_error("write", path, e) from None
-        yield folder
-    finally:
-        os.close(fd)  # closing releases the flock
 
+    KIND: ClassVar[str] = "config"
+    SAVED_WITH: ClassVar[tuple[str, ...]] = ()
 
-def _entries(folder: Path) -> list[Path]:
-    """The folder's entries that are not the lock or a leftover temporary file."""
-    return [p for p in folder.iterdir()
-            if p.name != LOCK and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[call-overload]
 
-
-def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, config_name: str,
-                    resume: bool, overwrite: bool, started: Callable[[Path], bool],
-                    resumable: frozenset[str] = frozenset(), kind: str = "run",
-                    command: str = "ensdiv train") -> bool:
-    """Check (and with ``overwrite`` empty) a result folder identified by ``config``.
-
-    Call it while holding :func:`run_lock`. The rules, the same for runs and sweeps:
-
-    - a folder where nothing was ``started`` (no finished epoch or record, e.g. a run that
-      failed while loading its data) is simply started again, whatever its config;
-    - a folder holding a started ``kind`` is continued only with ``resume`` and a config equal
-      but for the ``resumable`` keys; any other difference is an error listing it;
-    - ``overwrite`` empties the folder first; a non-empty folder holding no ``kind`` is refused.
-
-    Nothing is written: the caller writes the config once all its checks pass.
-
-    Returns:
-        True if the caller continues earlier work, False if it starts afresh.
-
-    Example:
-        >>> import tempfile
-        >>> d = tempfile.mkdtemp()
-        >>> prepare_run_dir(d, {"a": 1}, config_name="c.json", resume=False, overwrite=False,
-        ...                 started=lambda p: False)
-        False
-    """
-    if resume and overwrite:
-        raise EnsdivError("--resume and --overwrite exclude each other")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise EnsdivError(f"{out} exists and is not a folder")
-    cfg_path = out / config_name
-    if not out.exists():
-        return False
-    if overwrite:
-        for p in _entries(out):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        return False
-    if cfg_path.exists():
-        old = read_json(cfg_path, what=f"{kind} config",
-                        fix=f"restore it, or start the {kind} in another --out")
-        if not started(out):
-            return False
-        diff = sorted(k for k in set(old) | set(config)
-                      if old.get(k) != config.get(k) and k not in resumable)
-        if not resume:
-            what = f"a different {kind}" if diff else f"this {kind} already"
-            raise EnsdivError(f"{out} holds {what}; continue it with `{command} --out {out} "
-                              f"--resume`, or choose another --out")
-        if diff:
-            changes = ", ".join(f"{k} (saved {old.get(k)!r}, given {config.get(k)!r})"
-                                for k in diff)
-            raise EnsdivError(f"{out} holds a {kind} that differs in {changes}; to continue it "
-                              f"run `{command} --out {out} --resume` without those options; for "
-                              "the new settings choose another --out")
-        return True
-    if _entries(out):
-        raise EnsdivError(f"{out} is not empty and holds no ensdiv {kind}; choose another "
-                          "--out or pass --overwrite")
-    return False
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        """Inverse of :meth:`to_dict` (lists become tuples); an unknown key is one
+        :class:`EnsdivError` naming it."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - names - set(cls.SAVED_WITH))
+        if unknown:
+            raise EnsdivError(f"unknown {cls.KIND} settings: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in d.items() if k in names})

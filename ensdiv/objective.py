@@ -1,4 +1,5 @@
-"""Training objectives for :func:`ensdiv.train.fit`: summed cross-entropy, plus a diversity term.
+"""Training objectives for :func:`ensdiv.loop.fit`: summed cross-entropy (:func:`ce_loss`), plus a
+diversity term; adversarial training; a robust teacher's students (:class:`TransferLoss`).
 
 ``ensemble_loss`` is the whole objective of gradient-diversity training:
 
@@ -26,34 +27,25 @@ from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad_and_value
 
 from ensdiv.attacks import pgd
 from ensdiv.diversity import DIVERSITY_LOSSES, cosine_loss
 from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.errors import EnsdivError, check_choice, check_real
 from ensdiv.gradients import members_grad_and_value
+from ensdiv.loop import ce_loss
+from ensdiv.robust_transfer import (
+    DEFAULT_TRANSFER_WEIGHT,
+    TRANSFERS,
+    Teacher,
+    crt_loss,
+    rrm_loss,
+)
 
 Diversity = Literal["none", "cos", "gal", "gdr", "drt"]
 DIVERSITIES: tuple[str, ...] = get_args(Diversity)
-
-
-def ce_loss(ensemble: Ensemble, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Sum over members of each member's batch-mean cross-entropy (independent training).
-
-    Example:
-        >>> from ensdiv.ensemble import Ensemble
-        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10)
-        >>> loss, stats = ce_loss(ens, torch.rand(4, 1, 8, 8), torch.arange(4))
-        >>> sorted(stats)
-        ['ce_0', 'ce_1']
-    """
-    logits = ensemble.member_logits(x)  # [M, B, K]
-    m, b, k = logits.shape
-    ce = torch.nn.functional.cross_entropy(
-        logits.reshape(m * b, k), y.repeat(m), reduction="none").view(m, b).mean(1)
-    return ce.sum(), {f"ce_{i}": v for i, v in enumerate(ce.detach())}
 
 
 def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = "gal",
@@ -165,8 +157,9 @@ def drt_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *,
     return loss, stats
 
 
-Objective = Literal["standard", "adversarial"]
-OBJECTIVES: tuple[str, ...] = get_args(Objective)
+TrainingObjective = Literal["standard", "adversarial"]
+"""What every member trains on: clean (or noisy) inputs, or its own PGD examples."""
+OBJECTIVES: tuple[str, ...] = get_args(TrainingObjective)
 
 
 def adversarial_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float, steps: int = 7,
@@ -210,3 +203,77 @@ def adversarial_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float, st
         loss = loss + div
         stats.update(reg=div_stats["reg"], train_cos=div_stats["train_cos"])
     return loss, stats
+
+
+class TransferLoss(nn.Module):
+    """The student objective of an ensemble trained from one teacher (a :data:`LossFn` of
+    :func:`ensdiv.train.fit`): per member, the transfer distance plus ``weight``·CE, summed
+    over members, plus ``lam``·(diversity regularizer) from :func:`ensemble_loss`.
+
+    - ``rrm``: ``Σₘ weight·CE(Sₘ(x), y) + rrm_loss(Pₘ gₘ(x), g_T(x))`` on the batch as given
+      (clean inputs). Pₘ is a trainable linear map when the student's feature width differs
+      from the teacher's, else the identity.
+    - ``crt``: ``Σₘ crt_loss(Sₘ(x), T(x)) + weight·CE(Sₘ(x), y)`` on the batch as given —
+      Gaussian-noisy inputs (``--noise-sigma``).
+
+    Args:
+        teacher: the frozen :class:`Teacher`.
+        student: the ensemble to train (for the member count and feature widths).
+        transfer: ``"rrm"`` or ``"crt"``.
+        weight: CE weight ≥ 0; None for :data:`DEFAULT_TRANSFER_WEIGHT`.
+        diversity, lam: as in :func:`ensemble_loss` (``"none"``: no term).
+
+    Example:
+        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10)
+        >>> t = Teacher(Ensemble.build("cnn", 1, in_shape=(1, 8, 8), num_classes=10))
+        >>> loss_fn = TransferLoss(t, ens, "rrm", diversity="gal", lam=0.5)
+        >>> loss, stats = loss_fn(ens, torch.rand(4, 1, 8, 8), torch.arange(4))
+        >>> sorted(stats)
+        ['ce_0', 'ce_1', 'reg', 'train_cos', 'transfer_0', 'transfer_1']
+    """
+
+    def __init__(self, teacher: Teacher, student: Ensemble, transfer: str, *,
+                 weight: float | None = None, diversity: str = "none",
+                 lam: float = 0.0) -> None:
+        super().__init__()
+        check_choice("transfer", transfer, TRANSFERS[1:])
+        teacher.check_student(student)
+        self.teacher, self.transfer = teacher, transfer
+        self.weight = DEFAULT_TRANSFER_WEIGHT[transfer] if weight is None else \
+            check_real("transfer weight", weight, minimum=0)
+        self.diversity = check_choice("diversity", diversity, DIVERSITIES)
+        self.lam = check_real("lam", lam, minimum=0)
+        if diversity != "none" and student.num_members < 2:
+            raise EnsdivError(f"diversity {diversity!r} needs at least 2 members; got "
+                              f"{student.num_members}")
+        widths = [int(m.head.in_features) for m in student.members]
+        self.project = nn.ModuleList(
+            nn.Linear(w, teacher.feature_dim, bias=False) if transfer == "rrm" and
+            w != teacher.feature_dim else nn.Identity() for w in widths)
+
+    def forward(self, ensemble: Ensemble, x: Tensor,
+                y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, stats)`` with stats ``transfer_i``, ``ce_i`` (and ``reg``, ``train_cos``
+        with a diversity term)."""
+        target = self.teacher.features(x) if self.transfer == "rrm" else self.teacher.logits(x)
+        dists, ces = [], []
+        for member, proj in zip(ensemble.members, self.project, strict=True):
+            feats = member.features(x)
+            logits = member.head(feats)
+            if self.transfer == "rrm":
+                dists.append(rrm_loss(proj(feats), target))
+            else:
+                dists.append(crt_loss(logits, target))
+            if self.diversity == "none":
+                ces.append(nn.functional.cross_entropy(logits, y))
+        dist = torch.stack(dists)
+        stats = {f"transfer_{i}": v for i, v in enumerate(dist.detach())}
+        if self.diversity == "none":
+            ce = torch.stack(ces)
+            loss = dist.sum() + self.weight * ce.sum()
+            stats.update({f"ce_{i}": v for i, v in enumerate(ce.detach())})
+            return loss, stats
+        # The diversity term's own pass gives the CE too (same value); it carries the weight.
+        div, div_stats = ensemble_loss(ensemble, x, y, diversity=self.diversity, lam=self.lam,
+                                       ce_weight=self.weight)
+        return dist.sum() + div, {**stats, **div_stats}

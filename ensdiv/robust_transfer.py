@@ -9,8 +9,8 @@
   logits, ``‖S(x + δ) − T(x + δ)‖₂`` (:func:`crt_loss`), optionally mixed with CE.
 
 :class:`Teacher` runs the frozen teacher in eval mode under ``torch.no_grad`` (no graph, no
-parameter gradient). :class:`TransferLoss` is the whole student objective of an ensemble, with a
-gradient-diversity term on top; it is a module only because RRM's projections are trainable.
+parameter gradient). The whole student objective of an ensemble, with a gradient-diversity term
+on top, is :class:`ensdiv.objective.TransferLoss`, beside the other training objectives.
 
 Example:
     >>> import torch
@@ -30,8 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError, check_choice, check_real
-from ensdiv.objective import DIVERSITIES, ensemble_loss
+from ensdiv.errors import EnsdivError
 
 Transfer = Literal["none", "rrm", "crt"]
 TRANSFERS: tuple[str, ...] = get_args(Transfer)
@@ -139,77 +138,3 @@ class Teacher:
     def logits(self, x: Tensor) -> Tensor:
         """Logits [B, K] of ``x`` [B, C, H, W] (no graph)."""
         return self.model(x)
-
-
-class TransferLoss(nn.Module):
-    """The student objective of an ensemble trained from one teacher (a :data:`LossFn` of
-    :func:`ensdiv.train.fit`): per member, the transfer distance plus ``weight``·CE, summed
-    over members, plus ``lam``·(diversity regularizer) from :func:`ensdiv.objective.ensemble_loss`.
-
-    - ``rrm``: ``Σₘ weight·CE(Sₘ(x), y) + rrm_loss(Pₘ gₘ(x), g_T(x))`` on the batch as given
-      (clean inputs). Pₘ is a trainable linear map when the student's feature width differs
-      from the teacher's, else the identity.
-    - ``crt``: ``Σₘ crt_loss(Sₘ(x), T(x)) + weight·CE(Sₘ(x), y)`` on the batch as given —
-      Gaussian-noisy inputs (``--noise-sigma``).
-
-    Args:
-        teacher: the frozen :class:`Teacher`.
-        student: the ensemble to train (for the member count and feature widths).
-        transfer: ``"rrm"`` or ``"crt"``.
-        weight: CE weight ≥ 0; None for :data:`DEFAULT_TRANSFER_WEIGHT`.
-        diversity, lam: as in :func:`ensdiv.objective.ensemble_loss` (``"none"``: no term).
-
-    Example:
-        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10)
-        >>> t = Teacher(Ensemble.build("cnn", 1, in_shape=(1, 8, 8), num_classes=10))
-        >>> loss_fn = TransferLoss(t, ens, "rrm", diversity="gal", lam=0.5)
-        >>> loss, stats = loss_fn(ens, torch.rand(4, 1, 8, 8), torch.arange(4))
-        >>> sorted(stats)
-        ['ce_0', 'ce_1', 'reg', 'train_cos', 'transfer_0', 'transfer_1']
-    """
-
-    def __init__(self, teacher: Teacher, student: Ensemble, transfer: str, *,
-                 weight: float | None = None, diversity: str = "none",
-                 lam: float = 0.0) -> None:
-        super().__init__()
-        check_choice("transfer", transfer, TRANSFERS[1:])
-        teacher.check_student(student)
-        self.teacher, self.transfer = teacher, transfer
-        self.weight = DEFAULT_TRANSFER_WEIGHT[transfer] if weight is None else \
-            check_real("transfer weight", weight, minimum=0)
-        self.diversity = check_choice("diversity", diversity, DIVERSITIES)
-        self.lam = check_real("lam", lam, minimum=0)
-        if diversity != "none" and student.num_members < 2:
-            raise EnsdivError(f"diversity {diversity!r} needs at least 2 members; got "
-                              f"{student.num_members}")
-        widths = [int(m.head.in_features) for m in student.members]
-        self.project = nn.ModuleList(
-            nn.Linear(w, teacher.feature_dim, bias=False) if transfer == "rrm" and
-            w != teacher.feature_dim else nn.Identity() for w in widths)
-
-    def forward(self, ensemble: Ensemble, x: Tensor,
-                y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(loss, stats)`` with stats ``transfer_i``, ``ce_i`` (and ``reg``, ``train_cos``
-        with a diversity term)."""
-        target = self.teacher.features(x) if self.transfer == "rrm" else self.teacher.logits(x)
-        dists, ces = [], []
-        for member, proj in zip(ensemble.members, self.project, strict=True):
-            feats = member.features(x)
-            logits = member.head(feats)
-            if self.transfer == "rrm":
-                dists.append(rrm_loss(proj(feats), target))
-            else:
-                dists.append(crt_loss(logits, target))
-            if self.diversity == "none":
-                ces.append(nn.functional.cross_entropy(logits, y))
-        dist = torch.stack(dists)
-        stats = {f"transfer_{i}": v for i, v in enumerate(dist.detach())}
-        if self.diversity == "none":
-            ce = torch.stack(ces)
-            loss = dist.sum() + self.weight * ce.sum()
-            stats.update({f"ce_{i}": v for i, v in enumerate(ce.detach())})
-            return loss, stats
-        # The diversity term's own pass gives the CE too (same value); it carries the weight.
-        div, div_stats = ensemble_loss(ensemble, x, y, diversity=self.diversity, lam=self.lam,
-                                       ce_weight=self.weight)
-        return dist.sum() + div, {**stats, **div_stats}

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -100,11 +101,13 @@ class Smooth:
         seed: seed of that fresh generator.
         amp: run the noisy forward passes under bfloat16 autocast (GPUs). The certificate's
             statistics are exact counts either way; only the base classifier changes (slightly).
-        channels_last: move ``base``'s 4-D weights to the channels-last memory format, in
-            place (values unchanged). Noisy forward passes of the shipped cnn then run about
-            1.5× faster on CPU (``benchmarks/bench_smoothing.py``); pass False to leave the
-            model untouched, e.g. while it is still being trained with a double-backprop
-            regularizer, whose GroupNorm double backward is slower in that format.
+        channels_last: classify with a **copy** of ``base`` whose 4-D weights are in the
+            channels-last memory format (values unchanged): noisy forward passes of the shipped
+            cnn then run about 1.5× faster on CPU (``benchmarks/bench_smoothing.py``; ``ensdiv
+            certify`` turns it on). ``base`` itself is never changed, so it can go on training
+            (its GroupNorm double backward is slower in that format) — but the copy does not
+            see later changes to ``base``. Off by default: the smoothed classifier then holds
+            ``base`` itself.
 
     Throughput also depends on ``batch_size``: on CPU, batches of about 100 noisy copies keep the
     activations in cache and ran about 2.4× faster than batches of 1,000 (cnn, 28×28).
@@ -119,7 +122,7 @@ class Smooth:
 
     def __init__(self, base: nn.Module, *, num_classes: int, sigma: float, vote: bool = False,
                  generator: torch.Generator | None = None, seed: int = 0,
-                 channels_last: bool = True, amp: bool = False) -> None:
+                 channels_last: bool = False, amp: bool = False) -> None:
         if not isinstance(base, nn.Module):
             raise EnsdivError(f"base must be a torch.nn.Module; got {type(base).__name__}")
         check_int("num_classes", num_classes, minimum=2)
@@ -129,10 +132,10 @@ class Smooth:
         if vote and not isinstance(base, Ensemble):
             raise EnsdivError("vote=True needs an Ensemble base (it votes over members)")
         check_int("seed", seed, minimum=0)
+        if channels_last:  # a copy: a constructor never changes its argument
+            base = copy.deepcopy(base).to(memory_format=torch.channels_last)
         self.base, self.num_classes, self.sigma, self.vote = base, num_classes, float(sigma), vote
         self.amp = bool(amp)
-        if channels_last:
-            base.to(memory_format=torch.channels_last)
         # noise is drawn where the model is: no host-to-device copy per batch
         self.generator = generator if generator is not None else \
             torch.Generator(device=self._device()).manual_seed(seed)

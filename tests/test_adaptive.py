@@ -8,7 +8,8 @@ from ensdiv.data import load_dataset
 from ensdiv.detect import DisagreementDetector
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
-from ensdiv.train import TrainConfig, train_run
+from ensdiv.runs.train import train_run
+from ensdiv.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

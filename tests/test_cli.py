@@ -13,7 +13,10 @@ import torch
 from ensdiv import io as eio
 from ensdiv.cli import build_parser, main
 from ensdiv.errors import EnsdivError
-from ensdiv.train import CHECKPOINT, CONFIG, ENSEMBLE, METRICS, TrainConfig, train_run
+from ensdiv.loop import CHECKPOINT, ENSEMBLE, METRICS
+from ensdiv.runs.rundir import CONFIG
+from ensdiv.runs.train import train_run
+from ensdiv.train import TrainConfig
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -68,13 +71,13 @@ def test_help_shows_every_default_and_every_closed_vocabulary():
 
 
 def test_one_default_learning_rate():
-    from ensdiv.sweep import SweepConfig
+    from ensdiv.runs.sweep import SweepConfig
     from ensdiv.train import DEFAULT_LR
 
     assert TrainConfig().lr == SweepConfig().lr == DEFAULT_LR
     import inspect
 
-    from ensdiv.cli import demo_report
+    from ensdiv.runs.demo import demo_report
     assert "lr" not in inspect.signature(demo_report).parameters  # demo uses TrainConfig's
 
 
@@ -241,9 +244,9 @@ def _api_cases():
     from ensdiv.data import load_dataset
     from ensdiv.ensemble import Ensemble
     from ensdiv.gdr import ensemble_gdr
-    from ensdiv.plots import check_plot_options
+    from ensdiv.runs.rundir import check_plot_options
+    from ensdiv.runs.sweep import SweepConfig
     from ensdiv.runtime import resolve_device
-    from ensdiv.sweep import SweepConfig
     from ensdiv.train import read_checkpoint
 
     ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10)

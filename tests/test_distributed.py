@@ -33,8 +33,8 @@ def _fit(out_file, diversity):
     """Train on the synthetic data (global batch 16: the last batch of 6 splits 3 + 3)."""
     import functools
 
+    from ensdiv.loop import fit, gaussian_noise
     from ensdiv.objective import ensemble_loss
-    from ensdiv.train import fit, gaussian_noise
 
     torch.set_num_threads(1)
     train, test = _data()
@@ -142,7 +142,7 @@ def test_a_rank_that_dies_fails_the_run_loudly(tmp_path):
 
 
 def _certify(out_file):
-    from ensdiv.certify_run import certify_dataset
+    from ensdiv.runs.rundir import certify_dataset
 
     torch.set_num_threads(1)
     _, test = _data()
@@ -242,11 +242,12 @@ def test_commands_that_do_not_scale_out_refuse_torchrun(monkeypatch, capsys, tmp
 
 def test_a_global_batch_smaller_than_the_world_fails_before_the_run_folder_is_written(
         monkeypatch, tmp_path):
-    from ensdiv import train
     from ensdiv.errors import EnsdivError
+    from ensdiv.runs import train
+    from ensdiv.train import TrainConfig
 
     monkeypatch.setattr(train, "rank_and_world", lambda: (0, 4))
-    config = train.TrainConfig(arch="mlp", members=2, epochs=1, batch_size=3)
+    config = TrainConfig(arch="mlp", members=2, epochs=1, batch_size=3)
     with pytest.raises(EnsdivError, match="global batch, split over 4 processes: give at least 4"):
         train.train_run(config, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -6,18 +6,44 @@ from pathlib import Path
 import pytest
 
 from ensdiv.io import read_jsonl
-from ensdiv.report import detection_summary, detection_table, sweep_tables
+from ensdiv.runs.report import detection_summary, detection_table, sweep_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 
 
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def block(name: str) -> str:
-    text = (ROOT / "README.md").read_text()
+    """The generated block ``name``, wherever it lives: the README or a page of docs/."""
     start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
-    if start not in text:
-        pytest.fail(f"README has no {name} block")
-    return text.split(start, 1)[1].split(end, 1)[0].strip()
+    for page in PAGES:
+        text = page.read_text()
+        if start in text:
+            return text.split(start, 1)[1].split(end, 1)[0].strip()
+    pytest.fail(f"neither the README nor docs/ has a {name} block")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_resolves(page):
+    import re
+
+    text = page.read_text()
+    anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-")
+               for h in re.findall(r"^#{1,4} (.+)$", text, flags=re.M)}
+    for target in re.findall(r"\]\((?!https?:)([^)\s]+)\)", text):
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        assert dest.exists(), f"{page.name}: broken link {target}"
+        if anchor and dest.suffix == ".md":
+            heads = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-")
+                     for h in re.findall(r"^#{1,4} (.+)$", dest.read_text(), flags=re.M)}
+            assert anchor in (heads if path else anchors), f"{page.name}: no anchor {target}"
+
+
+def test_the_readme_stays_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 350
 
 
 def test_sweep_tables_come_from_the_committed_records():
@@ -39,7 +65,7 @@ CERTIFIED = ("certify-mnist5k-member", "certify-mnist5k-plain", "certify-mnist5k
 
 def test_certification_table_comes_from_the_committed_records():
     from ensdiv.io import read_json
-    from ensdiv.report import certified_table
+    from ensdiv.runs.report import certified_table
 
     # labelled by folder, as `ensdiv plot certified results/certify-mnist5k-* --table` does
     runs = [(name, read_json(RESULTS / name / "certify.json"),
@@ -49,7 +75,7 @@ def test_certification_table_comes_from_the_committed_records():
 
 def test_n10k_certification_table_comes_from_its_records():
     from ensdiv.io import read_json
-    from ensdiv.report import certified_table
+    from ensdiv.runs.report import certified_table
 
     name = "certify-mnist5k-plain-n10k"
     runs = [(name, read_json(RESULTS / name / "certify.json"),
@@ -75,7 +101,7 @@ def test_staged_sampling_table_comes_from_the_real_run_records(capsys):
 
 
 def test_comparison_tables_come_from_the_committed_records():
-    from ensdiv.report import compare_ratios, compare_table
+    from ensdiv.runs.report import compare_ratios, compare_table
 
     records = read_jsonl(RESULTS / "compare-mnist5k" / "records.jsonl")
     assert block("compare-table") == compare_table(records).strip()

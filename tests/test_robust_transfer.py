@@ -4,8 +4,8 @@ from torch import nn
 
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
-from ensdiv.objective import ensemble_loss
-from ensdiv.robust_transfer import Teacher, TransferLoss, crt_loss, rrm_loss
+from ensdiv.objective import TransferLoss, ensemble_loss
+from ensdiv.robust_transfer import Teacher, crt_loss, rrm_loss
 
 
 def test_rrm_loss_on_hand_made_features():
@@ -112,7 +112,8 @@ def test_teacher_mismatches_are_clear_errors():
 
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory, one_thread):
-    from ensdiv.train import TrainConfig, train_run
+    from ensdiv.runs.train import train_run
+    from ensdiv.train import TrainConfig
 
     root = tmp_path_factory.mktemp("transfer")
 

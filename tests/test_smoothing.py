@@ -207,12 +207,27 @@ def test_channels_last_changes_the_memory_format_not_the_counts():
     b.load_state_dict(a.state_dict())
     x = torch.rand(1, 12, 12)
     kept = Smooth(a, num_classes=10, sigma=0.3, seed=2, channels_last=False)
-    moved = Smooth(b, num_classes=10, sigma=0.3, seed=2)
-    assert a.body[4].weight.is_contiguous()
-    assert b.body[4].weight.is_contiguous(memory_format=torch.channels_last)
-    assert not b.body[4].weight.is_contiguous()
+    moved = Smooth(b, num_classes=10, sigma=0.3, seed=2, channels_last=True)
+    assert a.body[4].weight.is_contiguous() and b.body[4].weight.is_contiguous()
+    assert moved.base.body[4].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not moved.base.body[4].weight.is_contiguous()
     with torch.no_grad():
-        torch.testing.assert_close(b(x[None]), a(x[None]))
+        torch.testing.assert_close(moved.base(x[None]), a(x[None]))
     # round-off may flip a rare near-tie copy, never more than a few of 500
     diff = (kept.sample_counts(x, 500, 100) - moved.sample_counts(x, 500, 100)).abs().sum()
     assert int(diff) <= 4
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_smooth_leaves_the_callers_model_as_it_was(channels_last):
+    from ensdiv.ensemble import Ensemble
+
+    ens = Ensemble.build("cnn", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
+    before = {k: (v.clone(), v.is_contiguous()) for k, v in ens.state_dict().items()}
+    smooth = Smooth(ens, num_classes=10, sigma=0.5, channels_last=channels_last)
+    smooth.predict(torch.rand(1, 8, 8), n=20, alpha=0.01, batch_size=20)
+    for k, v in ens.state_dict().items():
+        assert torch.equal(v, before[k][0]) and v.is_contiguous() == before[k][1], k
+    conv = [v for v in ens.state_dict().values() if v.ndim == 4]
+    assert conv and all(v.is_contiguous() for v in conv)  # never moved to channels-last
+    assert (smooth.base is ens) == (not channels_last)

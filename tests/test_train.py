@@ -6,17 +6,10 @@ import torch
 
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
-from ensdiv.train import (
-    CHECKPOINT,
-    CONFIG,
-    ENSEMBLE,
-    METRICS,
-    TrainConfig,
-    evaluate,
-    fit,
-    gaussian_noise,
-    train_run,
-)
+from ensdiv.loop import CHECKPOINT, ENSEMBLE, METRICS, evaluate, fit, gaussian_noise
+from ensdiv.runs.rundir import CONFIG
+from ensdiv.runs.train import train_run
+from ensdiv.train import TrainConfig
 
 
 def test_two_epochs_on_digits_beats_chance(tmp_path):
@@ -236,7 +229,7 @@ def test_a_run_that_failed_before_its_first_epoch_starts_again(tmp_path):
 
 
 def test_a_locked_run_folder_is_refused(tmp_path):
-    from ensdiv.io import run_lock
+    from ensdiv.runs.rundir import run_lock
 
     with run_lock(tmp_path):
         with pytest.raises(EnsdivError, match="is in use by process"):
@@ -377,7 +370,7 @@ def test_fit_reads_nothing_back_per_batch_between_sync_points(monkeypatch, diver
     SYNC_EVERY batches) the number of read-backs per epoch does not grow with the batches."""
     from torch.utils.data import TensorDataset
 
-    from ensdiv import train as train_mod
+    from ensdiv import loop as train_mod
     from ensdiv.objective import ensemble_loss
 
     monkeypatch.setattr(train_mod, "_sync_every", lambda device: 10_000)
@@ -406,7 +399,7 @@ def test_cuda_training_and_certification_do_not_synchronize_per_batch():
 
     from torch.utils.data import TensorDataset
 
-    from ensdiv import train as train_mod
+    from ensdiv import loop as train_mod
     from ensdiv.smoothing import Smooth
 
     def syncs(fn):

@@ -19,13 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ensdiv.plots import correlations
+from ensdiv.runs.rundir import correlations, number
 
 Record = dict[str, Any]
-
-
-def _num(v: Any) -> float:
-    return math.nan if v is None else float(v)
 
 
 def mean_se(values: Sequence[float | None], digits: int = 3) -> str:
@@ -35,7 +31,7 @@ def mean_se(values: Sequence[float | None], digits: int = 3) -> str:
         >>> mean_se([0.5]), mean_se([None])
         ('0.500', '—')
     """
-    v = np.array([_num(x) for x in values], dtype=float)
+    v = np.array([number(x) for x in values], dtype=float)
     v = v[np.isfinite(v)]
     if not len(v):
         return "—"
@@ -117,7 +113,7 @@ def lam_table(records: Sequence[Record], eps: float | None = None) -> str:
 
 
 def _pooled_rate(recs: Sequence[Record], get: Callable[[Record], float | None]) -> float:
-    v = [x for x in (_num(get(r)) for r in recs) if math.isfinite(x)]
+    v = [x for x in (number(get(r)) for r in recs) if math.isfinite(x)]
     return float(np.mean(v)) if v else math.nan
 
 
@@ -200,7 +196,7 @@ ADVERSARY_LABELS: dict[str, str] = {
 
 def _pct_se(rate: float | None, n: int) -> str:
     """A rate with its binomial standard error, √(p(1−p)/n)."""
-    if rate is None or not math.isfinite(_num(rate)) or not n:
+    if rate is None or not math.isfinite(number(rate)) or not n:
         return "—"
     return f"{rate:.3f} ± {math.sqrt(rate * (1 - rate) / n):.3f}"
 
@@ -223,7 +219,7 @@ def detection_table(records: Sequence[Record]) -> str:
         lines.append(
             f"| {r['score']} | {ADVERSARY_LABELS.get(r['adversary'], r['adversary'])} | "
             f"{'—' if r['auroc'] is None else format(r['auroc'], '.3f')} | "
-            f"{_pct_se(r['tpr'], r['n_success'])} | {_num(r['fpr']):.3f} | "
+            f"{_pct_se(r['tpr'], r['n_success'])} | {number(r['fpr']):.3f} | "
             f"{_pct_se(r['attack_success'], r['n_correct'])} | "
             f"{_pct_se(r['robust_acc'], r['n'])} | {_pct_se(r['detection_robust_acc'], r['n'])} |")
     return "\n".join(lines)
@@ -280,7 +276,7 @@ def certified_table(runs: Sequence[tuple[str, dict[str, Any], Sequence[Record]]]
 
 
 def _num3(value: Any) -> str:
-    return "—" if value is None or not math.isfinite(_num(value)) else f"{value:.3f}"
+    return "—" if value is None or not math.isfinite(number(value)) else f"{value:.3f}"
 
 
 def compare_table(records: Sequence[Record]) -> str:
@@ -346,4 +342,19 @@ def compare_ratios(records: Sequence[Record], pairs: Sequence[tuple[str, str]]) 
                  ra["certified"]["acr"] / rb["certified"]["acr"] if rb["certified"]["acr"]
                  else math.nan, ra["train_seconds"] / rb["train_seconds"]]
         lines.append(f"| {a} / {b} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_summary(records: Sequence[Record], corr: Sequence[Record], high: Record, low: Record,
+                  out: str | os.PathLike) -> str:
+    """What ``ensdiv plot gdr-vs-attack`` prints: the GDR range, Spearman's ρ of every attack,
+    eps and measure (:func:`ensdiv.runs.rundir.correlations`), and the two heatmaps' ensembles.
+    """
+    gdrs = [r["gdr"] for r in records if r["gdr"] is not None]
+    lines = [f"{len(records)} ensembles, GDR {min(gdrs):.4f} .. {max(gdrs):.4f}; figures in {out}",
+             "attack  eps    measure    spearman_rho  p       n"]
+    lines += [f"{c['attack']:<7} {c['eps']:<6g} {c['measure']:<10} {c['rho']:>12.3f}  "
+              f"{c['p']:<7.3g} {c['n']}" for c in corr]
+    lines.append(f"heatmaps: plain-most λ={high['lam']:g} (GDR {high['gdr']:.4f}) vs "
+                 f"diverse-most λ={low['lam']:g} (GDR {low['gdr']:.4f})")
     return "\n".join(lines)

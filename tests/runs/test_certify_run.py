@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from ensdiv.certify_run import certify_dataset
+from ensdiv.runs.rundir import certify_dataset
 from ensdiv.cli import main
 from ensdiv.ensemble import Ensemble
-from ensdiv.train import TrainConfig, train_run
+from ensdiv.runs.train import train_run
+from ensdiv.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,14 @@ def test_cli_certify_member_and_ensemble_resume_plot_and_errors(tmp_path, capsys
     assert "holds this certification run already" in capsys.readouterr().err
     assert main([*base, "--sigma", "0.25", "--out", str(tmp_path / "e"), "--resume"]) == 0
     capsys.readouterr()
+    # the folder alone resumes: the settings come from certify.json
+    assert main(["certify", str(run), "--out", str(tmp_path / "e"), "--resume", "--quiet"]) == 0
+    assert "| run | 0.25 | 100 | 0.001 | 4 |" in capsys.readouterr().out
+    assert main(["certify", str(run), "--out", str(tmp_path / "e"), "--resume", "--n", "200",
+                 "--quiet"]) == 2
+    assert "differs in n (saved 100, given 200)" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "nosigma")]) == 2
+    assert "--sigma is needed" in capsys.readouterr().err
     assert main(["plot", "certified", str(tmp_path / "e"), str(tmp_path / "m"), "--out-dir",
                  str(tmp_path / "fig"), "--table"]) == 0
     assert "| m | 0.25 | 100 | 0.001 | 4 |" in capsys.readouterr().out

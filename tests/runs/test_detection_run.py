@@ -4,9 +4,10 @@ import pytest
 
 from ensdiv.cli import main
 from ensdiv.data import load_dataset
-from ensdiv.detection_run import ADVERSARIES, DetectConfig, run_detection
+from ensdiv.runs.detect import ADVERSARIES, DetectConfig, run_detection
 from ensdiv.errors import EnsdivError
-from ensdiv.train import TrainConfig, train_run
+from ensdiv.runs.train import train_run
+from ensdiv.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ the same seeds:
 - **clean accuracy** of the ensemble and each member;
 - **white-box robust accuracy** on the ensemble: the share of *all* images still classified
   correctly after the worst case over L∞ PGD, APGD-CE and APGD-DLR
-  (:func:`ensdiv.sweep.whitebox_entry`, with its half-budget convergence check);
+  (:func:`ensdiv.evaluation.whitebox_entry`, with its half-budget convergence check);
 - **transfer** between members: full-budget PGD examples crafted on member i, success on
   member j (:func:`ensdiv.transferability.transfer_matrix`), and the **GDR** (M ≥ 2);
 - **certified accuracy** of the Gaussian-smoothed ensemble at ``radii`` and its ACR (Cohen's
@@ -31,28 +31,39 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ensdiv.certify_run import certify_dataset
-from ensdiv.data import load_dataset
-from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_int, check_real
+from ensdiv.evaluation import AttackSpec, whitebox_entry, whitebox_suite
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
-from ensdiv.io import atomic_write_jsonl, read_json, read_jsonl, utc_now
+from ensdiv.io import (
+    JsonConfig,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_json,
+    read_jsonl,
+    utc_now,
+)
+from ensdiv.runs.rundir import (
+    COMPARE_CONFIG,
+    CONFIG,
+    RECORDS,
+    certify_dataset,
+    ensemble_path,
+    load_run,
+    prepare_run_dir,
+    run_lock,
+    train_cost,
+)
 from ensdiv.smoothing import average_certified_radius, certified_accuracy
-from ensdiv.sweep import AttackSpec, whitebox_entry
-from ensdiv.train import CONFIG, METRICS, ensemble_path
 from ensdiv.transferability import transfer_matrix
-
-COMPARE_CONFIG = "compare.json"
-COMPARE_RECORDS = "records.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(JsonConfig):
     """The evaluation every compared run gets (saved as ``compare.json``).
 
     ``eps``/``steps``/``apgd_steps``/``eval_seed``: the L∞ attacks (PGD with ``steps`` and a
@@ -73,6 +84,8 @@ class CompareConfig:
     cert_points: int = 100
     alpha: float = 0.001
 
+    KIND: ClassVar[str] = "comparison"
+
     def validate(self) -> CompareConfig:
         """Check every field; one clear :class:`EnsdivError` for the first bad one."""
         check_real("eps", self.eps, minimum=0, strict=True)
@@ -91,34 +104,9 @@ class CompareConfig:
             raise EnsdivError(f"alpha must be in (0, 1); got {self.alpha!r}")
         return dataclasses.replace(self, radii=tuple(float(r) for r in self.radii))
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able fields (``radii`` as a list)."""
-        d = dataclasses.asdict(self)
-        d["radii"] = list(self.radii)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CompareConfig:
-        """Inverse of :meth:`to_dict` (a saved ``compare.json``); unknown keys are an error."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise EnsdivError(f"unknown config keys {sorted(unknown)}")
-        return cls(**{**d, **({"radii": tuple(d["radii"])} if "radii" in d else {})})
-
     def attacks(self) -> list[AttackSpec]:
         """The white-box suite: PGD, APGD-CE, APGD-DLR, each keeping the first success."""
-        return [AttackSpec("pgd", self.eps, self.steps, "success", self.eval_seed),
-                AttackSpec("apgd-ce", self.eps, self.apgd_steps, "success", self.eval_seed),
-                AttackSpec("apgd-dlr", self.eps, self.apgd_steps, "success", self.eval_seed)]
-
-
-def train_cost(run: str | Path) -> dict[str, Any]:
-    """Training wall time of a run folder: ``{"train_seconds", "epochs"}`` summed from its
-    metrics (the loop's time, without the per-epoch evaluation)."""
-    recs = read_jsonl(Path(run) / METRICS, what="metrics file", required=("epoch",),
-                      fix="compare a run folder made by ensdiv train")
-    return {"train_seconds": round(sum(float(r.get("train_seconds", 0.0)) for r in recs), 2),
-            "epochs": len(recs)}
+        return whitebox_suite("pgd", self.eps, self)
 
 
 def _binomial_se(p: float, n: int) -> float:
@@ -133,11 +121,11 @@ def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, 
     docstring); certificates go to ``out/certify-<label>.jsonl`` (resumable)."""
     say = log or (lambda s: None)
     run = Path(run)
-    ens = Ensemble.load(ensemble_path(run), map_location=device).eval()
     train_cfg = read_json(run / CONFIG, what="run config", fix="compare a run folder made by "
                           "ensdiv train")
     dataset = train_cfg.get("dataset")
-    _, test, _ = load_dataset(dataset, root=data_root)
+    loaded = load_run(run, dataset=dataset, data_root=data_root, device=device)
+    ens, test = loaded.ensemble, loaded.test
     n = min(config.n_eval, len(test))
     x = torch.stack([test[i][0] for i in range(n)]).to(device)
     y = torch.tensor([int(test[i][1]) for i in range(n)], device=device)
@@ -180,7 +168,7 @@ def compare_runs(runs: Sequence[tuple[str, str | Path]], config: CompareConfig,
     """Evaluate each ``(label, run folder)`` not yet in ``out/records.jsonl`` and return all
     records in the order given. The caller prepares ``out`` (settings, lock)."""
     out = Path(out)
-    path = out / COMPARE_RECORDS
+    path = out / RECORDS
     done = {r["label"]: r for r in (read_jsonl(path, what="comparison records",
                                                required=("label",),
                                                fix="delete its damaged lines and run again")
@@ -195,3 +183,23 @@ def compare_runs(runs: Sequence[tuple[str, str | Path]], config: CompareConfig,
                                    progress=progress, log=log)
         atomic_write_jsonl(path, list(done.values()))
     return [done[label] for label, _ in runs]
+
+
+def compare_into(runs: Sequence[tuple[str, str | Path]], config: CompareConfig,
+                 out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 device: torch.device | str = "cpu", data_root: str | None = None,
+                 progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The driver behind ``ensdiv compare``: prepare ``out_dir`` (settings in
+    ``compare.json``, a lock, the folder rules) and :func:`compare_runs` into it. Runs may be
+    added on resume; each record names its run."""
+    config = config.validate()
+    runs = [(label, ensemble_path(run).parent) for label, run in runs]
+    settings = config.to_dict()
+    with run_lock(out_dir) as out:
+        prepare_run_dir(out, settings, config_name=COMPARE_CONFIG, resume=resume,
+                        overwrite=overwrite, started=lambda p: (p / RECORDS).exists(),
+                        kind="comparison", command="ensdiv compare")
+        atomic_write_json(out / COMPARE_CONFIG, settings)
+        return compare_runs(runs, config, out, device=device, data_root=data_root,
+                            progress=progress, log=log)

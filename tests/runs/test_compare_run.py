@@ -3,9 +3,11 @@ import json
 import pytest
 
 from ensdiv.cli import main
-from ensdiv.compare_run import CompareConfig, train_cost
+from ensdiv.runs.compare import CompareConfig
+from ensdiv.runs.rundir import train_cost
 from ensdiv.errors import EnsdivError
-from ensdiv.train import TrainConfig, train_run
+from ensdiv.runs.train import train_run
+from ensdiv.train import TrainConfig
 
 
 @pytest.fixture(scope="module")

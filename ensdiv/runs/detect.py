@@ -27,11 +27,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,29 +38,25 @@ from sklearn.metrics import roc_curve
 from torch import Tensor
 
 from ensdiv.adaptive import AGREEMENT_TARGETS, KAPPAS, agreement_pgd, penalized_pgd, select_worst
-from ensdiv.attacks import pgd
-from ensdiv.data import load_dataset
+from ensdiv.attacks import default_step_size, pgd
 from ensdiv.detect import SCORE_NAMES, DisagreementDetector, evaluate_detector, weights_fingerprint
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
 from ensdiv.io import (
+    JsonConfig,
     atomic_write_json,
     atomic_write_jsonl,
-    prepare_run_dir,
     read_jsonl,
     round_floats,
-    run_lock,
     utc_now,
 )
-
-DETECT_CONFIG = "detect.json"
-RECORDS = "records.jsonl"
+from ensdiv.runs.rundir import DETECT_CONFIG, RECORDS, load_run, prepare_run_dir, run_lock
 
 ADVERSARIES: tuple[str, ...] = ("transfer", "whitebox", "agreement", "penalized", "adaptive")
 
 
 @dataclasses.dataclass(frozen=True)
-class DetectConfig:
+class DetectConfig(JsonConfig):
     """Settings of a detection run (L∞ throughout; pixels in [0, 1])."""
 
     eps: float = 0.3
@@ -73,6 +68,9 @@ class DetectConfig:
     n_eval: int = 500
     n_calib: int = 500
     seed: int = 0
+
+    KIND: ClassVar[str] = "detection"
+    SAVED_WITH: ClassVar[tuple[str, ...]] = ("ensemble", "dataset", "weights")
 
     @property
     def adversaries(self) -> tuple[str, ...]:
@@ -101,19 +99,6 @@ class DetectConfig:
         check_int("n_calib", self.n_calib)
         check_int("seed", self.seed, minimum=0)
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DetectConfig:
-        """A config from its JSON form (lists become tuples); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise EnsdivError(f"unknown detection settings: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def split_eval_calib(x: Tensor, y: Tensor, config: DetectConfig
@@ -156,7 +141,7 @@ def run_detection(ensemble: Ensemble, x: Tensor, y: Tensor, config: DetectConfig
     done = done or set()
     dev = next(ensemble.parameters()).device
     xe, ye, xc = (t.to(dev) for t in split_eval_calib(x, y, config))
-    alpha = 2.5 * config.eps / config.steps
+    alpha = default_step_size("pgd", config.eps, config.steps)
 
     def gen() -> torch.Generator:
         return torch.Generator().manual_seed(config.seed)
@@ -234,24 +219,18 @@ def detect_into(ensemble_path: str | os.PathLike, config: DetectConfig,
     before any attack runs.
     """
     config.validate()
-    ens = Ensemble.load(ensemble_path, map_location=device or "cpu").eval()
-    dataset = dataset or ens.config.get("dataset")
-    if not dataset:
-        raise EnsdivError("the ensemble records no dataset; pass --dataset")
-    _, test, info = load_dataset(dataset, root=data_root)
-    if ens.in_shape is not None and tuple(info.in_shape) != tuple(ens.in_shape):
-        raise EnsdivError(f"{ensemble_path} takes inputs of shape {tuple(ens.in_shape)}, but "
-                          f"{dataset} has {tuple(info.in_shape)}")
+    run = load_run(ensemble_path, dataset=dataset, data_root=data_root, device=device or "cpu")
+    ens, dataset, test = run.ensemble, run.dataset, run.test
     x, y = test.tensors
     split_eval_calib(x, y, config)  # sizes checked before anything runs
-    ident = {**config.to_dict(), "ensemble": str(ensemble_path), "dataset": dataset,
+    ident = {**config.to_dict(), "ensemble": str(run.path), "dataset": dataset,
              "weights": weights_fingerprint(ens)}
     with run_lock(out_dir) as out:
         resuming = prepare_run_dir(out, ident, config_name=DETECT_CONFIG, resume=resume,
                                    overwrite=overwrite,
                                    started=lambda p: (p / RECORDS).exists(),
                                    kind="detection run",
-                                   command=f"ensdiv detect {ensemble_path}")
+                                   command=f"ensdiv detect {run.path}")
         atomic_write_json(out / DETECT_CONFIG, ident)
         records = read_jsonl(out / RECORDS, what="detection records file",
                              required=("score", "adversary"),
@@ -259,7 +238,7 @@ def detect_into(ensemble_path: str | os.PathLike, config: DetectConfig,
         done = {r["score"] for r in records
                 if sum(q["score"] == r["score"] for q in records) == len(ADVERSARIES)}
         records = [r for r in records if r["score"] in done]
-        meta = {"ensemble": str(ensemble_path), "dataset": dataset,
+        meta = {"ensemble": str(run.path), "dataset": dataset,
                 "members": ens.num_members, "diversity": ens.config.get("diversity"),
                 "lam": ens.config.get("lam"), "seed": ens.config.get("seed")}
 

@@ -15,7 +15,7 @@ inputs) is ``null`` and is read as NaN, i.e. left out of fits and correlations.
 
 Example:
     >>> records = []  # from ensdiv.io.read_jsonl("runs/sweep/records.jsonl")
-    >>> correlations(records)
+    >>> correlations(records)  # Spearman's ρ per attack, eps and measure (from rundir)
     []
 """
 
@@ -27,105 +27,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
-from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.errors import EnsdivError
 from ensdiv.io import atomic_write
-
-MEASURES: dict[str, str] = {"whitebox": "white-box on ensemble",
-                            "transfer": "member → member transfer",
-                            "blackbox": "black-box from surrogate"}
-
-
-def _num(v: Any) -> float:
-    """A record's number; ``null`` (None) is NaN."""
-    return math.nan if v is None else float(v)
-
-
-def check_plot_options(records: Sequence[dict[str, Any]], *, attack: str | None,
-                       eps: float | None) -> tuple[str, float]:
-    """Check the heatmaps' ``attack`` and ``eps`` against what the records hold, before
-    anything is drawn; return the (attack, eps) to draw (defaults: PGD if the records hold
-    it, else their first attack; the largest eps).
-
-    Example:
-        >>> recs = [{"gdr": 0.1, "attacks": [{"attack": "pgd", "eps": 0.1}]}]
-        >>> check_plot_options(recs, attack=None, eps=None)
-        ('pgd', 0.1)
-    """
-    attacks, eps_values = _grid(records)
-    if not attacks:
-        raise EnsdivError("the records hold no attack results to draw")
-    if attack is None:
-        attack = "pgd" if "pgd" in attacks else attacks[0]
-    check_choice("attack (in these records)", attack, attacks)
-    if not any(math.isfinite(_num(r["gdr"])) for r in records):
-        raise EnsdivError("no record has a defined GDR to draw")
-    if eps is None:
-        return attack, eps_values[-1]
-    if eps not in eps_values:
-        raise EnsdivError(f"the records hold no eps {eps:g}; choose one of: "
-                          f"{', '.join(f'{e:g}' for e in eps_values)}")
-    return attack, eps
-
-
-def _success(entry: dict[str, Any], measure: str) -> tuple[float, float]:
-    """(rate, floor): a zero rate is drawn at half a count, 0.5 / total."""
-    if measure == "transfer":
-        t = entry["transfer"]
-        off = [(f, n) for i, (fr, nr) in enumerate(zip(t["fooled"], t["total"], strict=True))
-               for j, (f, n) in enumerate(zip(fr, nr, strict=True)) if i != j]
-        total = sum(n for _, n in off)
-        return _num(entry["transfer_mean"]), 0.5 / max(total, 1)
-    s = entry[measure]
-    return _num(s["rate"]), 0.5 / max(s["total"], 1)
-
-
-def _series(records: Sequence[dict[str, Any]], attack: str, eps: float,
-            measure: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    g, rate, floor = [], [], []
-    for r in records:
-        for a in r["attacks"]:
-            if a["attack"] == attack and a["eps"] == eps and math.isfinite(_num(r["gdr"])):
-                s, f = _success(a, measure)
-                if math.isfinite(s):
-                    g.append(_num(r["gdr"]))
-                    rate.append(s)
-                    floor.append(f)
-    return np.array(g), np.array(rate), np.array(floor)
-
-
-def _grid(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[float]]:
-    attacks: list[str] = []
-    eps: list[float] = []
-    for r in records:
-        for a in r["attacks"]:
-            if a["attack"] not in attacks:
-                attacks.append(a["attack"])
-            if a["eps"] not in eps:
-                eps.append(a["eps"])
-    return attacks, sorted(eps)
-
-
-def correlations(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Spearman's ρ (scipy) between ensemble GDR and each success measure, per attack × eps.
-
-    Returns rows ``{"attack", "eps", "measure", "rho", "p", "n"}``.
-    """
-    attacks, eps_values = _grid(records)
-    rows = []
-    for attack in attacks:
-        for eps in eps_values:
-            for measure in MEASURES:
-                g, s, _ = _series(records, attack, eps, measure)
-                if len(g) >= 3 and np.ptp(g) > 0 and np.ptp(s) > 0:
-                    res = stats.spearmanr(g, s)
-                    rho, p = float(res.statistic), float(res.pvalue)
-                else:
-                    rho = p = math.nan
-                rows.append({"attack": attack, "eps": eps, "measure": measure, "rho": rho,
-                             "p": p, "n": int(len(g))})
-    return rows
+from ensdiv.runs.rundir import MEASURES, correlations, number, sweep_grid, sweep_series
 
 
 def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLike,
@@ -136,7 +41,7 @@ def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLik
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks, eps_values = _grid(records)
+    attacks, eps_values = sweep_grid(records)
     corr = {(c["attack"], c["eps"], c["measure"]): c for c in correlations(records)}
     colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(eps_values), 1)))
     fig, axes = plt.subplots(len(MEASURES), len(attacks), squeeze=False,
@@ -145,7 +50,7 @@ def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLik
         for row, measure in enumerate(MEASURES):
             ax = axes[row][col]
             for eps, colour in zip(eps_values, colours, strict=True):
-                g, s, floor = _series(records, attack, eps, measure)
+                g, s, floor = sweep_series(records, attack, eps, measure)
                 if not len(g):
                     continue
                 shown = np.maximum(s, floor)
@@ -182,10 +87,10 @@ def plot_transfer_heatmaps(records: Sequence[dict[str, Any]], path: str | os.Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    usable = [r for r in records if math.isfinite(_num(r["gdr"]))]
+    usable = [r for r in records if math.isfinite(number(r["gdr"]))]
     if not usable:
         raise ValueError("no record with a finite GDR to draw")
-    _, eps_values = _grid(usable)
+    _, eps_values = sweep_grid(usable)
     eps = eps_values[-1] if eps is None else eps
     high = max(usable, key=lambda r: r["gdr"])
     low = min(usable, key=lambda r: r["gdr"])
@@ -198,7 +103,7 @@ def plot_transfer_heatmaps(records: Sequence[dict[str, Any]], path: str | os.Pat
         entries.append(entry)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, rec, entry in zip(axes, (high, low), entries, strict=True):
-        mat = np.array([[_num(v) for v in row] for row in entry["transfer"]["matrix"]])
+        mat = np.array([[number(v) for v in row] for row in entry["transfer"]["matrix"]])
         im = ax.imshow(mat, vmin=0, vmax=1, cmap="magma")
         m = mat.shape[0]
         for i in range(m):

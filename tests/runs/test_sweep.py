@@ -4,15 +4,9 @@ import pytest
 
 from ensdiv.errors import EnsdivError
 from ensdiv.io import read_jsonl
-from ensdiv.sweep import (
-    RECORDS,
-    AttackSpec,
-    SweepConfig,
-    run_sweep,
-    sanity_warnings,
-    transfer_spec,
-    whitebox_suite,
-)
+from ensdiv.evaluation import AttackSpec, sanity_warnings, transfer_spec, whitebox_suite
+from ensdiv.runs.rundir import RECORDS
+from ensdiv.runs.sweep import SweepConfig, run_sweep
 
 TINY = SweepConfig(dataset="digits", arch="mlp", members=2, lams=(0.0, 2.0), seeds=1, epochs=1,
                    n_eval=30, attacks=("fgsm", "pgd"), eps=(0.05, 0.2), steps=2,

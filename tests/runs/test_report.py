@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from ensdiv.report import correlation_table, lam_table, mean_se, sweep_tables, transfer_fall_table
+from ensdiv.runs.report import correlation_table, lam_table, mean_se, sweep_tables, transfer_fall_table
 
 
 def fake_record(lam, seed, transfer, first, white, pgd_alone, half, gdr):
@@ -99,7 +99,7 @@ def fake_detection(score, adversary, auroc, dra, lam=1.0):
 
 
 def test_detection_tables():
-    from ensdiv.report import detection_summary, detection_table
+    from ensdiv.runs.report import detection_summary, detection_table
 
     recs = [fake_detection("mean_kl_to_mean", "whitebox", 0.98, 0.9),
             fake_detection("mean_kl_to_mean", "adaptive", None, 0.04)]

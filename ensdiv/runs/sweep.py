@@ -14,17 +14,15 @@ broken evaluation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ensdiv.attacks import apgd, fgsm, mifgsm, pgd
-from ensdiv.data import load_dataset
+from ensdiv.data import DatasetInfo, load_dataset
 from ensdiv.distributed import (
     broadcast_outcome,
     independent,
@@ -33,41 +31,46 @@ from ensdiv.distributed import (
 )
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
+from ensdiv.evaluation import (
+    HUGE_EPS,
+    TRANSFER_ATTACKS,
+    AttackSpec,
+    sanity_warnings,
+    transfer_spec,
+    whitebox_entry,
+    whitebox_suite,
+)
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
-from ensdiv.io import (
-    atomic_write_json,
-    atomic_write_jsonl,
+from ensdiv.io import JsonConfig, atomic_write_json, atomic_write_jsonl, round_floats, utc_now
+from ensdiv.runs.rundir import (
+    CHECKPOINT,
+    RECORDS,
+    SWEEP_CONFIG,
     merge_rank_parts,
+    open_run_folder,
     prepare_run_dir,
     rank_part,
     rank_parts,
-    read_jsonl,
+    read_sweep_records,
     read_with_parts,
-    round_floats,
     run_lock,
-    utc_now,
 )
 from ensdiv.runtime import resolve_device
-from ensdiv.train import CHECKPOINT, DEFAULT_LR, DIVERSITY_CHOICES, TrainConfig, train_run
+from ensdiv.train import DEFAULT_LR, DIVERSITY_CHOICES, TrainConfig, train
 from ensdiv.transferability import (
     Success,
-    convergence_warning,
     success_counts,
     surrogate_transfer,
     transfer_matrix,
-    worst_case_success,
 )
 
-RECORDS = "records.jsonl"
-SWEEP_CONFIG = "sweep.json"
 SURROGATE = "surrogate"
-HUGE_EPS = 1.0
-"""L∞ radius of the sanity attack: at eps = 1 every input can become any image."""
+"""The sweep folder's sub-folder holding the plain surrogate ensemble of the black-box attack."""
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(JsonConfig):
     """Settings of a sweep; the defaults (12 ensembles, white-box worst case over PGD-10 and
     50-step APGD-CE / APGD-DLR) take about 45 minutes on 2 CPU cores on mnist5k."""
 
@@ -88,6 +91,8 @@ class SweepConfig:
     n_eval: int = 200
     eval_seed: int = 0
     surrogate_seed: int = 10_000
+
+    KIND: ClassVar[str] = "sweep"
 
     def validate(self) -> SweepConfig:
         """Check every field (each λ's training run included); raise :class:`EnsdivError`
@@ -132,156 +137,14 @@ class SweepConfig:
                            seed=seed, diversity="none" if plain else self.diversity,
                            lam=None if plain else lam, noise_sigma=self.noise_sigma).validate()
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SweepConfig:
-        """Inverse of :meth:`to_dict` (lists become tuples); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise EnsdivError(f"unknown sweep config keys {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
 
 def run_name(lam: float, seed: int) -> str:
     """Folder name of one sweep point."""
     return f"lam{lam:g}-seed{seed}"
 
 
-SWEEP_ATTACKS: tuple[str, ...] = ("fgsm", "pgd", "mifgsm")
-"""Attacks a sweep crafts transfer examples with; white-box PGD is the worst case over PGD,
-APGD-CE and APGD-DLR."""
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackSpec:
-    """One attack configuration, exactly as a record states it (L∞, one restart).
-
-    ``name`` is one of fgsm, pgd, mifgsm, apgd-ce, apgd-dlr; ``keep`` the keep-rule of
-    :mod:`ensdiv.attacks`; ``seed`` seeds PGD's and APGD's random starts.
-    """
-
-    name: str
-    eps: float
-    steps: int
-    keep: str
-    seed: int
-
-    @property
-    def budget(self) -> int:
-        """Gradient steps the attack may spend per sample."""
-        return 1 if self.name == "fgsm" else self.steps
-
-    def craft(self, model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """This attack's adversarial examples for ``model`` (an ``Attack`` callable)."""
-        if self.name == "fgsm":
-            return fgsm(model, x, y, eps=self.eps)
-        if self.name == "pgd":
-            return pgd(model, x, y, eps=self.eps, steps=self.steps, keep=self.keep,
-                       generator=torch.Generator().manual_seed(self.seed))
-        if self.name == "mifgsm":
-            return mifgsm(model, x, y, eps=self.eps, steps=self.steps, keep=self.keep)
-        return apgd(model, x, y, eps=self.eps, steps=self.steps, loss=self.name[5:],
-                    seed=self.seed)
-
-    def halved(self) -> AttackSpec:
-        """The same attack with half the steps (at least 1)."""
-        return dataclasses.replace(self, steps=max(1, self.steps // 2))
-
-    def to_dict(self) -> dict[str, Any]:
-        """What a record says about this attack: name, norm, eps, steps, step size, keep-rule,
-        restarts and seed."""
-        d: dict[str, Any] = {"attack": self.name, "norm": "linf", "eps": self.eps,
-                             "steps": self.budget, "restarts": 1}
-        if self.name == "fgsm":
-            d.update(keep="last")  # one step: there is only one iterate to keep
-        elif self.name == "pgd":
-            d.update(alpha=2.5 * self.eps / self.steps, random_start=True, keep=self.keep,
-                     seed=self.seed)
-        elif self.name == "mifgsm":
-            d.update(alpha=self.eps / self.steps, decay=1.0, keep=self.keep)
-        elif self.name.startswith("apgd"):
-            d.update(keep="success", seed=self.seed)
-        return d
-
-
-def whitebox_suite(name: str, eps: float, config: SweepConfig) -> list[AttackSpec]:
-    """The white-box attacks behind one (attack, eps) entry: FGSM alone, MI-FGSM alone, and for
-    PGD the worst case over PGD, APGD-CE and APGD-DLR; all keep the first success."""
-    if name == "pgd":
-        return [AttackSpec("pgd", eps, config.steps, "success", config.eval_seed),
-                AttackSpec("apgd-ce", eps, config.apgd_steps, "success", config.eval_seed),
-                AttackSpec("apgd-dlr", eps, config.apgd_steps, "success", config.eval_seed)]
-    return [AttackSpec(name, eps, config.steps, "success", config.eval_seed)]
-
-
-def transfer_spec(name: str, eps: float, config: SweepConfig, keep: str = "last") -> AttackSpec:
-    """The attack that crafts transfer examples (full budget unless ``keep="success"``)."""
-    return AttackSpec(name, eps, config.steps, keep, config.eval_seed)
-
-
-def sanity_warnings(zero_grad_fraction: float, huge_eps_success: float,
-                    attacks: Sequence[dict[str, Any]]) -> list[str]:
-    """The gradient-masking checks of the field (AutoAttack's habits) as messages, plus the
-    convergence warnings the white-box entries carry."""
-    out = []
-    if zero_grad_fraction > 0.05:
-        out.append(f"{zero_grad_fraction:.1%} of inputs have a zero input gradient for some "
-                   "member (gradient masking?)")
-    if not huge_eps_success >= 0.99:
-        out.append(f"L∞ PGD at eps={HUGE_EPS} fooled only {huge_eps_success:.1%} of the "
-                   "ensemble's correct inputs (should be ~100%: gradient masking or a bug)")
-    for a in attacks:
-        if a["blackbox"]["rate"] > a["whitebox"]["rate"]:
-            out.append(f"black-box {a['attack']} at eps={a['eps']} beats white-box "
-                       f"({a['blackbox']['rate']:.3f} > {a['whitebox']['rate']:.3f})")
-        if a["whitebox"].get("warning"):
-            out.append(a["whitebox"]["warning"])
-    return out
-
-
-def whitebox_entry(ensemble: Ensemble, x: Tensor, y: Tensor,
-                   specs: Sequence[AttackSpec]) -> dict[str, Any]:
-    """Worst-case white-box success of ``specs`` on the ensemble, with a convergence check.
-
-    AutoAttack's cascade in two stages. Stage one runs every attack at **half** its steps, each
-    on the correctly classified inputs no earlier attack broke. Stage two runs the first attack
-    (the cheap one, PGD) at its full steps on **every** correctly classified input, so its own
-    full-budget rate stands beside the worst case, then every other attack at its full steps
-    on the inputs nothing has broken yet. The full-budget success is the union of both stages;
-    the half-budget success is stage one's. If the full budget breaks more than 2 points more
-    inputs, the entry carries a convergence warning (the rate is then a lower bound).
-
-    Returns:
-        ``{"rate", "fooled", "total", "attacks": {name: {..., "setup"}}, "half_budget": {...},
-        "warning"}``; each attack's ``fooled``/``total`` count the inputs it was run on.
-    """
-    half_specs = [s.halved() for s in specs]
-    half = worst_case_success(ensemble, x, y, cascade=True,
-                              attacks={s.name: s.craft for s in half_specs})
-    first = worst_case_success(ensemble, x, y, attacks={specs[0].name: specs[0].craft})
-    broken = half.broken | first.broken
-    rest = specs[1:]
-    if rest:
-        full = worst_case_success(ensemble, x, y, cascade=True, skip=broken,
-                                  attacks={s.name: s.craft for s in rest})
-        union, per_attack = full.union, {**first.per_attack, **full.per_attack}
-    else:
-        union = Success(int(broken.sum()), first.union.total)
-        per_attack = first.per_attack
-    entry: dict[str, Any] = {**union.to_dict(),
-                             "attacks": {k: v.to_dict() for k, v in per_attack.items()},
-                             "half_budget": half.to_dict()}
-    for s, h in zip(specs, half_specs, strict=True):
-        entry["attacks"][s.name]["setup"] = s.to_dict()
-        entry["half_budget"]["attacks"][s.name]["setup"] = h.to_dict()
-    entry["warning"] = convergence_warning(
-        union, half.union,
-        what=f"white-box {' + '.join(s.name for s in specs)} at eps={specs[0].eps:g}")
-    return entry
+SWEEP_ATTACKS: tuple[str, ...] = TRANSFER_ATTACKS
+"""Attacks a sweep crafts transfer examples with (:data:`ensdiv.evaluation.TRANSFER_ATTACKS`)."""
 
 
 def evaluate_point(ensemble: Ensemble, x: Tensor, y: Tensor, config: SweepConfig,
@@ -336,6 +199,19 @@ def _started(out: Path) -> bool:
     return (out / RECORDS).exists() or any(out.glob(f"*/{CHECKPOINT}"))
 
 
+def _train_into(folder: Path, config: TrainConfig, data: tuple[Any, Any, DatasetInfo],
+                device: torch.device, progress: bool,
+                on_epoch_end: Callable[[dict[str, Any]], None],
+                ) -> tuple[Ensemble, list[dict[str, Any]]]:
+    """Train (or resume) one of the sweep's ensembles in its own run folder, under the rules
+    of ``ensdiv train`` (:func:`ensdiv.runs.rundir.open_run_folder`)."""
+    with run_lock(folder) as sub:
+        resuming = broadcast_outcome(lambda: open_run_folder(
+            sub, config.to_dict(), epochs=config.epochs, resume=True, overwrite=False))
+        return train(config, data, device=device, out_dir=sub, resume=resuming,
+                     progress=progress, on_epoch_end=on_epoch_end)
+
+
 def _epoch_logger(log: Callable[[str], None], label: str,
                   epochs: int) -> Callable[[dict[str, Any]], None]:
     def on_epoch_end(rec: dict[str, Any]) -> None:
@@ -376,14 +252,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, resume: bool = False,
             return resuming
 
         resuming = broadcast_outcome(prepare)
-        records = read_with_parts(out / RECORDS, _read_records) if resuming else []
+        records = read_with_parts(out / RECORDS, read_sweep_records) if resuming else []
         return _sweep(config, out, records, dev, data_root, progress, log)
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl(path, what="sweep records file", required=("lam", "seed"),
-                      fix="restore it, or delete its damaged lines and resume (those "
-                          "ensembles are then evaluated again)")
 
 
 def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: torch.device,
@@ -393,7 +263,8 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
     if all((lam, seed) in done for lam in config.lams for seed in range(config.seeds)) \
             and not rank_parts(out / RECORDS):
         return records
-    _, test, _ = load_dataset(config.dataset, root=data_root)
+    data = load_dataset(config.dataset, root=data_root, seed=0)
+    test = data[1]
     n = min(config.n_eval, len(test))
     x, y = test[:n]
 
@@ -401,10 +272,9 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
     shared = log if rank == 0 else (lambda line: None)  # the same line on every rank
     mine_log = log if world == 1 else (lambda line: log(f"[rank {rank}] {line}"))
     t0 = time.perf_counter()
-    surrogate, _ = train_run(config.train_config(0.0, config.surrogate_seed),
-                             out_dir=out / SURROGATE, resume=True, device=dev,
-                             data_root=data_root, progress=progress,
-                             on_epoch_end=_epoch_logger(shared, "surrogate", config.epochs))
+    surrogate, _ = _train_into(out / SURROGATE, config.train_config(0.0, config.surrogate_seed),
+                               data, dev, progress,
+                               _epoch_logger(shared, "surrogate", config.epochs))
     x, y = x.to(dev), y.to(dev)
     surrogate_adv = {(a, e): transfer_spec(a, e, config).craft(surrogate, x, y)
                      for a in config.attacks for e in config.eps}
@@ -416,16 +286,14 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
     todo = shard([(lam, seed) for lam in config.lams for seed in range(config.seeds)
                   if (lam, seed) not in done], rank, world)
     own = out / RECORDS if world == 1 else rank_part(out / RECORDS, rank)
-    mine = _read_records(own) if world > 1 and own.exists() else []
+    mine = read_sweep_records(own) if world > 1 and own.exists() else []
     for lam, seed in todo:
         with independent():
             t1 = time.perf_counter()
             tcfg = config.train_config(lam, seed)
-            ens, hist = train_run(tcfg, out_dir=out / run_name(lam, seed), resume=True,
-                                  device=dev, data_root=data_root, progress=progress,
-                                  on_epoch_end=_epoch_logger(mine_log,
-                                                             f"lam={lam:g} seed={seed}",
-                                                             config.epochs))
+            ens, hist = _train_into(out / run_name(lam, seed), tcfg, data, dev, progress,
+                                    _epoch_logger(mine_log, f"lam={lam:g} seed={seed}",
+                                                  config.epochs))
             t2 = time.perf_counter()
             rec = {"lam": lam, "seed": seed, "diversity": config.diversity,
                    "trained_with": tcfg.diversity, "dataset": config.dataset,
@@ -447,7 +315,7 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
                 mine_log(f"  warning: {w}")
     if world > 1 or rank_parts(out / RECORDS):
         order = {lam: i for i, lam in enumerate(config.lams)}
-        records = merge_rank_parts(out / RECORDS, _read_records,
+        records = merge_rank_parts(out / RECORDS, read_sweep_records,
                                    key=lambda r: (order.get(r["lam"], len(order)), r["lam"],
                                                   r["seed"]))
     return records

@@ -1,0 +1,216 @@
+"""The vocabulary of the command line: the parser class, the options of each command and how
+they map onto a config's fields. :mod:`ensdiv.cli` builds the parser from these and dispatches.
+
+Options that set a config field are declared once as ``(flag, field, type, metavar, help)``;
+their parser default is None, so a command knows which the user gave (what ``--resume`` must
+not override).
+
+Example:
+    >>> float_list("0.1,0.3"), name_list("fgsm, pgd")
+    ((0.1, 0.3), ('fgsm', 'pgd'))
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from ensdiv.adaptive import AGREEMENT_TARGETS
+from ensdiv.data import DATASETS
+from ensdiv.detect import SCORE_NAMES
+from ensdiv.evaluation import TRANSFER_ATTACKS
+from ensdiv.models import ARCHS
+from ensdiv.objective import OBJECTIVES
+from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS
+from ensdiv.runtime import available_cores
+from ensdiv.train import ADVERSARIAL_ATTACKS, DEFAULT_AT_STEPS, DEFAULT_LAM, DIVERSITY_CHOICES
+
+Option = tuple[str, str, Callable[[str], Any], str | None, str]
+"""(flag, config field, type, metavar, help) of an option that sets a config field."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class Formatter(argparse.HelpFormatter):
+    """Shows every option's default (unless its help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" not in text and action.option_strings
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
+
+
+def choices(values: Sequence[str]) -> str:
+    return "{" + ",".join(values) + "}"
+
+
+def show(v: Any) -> str:
+    return ",".join(f"{e:g}" if isinstance(e, float) else str(e) for e in v) \
+        if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+# Options that set a field of a config dataclass: (flag, field, type, metavar, help). Their
+# parser default is None, so the command knows which the user gave (for --resume).
+TRAIN_OPTIONS: tuple[Option, ...] = (
+    ("--dataset", "dataset", str, choices(DATASETS), "data set"),
+    ("--arch", "arch", str, choices(ARCHS), "member architecture"),
+    ("--members", "members", int, "M", "ensemble size M"),
+    ("--epochs", "epochs", int, None, "training epochs (with --resume: may extend the run)"),
+    ("--batch-size", "batch_size", int, None, "training batch size"),
+    ("--lr", "lr", float, None, "Adam learning rate"),
+    ("--weight-decay", "weight_decay", float, None, "Adam weight decay"),
+    ("--seed", "seed", int, None, "seed of the members' initialization and the shuffling"),
+    ("--diversity", "diversity", str, choices(DIVERSITY_CHOICES),
+     "gradient-diversity regularizer"),
+    ("--lam", "lam", float, "λ", f"regularizer weight λ (default: {DEFAULT_LAM:g} with a "
+     "diversity term; 0 and not settable without one)"),
+    ("--noise-sigma", "noise_sigma", float, "σ",
+     "std of Gaussian pixel noise added to training batches"),
+    ("--objective", "objective", str, choices(OBJECTIVES),
+     "standard, or adversarial: every member trained on its own PGD examples (Madry et al.)"),
+    ("--attack", "attack", str, choices(ADVERSARIAL_ATTACKS), "attack of adversarial training"),
+    ("--eps", "eps", float, "ε", "L∞ radius of adversarial training (needed with "
+     "--objective adversarial; default: none)"),
+    ("--steps", "steps", int, None, f"PGD steps of adversarial training (default: "
+     f"{DEFAULT_AT_STEPS} with --objective adversarial)"),
+    ("--teacher", "teacher", str, "RUN", "robust teacher (a run of one model) whose students "
+     "the members become (default: none)"),
+    ("--transfer", "transfer", str, choices(TRANSFERS),
+     "how students learn from --teacher: rrm (representation matching, clean inputs) or crt "
+     "(logit matching on --noise-sigma noisy inputs)"),
+    ("--transfer-weight", "transfer_weight", float, "W", "weight of the students' CE (default: "
+     + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TRANSFER_WEIGHT.items()) + ")"),
+)
+
+SWEEP_OPTIONS: tuple[Option, ...] = (
+    ("--dataset", "dataset", str, choices(DATASETS), "data set"),
+    ("--arch", "arch", str, choices(ARCHS), "member architecture"),
+    ("--members", "members", int, "M", "ensemble size M"),
+    ("--diversity", "diversity", str, choices(DIVERSITY_CHOICES[1:]),
+     "gradient-diversity regularizer (λ = 0 trains plain)"),
+    ("--lams", "lams", float_list, "L1,L2,...", "comma-separated λ values, each once"),
+    ("--seeds", "seeds", int, "N", "ensembles per λ (seeds 0..N-1)"),
+    ("--epochs", "epochs", int, None, "training epochs of each ensemble"),
+    ("--batch-size", "batch_size", int, None, "training batch size"),
+    ("--lr", "lr", float, None, "Adam learning rate"),
+    ("--noise-sigma", "noise_sigma", float, "σ", "std of Gaussian training noise"),
+    ("--attacks", "attacks", name_list, "A1,A2,...",
+     f"comma-separated attacks from: {', '.join(sorted(TRANSFER_ATTACKS))} (white-box PGD is the "
+     "worst case over PGD, APGD-CE and APGD-DLR)"),
+    ("--eps", "eps", float_list, "E1,E2,...", "comma-separated L∞ radii, each once"),
+    ("--steps", "steps", int, None, "PGD / MI-FGSM steps"),
+    ("--apgd-steps", "apgd_steps", int, None, "APGD-CE / APGD-DLR iterations (white-box)"),
+    ("--n-eval", "n_eval", int, "N", "test inputs attacked (the first N)"),
+    ("--eval-seed", "eval_seed", int, None, "seed of PGD's random start"),
+)
+
+DETECT_OPTIONS: tuple[Option, ...] = (
+    ("--eps", "eps", float, None, "L∞ radius of every adversary"),
+    ("--steps", "steps", int, None, "PGD steps of every adversary"),
+    ("--scores", "scores", name_list, "S1,S2,...",
+     f"comma-separated scores from: {', '.join(SCORE_NAMES)}"),
+    ("--kappas", "kappas", float_list, "K1,K2,...",
+     "penalty weights κ of the score-penalized adaptive attack"),
+    ("--agreement-target", "agreement_target", str, choices(AGREEMENT_TARGETS),
+     "common wrong class of the agreement attack: the ensemble's runner-up, or every class "
+     "with the best kept (K-1 times the cost)"),
+    ("--fpr", "fpr", float, None, "false-positive rate of the threshold on clean data"),
+    ("--n-eval", "n_eval", int, "N", "test images attacked (the first N)"),
+    ("--n-calib", "n_calib", int, "N", "held-out clean test images that set the threshold "
+     "(the last N)"),
+    ("--seed", "seed", int, None, "seed of the attacks' random starts"),
+)
+
+
+COMPARE_OPTIONS: tuple[Option, ...] = (
+    ("--eps", "eps", float, "ε", "L∞ radius of every attack"),
+    ("--steps", "steps", int, None, "PGD steps (white-box and transfer)"),
+    ("--apgd-steps", "apgd_steps", int, None, "APGD-CE / APGD-DLR iterations"),
+    ("--n-eval", "n_eval", int, "N", "test images attacked (the first N)"),
+    ("--seed", "eval_seed", int, "SEED", "seed of the attacks and the noise"),
+    ("--sigma", "sigma", float, "σ", "smoothing noise std"),
+    ("--radii", "radii", float_list, "R1,R2,...", "radii of the certified accuracy"),
+    ("--cert-n", "cert_n", int, "N", "noise samples bounding each certificate"),
+    ("--cert-points", "cert_points", int, "N", "test images certified"),
+)
+
+CERTIFY_OPTIONS: tuple[Option, ...] = (
+    ("--sigma", "sigma", float, "σ", "noise std in pixel units (needed unless resuming; "
+     "default: none)"),
+    ("--n0", "n0", int, None, "samples that pick the class"),
+    ("--n", "n", int, None, "samples that bound its probability"),
+    ("--alpha", "alpha", float, None, "failure probability"),
+    ("--skip", "skip", int, None, "certify every SKIP-th test example"),
+    ("--max", "max", int, None, "at most this many examples (default: all)"),
+    ("--radius", "radius", float, None, "only ask whether each example is certified at this "
+     "radius, with staged sampling (default: certify the largest radius)"),
+    ("--stages", "stages", str, None, "with --radius: noise samples of each stage, fresh per "
+     "stage"),
+    ("--member", "member", int, None, "certify this member alone (default: the whole "
+     "ensemble)"),
+    ("--seed", "seed", int, None, "seed of the noise"),
+)
+
+
+def add_config_options(p: argparse.ArgumentParser, options: Sequence[tuple], defaults: Any,
+                        ) -> None:
+    for flag, field, type_, metavar, text in options:
+        default = getattr(defaults, field)
+        if "default" not in text:
+            text = f"{text} (default: {show(default)})"
+        p.add_argument(flag, dest=field, type=type_, default=None, metavar=metavar,
+                       help=text)
+
+
+def given_options(args: argparse.Namespace, options: Sequence[tuple]) -> dict[str, Any]:
+    """The config fields set on the command line (None means: not given)."""
+    return {o[1]: getattr(args, o[1]) for o in options if getattr(args, o[1]) is not None}
+
+
+def add_common(p: argparse.ArgumentParser, *, data: bool = True, quiet: bool = True) -> None:
+    if data:
+        p.add_argument("--data-root", default=None, metavar="DIR",
+                       help="folder holding torchvision-format data sets, never downloaded "
+                            "(default: $ENSDIV_DATA or ./data)")
+    p.add_argument("--device", default=None, metavar="{cpu,cuda,cuda:N}",
+                   help="where to compute (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"CPU threads (default: the cores available, {available_cores()})")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_training_speed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="fuse GroupNorm's double backward with torch.compile (diversity "
+                        "training; compiles once per activation shape, tens of seconds on CPU)")
+
+
+def add_out_options(p: argparse.ArgumentParser, holds: str, resume_help: str) -> None:
+    """``--out`` (required), ``--resume`` and ``--overwrite``: the result-folder rules every
+    resumable command shares (:func:`ensdiv.runs.rundir.prepare_run_dir`)."""
+    p.add_argument("--out", required=True, metavar="DIR" if "run" not in holds else "RUN",
+                   help=holds)
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what --out holds and start again")

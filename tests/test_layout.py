@@ -1,0 +1,92 @@
+"""The package layout: the library below, the drivers (ensdiv.runs) beside each other above it,
+the command line on top — checked on the import graph of every module's import statements."""
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ensdiv"
+MAX_FLOORS = 9
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(
+        ".__init__"): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # every import, not just the top
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] \
+                    if node.level else []
+                mod = ".".join(base + ([node.module] if node.module else []))
+                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod
+                           for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name] = deps
+    return graph
+
+
+GRAPH = _graph()
+DRIVERS = {m for m in GRAPH if m.startswith("ensdiv.runs.") and m != "ensdiv.runs.rundir"}
+TOP = {"ensdiv", "ensdiv.cli", "ensdiv.cli_options", "ensdiv.__main__", "ensdiv.runs",
+       "ensdiv._moved"}
+LIBRARY = set(GRAPH) - DRIVERS - TOP - {"ensdiv.runs.rundir"}
+
+
+@functools.cache
+def floor(module: str, path: tuple[str, ...] = ()) -> int:
+    if module in path:
+        pytest.fail(f"import cycle: {' -> '.join(path + (module,))}")
+    return 1 + max((floor(d, path + (module,)) for d in GRAPH[module]), default=0)
+
+
+def test_no_cycles_and_at_most_nine_floors():
+    floors = {m: floor(m) for m in GRAPH}
+    assert max(floors.values()) <= MAX_FLOORS, sorted(floors.items(), key=lambda kv: kv[1])
+
+
+def test_the_library_imports_no_driver_and_no_command_line():
+    for module in LIBRARY:
+        upward = GRAPH[module] - LIBRARY
+        assert not upward, f"{module} imports {sorted(upward)}"
+
+
+def test_drivers_stand_side_by_side():
+    assert {"ensdiv.runs.train", "ensdiv.runs.sweep", "ensdiv.runs.detect"} <= DRIVERS
+    for module in DRIVERS:
+        others = GRAPH[module] & DRIVERS
+        assert not others, f"the driver {module} imports the drivers {sorted(others)}"
+    assert GRAPH["ensdiv.runs.rundir"] <= LIBRARY  # the shared run-folder module sits below
+
+
+def test_io_does_not_pull_in_the_process_group():
+    assert "ensdiv.distributed" not in GRAPH["ensdiv.io"]
+
+
+def test_cli_only_parses_and_dispatches():
+    assert len((PACKAGE / "cli.py").read_text().splitlines()) < 500
+
+
+def test_the_curated_api_and_the_old_paths():
+    import importlib
+
+    import ensdiv
+
+    for name in ensdiv.__all__:
+        assert getattr(ensdiv, name) is not None and (name == "__version__"
+                                                       or getattr(ensdiv, name).__doc__)
+    assert importlib.import_module("ensdiv.sweep") is importlib.import_module("ensdiv.runs.sweep")
+    from ensdiv.detection_run import DetectConfig
+
+    from ensdiv.runs.detect import DetectConfig as Same
+    assert DetectConfig is Same
+    import ensdiv.gdr
+    assert callable(ensdiv.gdr.gdr)  # no top-level name shadows a module
