@@ -293,13 +293,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 print()
                 print(detection_table(recs))
         return 0
-    if len(args.run) != 1:
-        raise EnsdivError(f"plot gdr-vs-attack takes one sweep folder; got {len(args.run)}")
+    if len(set(args.run)) != len(args.run):
+        raise EnsdivError("plot gdr-vs-attack lists a sweep folder twice; give each once")
+    records = []  # several sweeps (e.g. a GDR and a GAL sweep) make one figure and table
+    for run in args.run:
+        got = read_sweep_records(run, required=("lam", "seed", "gdr", "attacks", "n"))
+        if not got:
+            raise EnsdivError(f"no sweep records in {run}; the sweep has not finished an "
+                              "ensemble")
+        records += got
     path = Path(args.run[0])
     folder = path if path.is_dir() else path.parent
-    records = read_sweep_records(path, required=("lam", "seed", "gdr", "attacks", "n"))
-    if not records:
-        raise EnsdivError(f"no sweep records in {path}; the sweep has not finished an ensemble")
     attack, eps = check_plot_options(records, attack=args.attack, eps=args.eps)
     out = figure_dir(args.out_dir, folder)
     corr = plot_gdr_vs_attack(records, out / "gdr_vs_attack.png")

@@ -236,8 +236,9 @@ def add_plot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["gdr-vs-attack", "detection", "certified"],
                    help="which figure")
     p.add_argument("run", nargs="+",
-                   help="gdr-vs-attack: one sweep folder (or its records.jsonl); detection: "
-                        "one or more detection folders (e.g. a plain and a diverse ensemble)")
+                   help="gdr-vs-attack: one or more sweep folders (or their records.jsonl), "
+                        "drawn and tabled together; detection: one or more detection folders "
+                        "(e.g. a plain and a diverse ensemble)")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="where the figures go (default: the first RUN/figures)")
     p.add_argument("--attack", default=None, metavar=choices(sorted(TRANSFER_ATTACKS)),

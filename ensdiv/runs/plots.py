@@ -30,7 +30,14 @@ import numpy as np
 
 from ensdiv.errors import EnsdivError
 from ensdiv.io import atomic_write
-from ensdiv.runs.rundir import MEASURES, correlations, number, sweep_grid, sweep_series
+from ensdiv.runs.rundir import (
+    MEASURES,
+    correlations,
+    number,
+    regularizer,
+    sweep_grid,
+    sweep_series,
+)
 
 
 def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLike,
@@ -43,6 +50,13 @@ def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLik
 
     attacks, eps_values = sweep_grid(records)
     corr = {(c["attack"], c["eps"], c["measure"]): c for c in correlations(records)}
+    # one marker per regularizer when the records come from sweeps of several
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        parts.setdefault(regularizer(r), []).append(r)
+    if len(parts) <= 2:  # plain and one regularizer: one marker, as before
+        parts = {"all": list(records)}
+    markers = dict(zip(parts, "os^Dv", strict=False))
     colours = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(eps_values), 1)))
     fig, axes = plt.subplots(len(MEASURES), len(attacks), squeeze=False,
                              figsize=(4.2 * len(attacks), 3.3 * len(MEASURES)))
@@ -55,8 +69,13 @@ def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLik
                     continue
                 shown = np.maximum(s, floor)
                 c = corr[(attack, eps, measure)]
-                ax.scatter(g, shown, color=colour, s=18,
-                           label=f"eps={eps:g}  ρ={c['rho']:.2f}")
+                label = f"eps={eps:g}  ρ={c['rho']:.2f}"
+                for (reg, marker), part in zip(markers.items(), parts.values(), strict=True):
+                    pg, ps, pf = sweep_series(part, attack, eps, measure)
+                    if len(pg):
+                        ax.scatter(pg, np.maximum(ps, pf), color=colour, s=18, marker=marker,
+                                   label=label)
+                        label = None  # one legend entry per eps
                 if len(g) >= 2 and np.ptp(g) > 0:
                     slope, icpt = np.polyfit(g, np.log10(shown), 1)
                     xs = np.linspace(g.min(), g.max(), 20)
@@ -68,8 +87,12 @@ def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLik
             ax.legend(fontsize=7, loc="lower right")
             ax.grid(alpha=0.3, which="both")
     n = records[0]["n"] if records else 0
+    shapes = {"o": "circles", "s": "squares", "^": "triangles", "D": "diamonds",
+              "v": "down-triangles"}
+    key = "" if "all" in parts else "; " + ", ".join(
+        f"{shapes[m]}: {'plain' if reg == 'none' else reg}" for reg, m in markers.items())
     fig.suptitle(title or f"GDR vs attack success ({len(records)} ensembles, n={n} each; "
-                 "zero success drawn at half a count)", fontsize=10)
+                 f"zero success drawn at half a count{key})", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
@@ -114,7 +137,9 @@ def plot_transfer_heatmaps(records: Sequence[dict[str, Any]], path: str | os.Pat
         ax.set_yticks(range(m))
         ax.set_xlabel("evaluated on member j")
         ax.set_ylabel("crafted on member i")
-        ax.set_title(f"λ={rec['lam']:g} seed {rec['seed']}: GDR {rec['gdr']:.3f}, "
+        reg = regularizer(rec)
+        ax.set_title(f"{'' if reg == 'none' else reg + ' '}λ={rec['lam']:g} seed {rec['seed']}: "
+                     f"GDR {rec['gdr']:.3f}, "
                      f"acc {rec['ensemble_acc']:.3f}", fontsize=9)
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="attack success")
     keep = entries[0]["transfer"].get("crafted_with", {}).get("keep")

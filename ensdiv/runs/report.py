@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ensdiv.runs.rundir import correlations, number
+from ensdiv.runs.rundir import correlations, number, regularizer
 
 Record = dict[str, Any]
 
@@ -44,11 +44,28 @@ def _entry(rec: Record, attack: str, eps: float) -> Record | None:
     return next((a for a in rec["attacks"] if a["attack"] == attack and a["eps"] == eps), None)
 
 
-def _by_lam(records: Sequence[Record]) -> dict[float, list[Record]]:
-    groups: dict[float, list[Record]] = {}
-    for r in sorted(records, key=lambda r: (r["lam"], r["seed"])):
-        groups.setdefault(r["lam"], []).append(r)
+Group = tuple[str, float]
+"""(regularizer an ensemble was trained with — ``"none"`` when plain — and λ)."""
+
+
+def _by_lam(records: Sequence[Record]) -> dict[Group, list[Record]]:
+    """Records grouped by (regularizer, λ): plain first, then each regularizer in the order
+    it first appears, λ ascending — so the records of several sweeps (e.g. a GDR and a GAL
+    sweep sharing one plain baseline) make one table."""
+    order: dict[str, int] = {"none": -1}
+    for r in records:
+        order.setdefault(regularizer(r), len(order))
+    groups: dict[Group, list[Record]] = {}
+    for r in sorted(records, key=lambda r: (order[regularizer(r)], r["lam"], r["seed"])):
+        groups.setdefault((regularizer(r), r["lam"]), []).append(r)
     return groups
+
+
+def _label(group: Group, groups: dict[Group, list[Record]]) -> str:
+    """``λ = 1`` — or ``gdr λ = 1`` when the groups hold more than one regularizer."""
+    several = len({reg for reg, _ in groups if reg != "none"}) > 1
+    reg, lam = group
+    return f"{reg} λ = {lam:g}" if several and reg != "none" else f"λ = {lam:g}"
 
 
 def _row(label: str, groups: dict[float, list[Record]],
@@ -78,7 +95,7 @@ def lam_table(records: Sequence[Record], eps: float | None = None) -> str:
     lines = [f"Mean ± standard error over {'/'.join(map(str, seeds))} seeds per λ; L∞ eps = "
              f"{eps:g}; n = {records[0]['n']} test images per ensemble; success counted over "
              "the inputs the attacked model classifies correctly.", "",
-             "| measure | " + " | ".join(f"λ = {lam:g}" for lam in groups) + " |",
+             "| measure | " + " | ".join(_label(g, groups) for g in groups) + " |",
              "|---|" + "---|" * len(groups),
              _row("clean ensemble accuracy", groups, lambda r: r["ensemble_acc"]),
              _row("GDR", groups, lambda r: r["gdr"]),
@@ -121,9 +138,15 @@ def transfer_fall_table(records: Sequence[Record]) -> str:
     """Member → member transfer at the plainest and the most diverse λ, and their ratio, for
     every attack and eps, with full-budget and (PGD) first-success examples."""
     groups = _by_lam(records)
-    lo, hi = min(groups), max(groups)
-    lines = [f"| attack | eps | examples | λ = {lo:g} | λ = {hi:g} | fall (×) |",
-             "|---|---|---|---|---|---|"]
+    lo = next(iter(groups))  # the plainest: λ = 0 if present, else the smallest λ
+    highest: dict[str, Group] = {}
+    for group in groups:  # the most diverse of each regularizer: its largest λ
+        if group != lo:
+            highest[group[0]] = group
+    his = list(highest.values()) or [lo]
+    lines = [f"| attack | eps | examples | {_label(lo, groups)} | "
+             + " | ".join(f"{_label(hi, groups)} | fall (×)" for hi in his) + " |",
+             "|---|---|---|---|" + "---|---|" * len(his)]
     grid = sorted({(a["attack"], a["eps"]) for r in records for a in r["attacks"]},
                   key=lambda t: (["fgsm", "pgd", "mifgsm"].index(t[0])
                                  if t[0] in ("fgsm", "pgd", "mifgsm") else 9, t[1]))
@@ -135,11 +158,15 @@ def transfer_fall_table(records: Sequence[Record]) -> str:
             kinds = [("one step", "transfer_mean")]
         for label, key in kinds:
             get = _attack_value(attack, eps, key)
-            a, b = _pooled_rate(groups[lo], get), _pooled_rate(groups[hi], get)
-            fall = f"{a / b:.1f}" if b > 0 and math.isfinite(a) else "—"
+            a = _pooled_rate(groups[lo], get)
+            cells = []
+            for hi in his:
+                b = _pooled_rate(groups[hi], get)
+                fall = f"{a / b:.1f}" if b > 0 and math.isfinite(a) else "—"
+                cells.append(f"{mean_se([get(r) for r in groups[hi]])} | {fall}")
             lines.append(f"| {attack.upper()} | {eps:g} | {label} | "
-                         f"{mean_se([get(r) for r in groups[lo]])} | "
-                         f"{mean_se([get(r) for r in groups[hi]])} | {fall} |")
+                         f"{mean_se([get(r) for r in groups[lo]])} | " + " | ".join(cells)
+                         + " |")
     return "\n".join(lines)
 
 
@@ -177,7 +204,7 @@ def sweep_tables(records: Sequence[Record]) -> str:
     if len(all_eps) > 1 and has_pgd:
         groups = _by_lam(records)
         lines = ["", "White-box worst case (PGD / APGD-CE / APGD-DLR) on the ensemble by eps:", "",
-                 "| eps | " + " | ".join(f"λ = {lam:g}" for lam in groups) + " |",
+                 "| eps | " + " | ".join(_label(g, groups) for g in groups) + " |",
                  "|---|" + "---|" * len(groups)]
         for eps in all_eps:
             lines.append(_row(f"{eps:g}", groups, _attack_value("pgd", eps, "whitebox", "rate")))

@@ -113,3 +113,22 @@ def test_detection_tables():
         in summary
     with pytest.raises(ValueError):
         detection_table([])
+
+
+def test_records_of_two_regularizers_make_one_table():
+    """A GDR sweep (with the plain baseline) and a GAL sweep (without) side by side: columns by
+    (regularizer, λ), each regularizer's most diverse λ against the shared plain one."""
+    gdr = [{**r, "trained_with": "none" if r["lam"] == 0 else "gdr"} for r in RECORDS]
+    gal = [{**fake_record(1.0, s, 0.05, 0.02, 0.6, 0.45, 0.58, 0.15), "trained_with": "gal"}
+           for s in (0, 1)]
+    table = lam_table(gdr + gal)
+    assert "| measure | λ = 0 | gdr λ = 3 | gal λ = 1 |" in table
+    assert "| GDR | 0.305 ± 0.005 | 0.110 ± 0.010 | 0.150 ± 0.000 |" in table
+    fall = transfer_fall_table(gdr + gal)
+    assert fall.splitlines()[0] == ("| attack | eps | examples | λ = 0 | gdr λ = 3 | fall (×) | "
+                                    "gal λ = 1 | fall (×) |")
+    # PGD eps 0.09 full budget: plain mean 0.26, gdr mean 0.025 (fall 10.4), gal 0.05 (5.2)
+    assert "| PGD | 0.09 | full budget | 0.260 ± 0.010 | 0.025 ± 0.005 | 10.4 | 0.050 ± 0.000 | 5.2 |" \
+        in fall
+    # one regularizer alone: the labels stay plain λ
+    assert "| measure | λ = 0 | λ = 3 |" in lam_table(gdr)

@@ -230,3 +230,19 @@ def test_train_with_the_sweeps_flags_reproduces_a_sweep_ensemble(tiny_sweep, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "t" / "config.json").read_text()) == json.loads(
         (out / "lam2-seed0" / "config.json").read_text())
+
+
+def test_two_sweeps_plot_and_table_together(tiny_sweep, tmp_path, capsys):
+    """A second regularizer's sweep without its own plain baseline joins the first one's."""
+    from ensdiv.cli import main
+
+    out, _, _ = tiny_sweep
+    other = SweepConfig(**{**TINY.__dict__, "diversity": "cos", "lams": (1.0,)})
+    run_sweep(other, tmp_path / "cos", progress=False, log=lambda s: None)
+    code = main(["plot", "gdr-vs-attack", str(out), str(tmp_path / "cos"), "--out-dir",
+                 str(tmp_path / "fig"), "--table"])
+    text = capsys.readouterr().out
+    assert code == 0 and "3 ensembles, GDR" in text
+    assert "| measure | λ = 0 | gal λ = 2 | cos λ = 1 |" in text
+    assert "| λ = 0 | gal λ = 2 | fall (×) | cos λ = 1 | fall (×) |" in text
+    assert (tmp_path / "fig" / "gdr_vs_attack.png").stat().st_size > 10_000
