@@ -247,7 +247,7 @@ def add_plot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, default=None,
                    help="eps of the heatmaps (default: the largest in the records)")
     p.add_argument("--table", action="store_true",
-                   help="also print the markdown tables the README shows (means ± standard "
+                   help="also print the markdown tables docs/ shows (means ± standard "
                         "errors over seeds, transfer fall, correlations)")
 
 

@@ -1,4 +1,4 @@
-"""Markdown tables drawn from sweep records only, so no number in the README is typed by hand.
+"""Markdown tables drawn from records only, so no number in the README or docs/ is typed by hand.
 
 ``ensdiv plot gdr-vs-attack RUN --table`` prints :func:`sweep_tables`: per-λ means with their
 standard errors over seeds, the fall of transfer from the plainest to the most diverse λ under
@@ -193,7 +193,7 @@ def correlation_table(records: Sequence[Record]) -> str:
 
 
 def sweep_tables(records: Sequence[Record]) -> str:
-    """All the sweep's tables as one markdown text (what the README shows)."""
+    """All the sweep's tables as one markdown text (what docs/transfer-and-gdr.md shows)."""
     warned = sum(1 for r in records if r.get("warnings"))
     all_eps = sorted({a["eps"] for r in records for a in r["attacks"]})
     parts = [f"**{len(records)} ensembles**, {records[0].get('dataset', '?')}, "
