@@ -34,6 +34,7 @@ from ensdiv.runs.rundir import (
     prepare_run_dir,
     rank_parts,
     run_lock,
+    saved_setting,
 )
 from ensdiv.smoothing import max_certifiable_radius
 
@@ -118,6 +119,8 @@ def certify_run(run: str | os.PathLike, config: CertifyConfig, out_dir: str | os
     """
     config = config.validate()
     check_int("--batch-size", batch_size)
+    if resume and dataset is None:  # the folder alone resumes: the data set it certified
+        dataset = saved_setting(out_dir, CERTIFY_CONFIG, "dataset")
     loaded = load_run(run, dataset=dataset, data_root=data_root, device=device)
     ens = loaded.ensemble
     base: nn.Module = ens

@@ -50,7 +50,14 @@ from ensdiv.io import (
     round_floats,
     utc_now,
 )
-from ensdiv.runs.rundir import DETECT_CONFIG, RECORDS, load_run, prepare_run_dir, run_lock
+from ensdiv.runs.rundir import (
+    DETECT_CONFIG,
+    RECORDS,
+    load_run,
+    prepare_run_dir,
+    run_lock,
+    saved_setting,
+)
 
 ADVERSARIES: tuple[str, ...] = ("transfer", "whitebox", "agreement", "penalized", "adaptive")
 
@@ -219,6 +226,8 @@ def detect_into(ensemble_path: str | os.PathLike, config: DetectConfig,
     before any attack runs.
     """
     config.validate()
+    if resume and dataset is None:  # the folder alone resumes: the data set it ran on
+        dataset = saved_setting(out_dir, DETECT_CONFIG, "dataset")
     run = load_run(ensemble_path, dataset=dataset, data_root=data_root, device=device or "cpu")
     ens, dataset, test = run.ensemble, run.dataset, run.test
     x, y = test.tensors

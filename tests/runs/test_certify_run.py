@@ -99,3 +99,17 @@ def test_cli_certify_member_and_ensemble_resume_plot_and_errors(tmp_path, capsys
     assert not (tmp_path / "bad").exists()
     assert main(["plot", "certified", str(tmp_path / "none")]) == 2
     assert "no certification records" in capsys.readouterr().err
+
+
+def test_resume_takes_the_data_set_from_the_folder(tmp_path, capsys):
+    """An ensemble that records no data set needs --dataset once; resuming needs only --out."""
+    path = tmp_path / "ens.pt"
+    Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).save(path)
+    base = ["certify", str(path), "--out", str(tmp_path / "c"), "--quiet", "--threads", "1"]
+    assert main([*base, "--sigma", "0.5", "--n", "50", "--n0", "10", "--max", "2"]) == 2
+    assert "records no dataset; pass --dataset" in capsys.readouterr().err
+    assert main([*base, "--sigma", "0.5", "--n", "50", "--n0", "10", "--max", "2",
+                 "--dataset", "digits"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 0
+    assert "2 records in" in capsys.readouterr().out
