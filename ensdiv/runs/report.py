@@ -215,6 +215,27 @@ def sweep_tables(records: Sequence[Record]) -> str:
     return "\n".join(parts)
 
 
+def train_time_table(records: Sequence[Record]) -> str:
+    """Training wall time per ensemble of a sweep, by (regularizer, λ): median and range over
+    the ensembles recorded (the sweep's ``train_seconds``: the training loop, without the
+    per-epoch evaluation). A median, because one run on a shared machine can be slowed by
+    anything else running.
+
+    Example:
+        >>> print(train_time_table([{"lam": 0.0, "seed": 0, "train_seconds": 230.0,
+        ...                          "epochs": 3}]).splitlines()[-1])
+        | λ = 0 | 1 | 230 | 230–230 |
+    """
+    groups = _by_lam(records)
+    lines = [f"| ensemble | n | median seconds ({records[0].get('epochs', '?')} epochs) | range |",
+             "|---|---|---|---|"]
+    for group, recs in groups.items():
+        secs = sorted(float(r["train_seconds"]) for r in recs)
+        lines.append(f"| {_label(group, groups)} | {len(secs)} | {float(np.median(secs)):.0f} | "
+                     f"{secs[0]:.0f}–{secs[-1]:.0f} |")
+    return "\n".join(lines)
+
+
 ADVERSARY_LABELS: dict[str, str] = {
     "transfer": "transfer (PGD on member 0)", "whitebox": "white-box PGD, oblivious",
     "agreement": "adaptive: agreement", "penalized": "adaptive: score-penalized",

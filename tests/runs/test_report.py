@@ -132,3 +132,14 @@ def test_records_of_two_regularizers_make_one_table():
         in fall
     # one regularizer alone: the labels stay plain λ
     assert "| measure | λ = 0 | λ = 3 |" in lam_table(gdr)
+
+
+def test_train_time_table_takes_the_median_per_group():
+    from ensdiv.runs.report import train_time_table
+
+    recs = [{"lam": 0.0, "seed": s, "train_seconds": t, "epochs": 3}
+            for s, t in enumerate((828.4, 228.0, 231.0))]
+    recs += [{"lam": 1.0, "seed": 0, "train_seconds": 700.0, "epochs": 3, "trained_with": "gdr"}]
+    assert train_time_table(recs).splitlines() == [
+        "| ensemble | n | median seconds (3 epochs) | range |", "|---|---|---|---|",
+        "| λ = 0 | 3 | 231 | 228–828 |", "| λ = 1 | 1 | 700 | 700–700 |"]
