@@ -142,3 +142,10 @@ def test_performance_tables_come_from_the_committed_benchmark_runs(name, module,
 
     make = getattr(_benchmarks_module(module), fn)
     assert block(name) == make(json.loads((BENCH_RESULTS / results).read_text())).strip()
+
+
+def test_fashion_mnist_training_time_comes_from_the_sweep_records():
+    from ensdiv.runs.report import train_time_table
+
+    records = read_jsonl(RESULTS / "sweep-fashion-mnist" / "gdr" / "records.jsonl")
+    assert block("fmnist-train-time") == train_time_table(records).strip()
