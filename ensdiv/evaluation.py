@@ -11,7 +11,9 @@ number of robustness, and the checks that say when that number cannot be trusted
   attack not reaching ~100%, black-box beating white-box).
 
 Example:
-    >>> [s.name for s in whitebox_suite("pgd", 0.1, Budget(steps=10, apgd_steps=50))]
+    >>> from types import SimpleNamespace
+    >>> budget = SimpleNamespace(steps=10, apgd_steps=50, eval_seed=0)  # a sweep's settings, say
+    >>> [s.name for s in whitebox_suite("pgd", 0.1, budget)]
     ['pgd', 'apgd-ce', 'apgd-dlr']
 """
 
@@ -51,15 +53,6 @@ class AttackBudget(Protocol):
     def apgd_steps(self) -> int: ...  # noqa: D102
     @property
     def eval_seed(self) -> int: ...  # noqa: D102
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """A plain :class:`AttackBudget`."""
-
-    steps: int = 10
-    apgd_steps: int = 50
-    eval_seed: int = 0
 
 
 def _default(fn: Callable[..., Any], name: str) -> Any:
