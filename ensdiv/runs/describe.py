@@ -20,10 +20,10 @@ import torch
 from ensdiv.data import load_dataset
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice, check_int
-from ensdiv.loop import METRICS, evaluate
 from ensdiv.gdr import ensemble_gdr
 from ensdiv.gradients import GRAD_MODES
 from ensdiv.io import read_jsonl
+from ensdiv.loop import METRICS, evaluate
 from ensdiv.runs.rundir import check_fits, ensemble_path, load_run
 
 

@@ -70,7 +70,7 @@ def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLik
                 shown = np.maximum(s, floor)
                 c = corr[(attack, eps, measure)]
                 label = f"eps={eps:g}  ρ={c['rho']:.2f}"
-                for (reg, marker), part in zip(markers.items(), parts.values(), strict=True):
+                for marker, part in zip(markers.values(), parts.values(), strict=True):
                     pg, ps, pf = sweep_series(part, attack, eps, measure)
                     if len(pg):
                         ax.scatter(pg, np.maximum(ps, pf), color=colour, s=18, marker=marker,

@@ -50,7 +50,6 @@ from ensdiv import distributed
 from ensdiv.data import DATASETS, DatasetInfo, load_dataset
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice, check_int, check_real
-from ensdiv.loop import CHECKPOINT, ENSEMBLE, METRICS, finished_epochs, read_metrics
 from ensdiv.io import (
     JsonConfig,
     atomic_write_json,
@@ -60,6 +59,7 @@ from ensdiv.io import (
     read_jsonl,
     utc_now,
 )
+from ensdiv.loop import CHECKPOINT, ENSEMBLE, METRICS, finished_epochs, read_metrics
 from ensdiv.smoothing import ABSTAIN, Smooth
 
 CONFIG = "config.json"

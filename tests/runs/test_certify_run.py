@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from ensdiv.runs.rundir import certify_dataset
 from ensdiv.cli import main
 from ensdiv.ensemble import Ensemble
+from ensdiv.runs.rundir import certify_dataset
 from ensdiv.runs.train import train_run
 from ensdiv.train import TrainConfig
 

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from ensdiv.cli import main
+from ensdiv.errors import EnsdivError
 from ensdiv.runs.compare import CompareConfig
 from ensdiv.runs.rundir import train_cost
-from ensdiv.errors import EnsdivError
 from ensdiv.runs.train import train_run
 from ensdiv.train import TrainConfig
 

@@ -4,8 +4,8 @@ import pytest
 
 from ensdiv.cli import main
 from ensdiv.data import load_dataset
-from ensdiv.runs.detect import ADVERSARIES, DetectConfig, run_detection
 from ensdiv.errors import EnsdivError
+from ensdiv.runs.detect import ADVERSARIES, DetectConfig, run_detection
 from ensdiv.runs.train import train_run
 from ensdiv.train import TrainConfig
 

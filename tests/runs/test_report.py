@@ -2,7 +2,13 @@ import math
 
 import pytest
 
-from ensdiv.runs.report import correlation_table, lam_table, mean_se, sweep_tables, transfer_fall_table
+from ensdiv.runs.report import (
+    correlation_table,
+    lam_table,
+    mean_se,
+    sweep_tables,
+    transfer_fall_table,
+)
 
 
 def fake_record(lam, seed, transfer, first, white, pgd_alone, half, gdr):
@@ -128,8 +134,8 @@ def test_records_of_two_regularizers_make_one_table():
     assert fall.splitlines()[0] == ("| attack | eps | examples | λ = 0 | gdr λ = 3 | fall (×) | "
                                     "gal λ = 1 | fall (×) |")
     # PGD eps 0.09 full budget: plain mean 0.26, gdr mean 0.025 (fall 10.4), gal 0.05 (5.2)
-    assert "| PGD | 0.09 | full budget | 0.260 ± 0.010 | 0.025 ± 0.005 | 10.4 | 0.050 ± 0.000 | 5.2 |" \
-        in fall
+    assert ("| PGD | 0.09 | full budget | 0.260 ± 0.010 | 0.025 ± 0.005 | 10.4 "
+            "| 0.050 ± 0.000 | 5.2 |") in fall
     # one regularizer alone: the labels stay plain λ
     assert "| measure | λ = 0 | λ = 3 |" in lam_table(gdr)
 

@@ -1,6 +1,5 @@
 """ensdiv train's run folders: files, exact resume, the folder rules, teachers."""
 
-import functools
 import json
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
-from ensdiv.loop import CHECKPOINT, ENSEMBLE, METRICS, evaluate, fit, gaussian_noise
+from ensdiv.loop import CHECKPOINT, ENSEMBLE, METRICS, evaluate
 from ensdiv.runs.rundir import CONFIG
 from ensdiv.runs.train import train_run
 from ensdiv.train import TrainConfig
