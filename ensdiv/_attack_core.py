@@ -95,7 +95,7 @@ def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
     return -(z_y - others) / (top[:, 0] - top[:, 2] + _TINY)
 
 
-def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, eps: Tensor, norm: str,
+def _apgd_run(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: Tensor, norm: str,
               score: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], steps: int,
               checkpoints: list[int], gen: torch.Generator, best: _Best, rows: Tensor,
               offset: int) -> None:

@@ -67,10 +67,12 @@ from ensdiv._attack_core import (
     dlr_loss,
 )
 from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.mora import MORA_MIX, mora
+from ensdiv.square import square
 
 __all__ = ["ATTACKS", "APGD_LOSSES", "KEEPS", "NORMS", "AttackObjective", "ApgdLoss", "Keep",
            "Norm", "apgd", "apgd_checkpoints", "default_step_size", "dlr_loss", "fgsm",
-           "mifgsm", "pgd", "pgd_objective"]
+           "mifgsm", "pgd", "pgd_objective", "MORA_MIX", "mora", "square"]
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | Tensor,
@@ -433,5 +435,7 @@ def default_step_size(attack: str, eps: float | Tensor, steps: int) -> float | T
 
 ATTACKS: dict[str, Callable[..., Tensor]] = {"fgsm": fgsm, "pgd": pgd, "mifgsm": mifgsm,
                                              "apgd": apgd}
+"""The attacks on any classifier, by name (the member-aware :func:`mora` needs an ensemble and
+:func:`square` images, so they are called by their own names)."""
 
 

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ensdiv._version import __version__
+from ensdiv.aggregation import majority_vote, mean_log_softmax
 from ensdiv.errors import EnsdivError, check_choice, check_shape, model_input_spec
 from ensdiv.io import atomic_torch_save, first_sentence, read_torch
 from ensdiv.models import Member, build_model
@@ -310,31 +310,6 @@ def as_ensemble(model: nn.Module) -> Ensemble:
         raise EnsdivError(f"expected an Ensemble or a torch.nn.Module; got "
                           f"{type(model).__name__}")
     return Ensemble([model])
-
-
-def mean_log_softmax(member_logits: Tensor) -> Tensor:
-    """log(mean over members of softmax), [B, K] from [M, B, K], computed stably.
-
-    Example:
-        >>> mean_log_softmax(torch.zeros(3, 1, 4)).exp()
-        tensor([[0.2500, 0.2500, 0.2500, 0.2500]])
-    """
-    m = member_logits.shape[0]
-    return torch.logsumexp(torch.log_softmax(member_logits, -1), dim=0) - math.log(m)
-
-
-def majority_vote(member_logits: Tensor) -> Tensor:
-    """Majority vote [B] of the members' argmax classes from logits [M, B, K]; ties go to the
-    class with the higher mean softmax.
-
-    Example:
-        >>> majority_vote(torch.tensor([[[2.0, 0.0]], [[0.0, 1.0]], [[0.0, 1.0]]]))
-        tensor([1])
-    """
-    k = member_logits.shape[-1]
-    counts = nn.functional.one_hot(member_logits.argmax(-1), k).sum(0).to(member_logits.dtype)
-    # the mean probability is < 1, so adding half of it only ever breaks ties
-    return (counts + mean_log_softmax(member_logits).exp() * 0.5).argmax(-1)
 
 
 def _common_spec(members: Sequence[nn.Module]) -> tuple[tuple[int, ...] | None, int | None]:

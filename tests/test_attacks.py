@@ -2,15 +2,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
 from ensdiv.attacks import ATTACKS, apgd, apgd_checkpoints, dlr_loss, fgsm, mifgsm, pgd
-from ensdiv.data import load_dataset
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
-from ensdiv.models import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,31 +98,6 @@ def test_linear_model_targeted_reaches_other_side():
         hit = model(x_adv).argmax(1) == target
     clear = (dist["linf"] - 0.03).abs() > 0.02 * 0.03
     assert torch.equal(hit[clear], (dist["linf"] < 0.03)[clear])
-
-
-@pytest.fixture(scope="module")
-def digits_model():
-    torch.manual_seed(0)
-    train, test, _ = load_dataset("digits", seed=0)
-    xtr, ytr = train.tensors
-    model = build_model("mlp", in_shape=(1, 8, 8), num_classes=10, mean=(xtr.mean().item(),),
-                        std=(xtr.std().item(),))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(15):
-        perm = torch.randperm(len(xtr))
-        for i in range(0, len(xtr), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    xte, yte = test.tensors
-    with torch.no_grad():
-        correct = model(xte).argmax(1) == yte
-    assert float(correct.float().mean()) > 0.9
-    return model, xte[correct], yte[correct]
 
 
 def success(model, x_adv, y):
