@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ensdiv.runs.rundir import correlations, number, regularizer
+from ensdiv.runs.rundir import correlations, entry_success, number, regularizer
 
 Record = dict[str, Any]
 
@@ -212,7 +212,68 @@ def sweep_tables(records: Sequence[Record]) -> str:
     parts += ["", "Member → member transfer, plainest vs most diverse λ (mean ± s.e. over seeds; "
               "fall = ratio of the means):", "", transfer_fall_table(records), "",
               correlation_table(records)]
+    equal = equal_gdr_table(records, measures=("transfer", "whitebox", "blackbox"))
+    if equal:
+        parts += ["", "Regularizers compared at equal GDR (residuals from one line log10(success) "
+                  "= a + b·GDR fitted to all ensembles; mean ± s.e. in log10 units):", "", equal]
     return "\n".join(parts)
+
+
+def equal_gdr_table(records: Sequence[Record], measures: Sequence[str] = ("transfer",
+                                                                          "whitebox")) -> str:
+    """Do two regularizers differ **at equal GDR**? Per attack, eps and measure, one line
+    ``log10(success) = a + b·GDR`` is fitted by least squares to every ensemble (plain ones
+    included; a zero rate counts as half an input, as in the figure); each regularizer's
+    ensembles then sit above or below it on average. The table shows each regularizer's mean
+    residual (log10 units, ± standard error over its ensembles) and, for the first two, the
+    ratio of their successes at equal GDR, ``10^(r₂ − r₁)``. Empty when the records hold fewer
+    than two regularizers.
+
+    Example:
+        >>> recs = [{"lam": lam, "seed": 0, "trained_with": reg, "gdr": g, "attacks": [
+        ...     {"attack": "pgd", "eps": 0.1, "whitebox": {"rate": rate, "total": 100}}]}
+        ...     for reg, lam, g, rate in [("gdr", 1, 0.2, 0.4), ("gdr", 2, 0.1, 0.2),
+        ...                               ("gal", 1, 0.2, 0.8), ("gal", 2, 0.1, 0.4)]]
+        >>> print(equal_gdr_table(recs, measures=("whitebox",)).splitlines()[-1])
+        | PGD | 0.1 | white-box ensemble | -0.151 ± 0.000 | 0.151 ± 0.000 | 2.00 |
+    """
+    regs = list(dict.fromkeys(regularizer(r) for r in records if regularizer(r) != "none"))
+    if len(regs) < 2:
+        return ""
+    names = {"transfer": "member → member", "whitebox": "white-box ensemble",
+             "blackbox": "black-box surrogate"}
+    lines = ["| attack | eps | measure | " + " | ".join(f"{g} residual" for g in regs)
+             + f" | {regs[1]} ÷ {regs[0]} at equal GDR |",
+             "|---|---|---|" + "---|" * (len(regs) + 1)]
+    grid = [(a["attack"], a["eps"]) for a in records[0]["attacks"]]
+    for attack, eps in sorted(grid, key=lambda k: (["fgsm", "pgd", "mifgsm"].index(k[0])
+                                                   if k[0] in ("fgsm", "pgd", "mifgsm")
+                                                   else 9, k[1])):
+        for measure in measures:
+            pts = []
+            for r in records:
+                a = _entry(r, attack, eps)
+                if a is None:
+                    continue
+                rate, floor = entry_success(a, measure)
+                g = number(r.get("gdr"))
+                if math.isfinite(rate) and math.isfinite(g):
+                    pts.append((regularizer(r), g, math.log10(max(rate, floor))))
+            if len(pts) < 3:
+                continue
+            gdr = np.array([p[1] for p in pts])
+            logs = np.array([p[2] for p in pts])
+            slope, icpt = np.polyfit(gdr, logs, 1)
+            resid = logs - (icpt + slope * gdr)
+            by_reg = {g: resid[[p[0] == g for p in pts]] for g in regs}
+            cells = [mean_se(list(by_reg[g])) for g in regs]
+            if len(by_reg[regs[0]]) and len(by_reg[regs[1]]):
+                ratio = f"{10 ** (by_reg[regs[1]].mean() - by_reg[regs[0]].mean()):.2f}"
+            else:
+                ratio = "—"
+            lines.append(f"| {attack.upper()} | {eps:g} | {names.get(measure, measure)} | "
+                         + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
 
 
 def train_time_table(records: Sequence[Record]) -> str:

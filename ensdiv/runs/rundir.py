@@ -498,8 +498,9 @@ def check_plot_options(records: Sequence[dict[str, Any]], *, attack: str | None,
     return attack, eps
 
 
-def _success(entry: dict[str, Any], measure: str) -> tuple[float, float]:
-    """(rate, floor): a zero rate is drawn at half a count, 0.5 / total."""
+def entry_success(entry: dict[str, Any], measure: str) -> tuple[float, float]:
+    """(rate, floor) of one attack entry of a sweep record for a measure (:data:`MEASURES`): a
+    zero rate is drawn (and fitted) at half a count, 0.5 / total."""
     if measure == "transfer":
         t = entry["transfer"]
         off = [(f, n) for i, (fr, nr) in enumerate(zip(t["fooled"], t["total"], strict=True))
@@ -518,7 +519,7 @@ def sweep_series(records: Sequence[dict[str, Any]], attack: str, eps: float,
     for r in records:
         for a in r["attacks"]:
             if a["attack"] == attack and a["eps"] == eps and math.isfinite(number(r["gdr"])):
-                s, f = _success(a, measure)
+                s, f = entry_success(a, measure)
                 if math.isfinite(s):
                     g.append(number(r["gdr"]))
                     rate.append(s)

@@ -149,3 +149,29 @@ def test_train_time_table_takes_the_median_per_group():
     assert train_time_table(recs).splitlines() == [
         "| ensemble | n | median seconds (3 epochs) | range |", "|---|---|---|---|",
         "| λ = 0 | 3 | 231 | 228–828 |", "| λ = 1 | 1 | 700 | 700–700 |"]
+
+
+def test_equal_gdr_table_measures_the_gap_between_regularizers():
+    from ensdiv.runs.report import equal_gdr_table
+
+    # log10 success is linear in GDR for both, GAL's line 10^0.1 ≈ 1.26× above GDR's: every
+    # residual is ±0.05 around the pooled fit and the ratio is exactly 10^0.1
+    def rec(reg, lam, g, seed):
+        rate = 10 ** (-1 + 2 * g + (0.1 if reg == "gal" else 0.0))
+        return {"lam": lam, "seed": seed, "trained_with": reg, "gdr": g,
+                "attacks": [{"attack": "pgd", "eps": 0.09,
+                             "whitebox": {"rate": rate, "total": 500}}]}
+
+    recs = [rec(reg, lam, g, s) for reg in ("gdr", "gal") for lam, g in ((1, 0.1), (3, 0.05))
+            for s in (0, 1)]
+    lines = equal_gdr_table(recs, measures=("whitebox",)).splitlines()
+    assert lines[0] == ("| attack | eps | measure | gdr residual | gal residual | "
+                        "gal ÷ gdr at equal GDR |")
+    assert lines[2] == (f"| PGD | 0.09 | white-box ensemble | -0.050 ± 0.000 | 0.050 ± 0.000 | "
+                        f"{10 ** 0.1:.2f} |")
+    # one regularizer (and the plain baseline): nothing to compare, and sweep_tables says nothing
+    assert equal_gdr_table(RECORDS) == ""
+    assert "equal GDR" not in sweep_tables(RECORDS)
+    both = [{**r, "trained_with": "gdr"} for r in RECORDS[2:]] + \
+        [{**r, "lam": 1.0, "trained_with": "gal"} for r in RECORDS[2:]]
+    assert "Regularizers compared at equal GDR" in sweep_tables(RECORDS[:2] + both)
