@@ -21,8 +21,9 @@ Example:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -228,11 +229,30 @@ class WorstCase:
         union: inputs broken by some attack, over the inputs classified correctly clean.
         per_attack: each attack's own success over the same inputs.
         broken: [B] bool, correctly classified clean and broken by some attack.
+        first_breaker: [B] int64, the index (in ``per_attack``'s order) of the first attack
+            that broke each input, -1 where none did (or the input was broken by ``skip``).
+        seconds: wall time each attack took.
     """
 
     union: Success
     per_attack: dict[str, Success]
     broken: Tensor
+    first_breaker: Tensor | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def broken_first_by(self) -> dict[str, int]:
+        """How many inputs each attack was the first to break (they sum to the union, less
+        any inputs counted through ``skip``).
+
+        Example:
+            >>> wc = WorstCase(Success(2, 3), {"a": Success(1, 3), "b": Success(2, 3)},
+            ...                torch.tensor([True, True, False]), torch.tensor([1, 0, -1]))
+            >>> wc.broken_first_by()
+            {'a': 1, 'b': 1}
+        """
+        names = list(self.per_attack)
+        fb = self.first_breaker if self.first_breaker is not None else torch.empty(0)
+        return {n: int((fb == i).sum()) for i, n in enumerate(names)}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able ``{"rate", "fooled", "total", "attacks": {name: {...}}}``."""
@@ -286,12 +306,16 @@ def worst_case_success(model: nn.Module, x: Tensor, y: Tensor, *,
     total = int(correct.sum())
     broken = torch.zeros_like(correct) if skip is None else skip.to(correct.device) & correct
     per_attack = {}
-    for name in names:
+    first_breaker = torch.full_like(y, -1, dtype=torch.int64)
+    seconds: dict[str, float] = {}
+    for i, name in enumerate(names):
+        started = time.perf_counter()
         rows = (correct & ~broken) if cascade else correct
         idx = rows.nonzero().squeeze(1) if cascade else None
         if attacks is not None:
             if idx is not None and idx.numel() == 0:
                 per_attack[name] = Success(0, 0)
+                seconds[name] = 0.0
                 continue
             with torch.enable_grad():
                 xa = attacks[name](model, x[idx], y[idx]) if idx is not None \
@@ -310,8 +334,11 @@ def worst_case_success(model: nn.Module, x: Tensor, y: Tensor, *,
         else:
             hit = fooled & correct
         per_attack[name] = Success(int((hit & rows).sum()), int(rows.sum()))
+        first_breaker[hit & rows & ~broken] = i
         broken |= hit & rows
-    return WorstCase(Success(int(broken.sum()), total), per_attack, broken)
+        seconds[name] = time.perf_counter() - started
+    return WorstCase(Success(int(broken.sum()), total), per_attack, broken, first_breaker,
+                     seconds)
 
 
 CONVERGENCE_GAP = 0.02

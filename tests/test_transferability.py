@@ -143,6 +143,12 @@ def test_worst_case_at_least_each_attack_and_cascade_gives_same_union():
     # In the cascade each attack is run only on what is still unbroken.
     assert cascade.per_attack["fgsm"].total == full.union.total
     assert cascade.per_attack["pgd"].total == full.union.total - cascade.per_attack["fgsm"].fooled
+    # which attack broke each input first: in a cascade each attack's own count, and in both
+    # runs the first attack in order that breaks it
+    assert cascade.broken_first_by() == {k: v.fooled for k, v in cascade.per_attack.items()}
+    assert torch.equal(cascade.first_breaker >= 0, cascade.broken)
+    assert torch.equal(full.first_breaker, cascade.first_breaker)
+    assert set(full.seconds) == set(attacks) and all(t >= 0 for t in full.seconds.values())
 
 
 def test_worst_case_skip_counts_without_attacking():
