@@ -1,0 +1,251 @@
+"""One robustness card per ensemble and aggregation rule: every number that says how robust it is,
+from one evaluation, with the attack setup beside each.
+
+The white-box part is AutoAttack's cascade (Croce & Hein 2020) made ensemble-aware (Yu et al.
+2022): APGD-CE, APGD-DLR, MORA and Square run in that order on the inputs the ensemble still
+classifies correctly under the rule and no earlier attack broke, so the robust accuracy is the
+per-input worst case over all four, and the card can say which attack broke each input first.
+Because the averaged-output attacks run first, the same cascade gives both the robust accuracy
+an averaged-output evaluation reports (APGD-CE + APGD-DLR) and the member-aware one (all four):
+their gap is what MORA and Square add. Square is score-based: whatever it breaks after the
+gradient attacks is the gradient-masking flag.
+
+Around it: clean accuracy (ensemble under the rule, each member), each member's robust accuracy
+under APGD-CE alone, the member → member transfer matrix (full-budget PGD), transfer from an
+independent surrogate when one is given, GDR and the mean gradient cosine, and AutoAttack's
+sanity checks (zero input gradients, PGD at ε = 1 → ~100%, Square beating the white-box
+attacks, APGD-CE at half vs full budget).
+
+Example:
+    >>> import torch
+    >>> from ensdiv.ensemble import Ensemble
+    >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
+    >>> x = torch.rand(8, 1, 8, 8); y = ens.predict(x)
+    >>> card = robustness_card(ens, x, y, eps=0.1, budget=CardBudget(apgd_steps=4, mora_steps=2,
+    ...                        square_queries=10, transfer_steps=2))
+    >>> card["clean_acc"], card["robust_acc"] <= card["averaged_output_robust_acc"]
+    (1.0, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ensdiv.aggregation import AGGREGATIONS, Aggregated
+from ensdiv.attacks import MORA_MIX, apgd, mora, pgd, square
+from ensdiv.ensemble import Ensemble
+from ensdiv.errors import EnsdivError, check_choice, check_input
+from ensdiv.gdr import gradient_diversity
+from ensdiv.gradients import input_gradients
+from ensdiv.io import strict_json
+from ensdiv.transferability import (
+    CONVERGENCE_GAP,
+    Success,
+    surrogate_transfer,
+    transfer_matrix,
+    worst_case_success,
+)
+
+CARD_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "mora", "square")
+"""The cascade, in order; the first two are the averaged-output attacks."""
+
+AVERAGED_OUTPUT_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr")
+
+HUGE_EPS = 1.0
+"""L∞ radius of the sanity attack: at ε = 1 every input can become any image."""
+
+
+@dataclass(frozen=True)
+class CardBudget:
+    """Every attack's budget (the defaults are the field's: AutoAttack's 100 APGD iterations and
+    5,000 Square queries, MORA's 100 iterations per mixing weight) and the seed of every random
+    start. ``transfer_steps`` is the full-budget PGD that crafts transfer examples."""
+
+    apgd_steps: int = 100
+    mora_steps: int = 100
+    square_queries: int = 5000
+    transfer_steps: int = 10
+    seed: int = 0
+
+    def validate(self) -> CardBudget:
+        """The budget itself, or one :class:`EnsdivError` naming the bad field."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            low = 0 if f.name == "seed" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise EnsdivError(f"{f.name} must be an integer >= {low}; got {v!r}")
+        return self
+
+
+def robustness_card(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
+                    aggregation: str = "softmax", budget: CardBudget = CardBudget(),
+                    surrogate: nn.Module | None = None) -> dict[str, Any]:
+    """Evaluate one ensemble under one aggregation rule at L∞ radius ``eps``.
+
+    Args:
+        ensemble: M ≥ 2 members, in eval mode.
+        x: test inputs [n, C, H, W] in [0, 1]; y: labels [n].
+        eps: L∞ radius, > 0.
+        aggregation: ``"softmax"``, ``"logits"`` or ``"vote"`` (attacked through the mean
+            softmax, judged on the vote).
+        budget: attack budgets and seed (:class:`CardBudget`).
+        surrogate: an independently trained model to craft black-box transfer examples on.
+
+    Returns:
+        A strict-JSON dict (an undefined rate, e.g. transfer between members that share no
+        correctly classified input, is None): ``n``, ``eps``, ``aggregation``, ``clean_acc``,
+        ``robust_acc`` (the per-input worst case over :data:`CARD_ATTACKS`, over all n inputs,
+        with ``robust_acc_se``), ``averaged_output_robust_acc`` (APGD-CE + APGD-DLR only),
+        ``attacks`` (each attack's ``fooled``/``total`` over the inputs it ran on,
+        ``broke_first``, ``seconds``, ``setup``), ``members`` (clean and APGD-CE robust accuracy
+        of each), ``transfer`` (member → member matrix), ``surrogate`` (or None),
+        ``gdr``/``mean_cos`` and friends, ``sanity`` (values)
+        and ``warnings`` (messages).
+
+    Raises:
+        EnsdivError: fewer than 2 members, ``eps`` ≤ 0, an unknown rule, a bad budget or bad
+            inputs — before any attack runs.
+    """
+    if not isinstance(ensemble, Ensemble) or ensemble.num_members < 2:
+        raise EnsdivError("a robustness card needs an ensemble of at least 2 members; got "
+                          + (f"{ensemble.num_members} member" if isinstance(ensemble, Ensemble)
+                             else type(ensemble).__name__))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+            math.isfinite(eps) and eps > 0):
+        raise EnsdivError(f"eps must be a finite number > 0; got {eps!r}")
+    check_choice("aggregation rule", aggregation, AGGREGATIONS)
+    budget = budget.validate()
+    model = Aggregated(ensemble, aggregation)
+    check_input(model, x, y)
+    if x.ndim != 4:
+        raise EnsdivError(f"a robustness card attacks images [n, C, H, W]; got {tuple(x.shape)}")
+    x, y = x.detach(), y.detach()
+    n = x.shape[0]
+    seed = budget.seed
+    setups = {
+        "apgd-ce": {"attack": "apgd", "loss": "ce", "steps": budget.apgd_steps, "restarts": 1},
+        "apgd-dlr": {"attack": "apgd", "loss": "dlr", "steps": budget.apgd_steps,
+                     "restarts": 1},
+        "mora": {"attack": "mora", "steps_per_mix": budget.mora_steps,
+                 "mix": list(MORA_MIX)},
+        "square": {"attack": "square", "queries": budget.square_queries, "p_init": 0.8},
+    }
+    attacks = {
+        "apgd-ce": functools.partial(apgd, eps=eps, loss="ce", steps=budget.apgd_steps,
+                                     seed=seed),
+        "apgd-dlr": functools.partial(apgd, eps=eps, loss="dlr", steps=budget.apgd_steps,
+                                      seed=seed),
+        "mora": lambda _model, xx, yy: mora(ensemble, xx, yy, eps=eps, aggregation=aggregation,
+                                            steps=budget.mora_steps, seed=seed),
+        "square": functools.partial(square, eps=eps, queries=budget.square_queries, seed=seed),
+    }
+    wc = worst_case_success(model, x, y, attacks=attacks, cascade=True)
+    total = wc.union.total  # correct clean under the rule
+    first = wc.broken_first_by()
+    robust = (total - wc.union.fooled) / n if n else float("nan")
+    averaged = (total - sum(first[a] for a in AVERAGED_OUTPUT_ATTACKS)) / n if n else math.nan
+    card: dict[str, Any] = {
+        "n": n, "eps": eps, "norm": "linf", "aggregation": aggregation,
+        "stand_in": "softmax" if aggregation == "vote" else None,
+        "number_forward_passes": ensemble.num_members, "members_count": ensemble.num_members,
+        "clean_acc": total / n if n else math.nan,
+        "robust_acc": robust, "robust_acc_se": _se(robust, n),
+        "averaged_output_robust_acc": averaged, "averaged_output_robust_acc_se": _se(averaged, n),
+        "attacks": {name: {**wc.per_attack[name].to_dict(), "broke_first": first[name],
+                           "seconds": wc.seconds[name],
+                           "setup": {**setups[name], "eps": eps, "seed": seed}}
+                    for name in CARD_ATTACKS},
+        "cascade": "each attack runs on the inputs correct under the rule that no earlier "
+                   "attack broke; success counted over those inputs",
+        "seed": seed,
+    }
+    card["members"] = _members(ensemble, x, y, eps, budget)
+    started = time.perf_counter()
+    tm = transfer_matrix(ensemble, x, y, whitebox=False,
+                         attack=functools.partial(pgd, eps=eps, steps=budget.transfer_steps,
+                                                  keep="last",
+                                                  generator=torch.Generator().manual_seed(seed)))
+    card["transfer"] = {**tm.to_dict(), "mean": tm.mean_transfer,
+                        "crafted_with": {"attack": "pgd", "eps": eps, "keep": "last",
+                                         "steps": budget.transfer_steps, "seed": seed},
+                        "seconds": time.perf_counter() - started}
+    if surrogate is not None:
+        black = surrogate_transfer(
+            surrogate, model, x, y,
+            attack=functools.partial(pgd, eps=eps, steps=budget.transfer_steps, keep="last",
+                                     generator=torch.Generator().manual_seed(seed)))
+        card["surrogate"] = {**black.to_dict(), "crafted_with": {
+            "attack": "pgd", "eps": eps, "keep": "last", "steps": budget.transfer_steps,
+            "seed": seed, "on": "surrogate"}}
+    else:
+        card["surrogate"] = None
+    grads = input_gradients(ensemble, x, y)
+    zero = float((grads.flatten(2).abs().amax(-1) == 0).any(0).float().mean()) if n else 0.0
+    card.update(gradient_diversity(grads))
+    card["sanity"], card["warnings"] = _sanity(model, x, y, eps, budget, wc.per_attack, zero)
+    return strict_json(card)
+
+
+def _members(ensemble: Ensemble, x: Tensor, y: Tensor, eps: float,
+             budget: CardBudget) -> list[dict[str, Any]]:
+    """Each member's clean accuracy and robust accuracy under APGD-CE alone, over all n."""
+    out = []
+    for i, member in enumerate(ensemble.members):
+        with torch.no_grad():
+            correct = member(x).argmax(1) == y
+        rows = correct.nonzero().squeeze(1)
+        fooled = 0
+        if rows.numel():
+            adv = apgd(member, x[rows], y[rows], eps=eps, loss="ce", steps=budget.apgd_steps,
+                       seed=budget.seed)
+            with torch.no_grad():
+                fooled = int((member(adv).argmax(1) != y[rows]).sum())
+        n = x.shape[0]
+        out.append({"member": i, "clean_acc": int(correct.sum()) / n if n else math.nan,
+                    "robust_acc": (int(correct.sum()) - fooled) / n if n else math.nan,
+                    "attack": "apgd-ce"})
+    return out
+
+
+def _sanity(model: nn.Module, x: Tensor, y: Tensor, eps: float, budget: CardBudget,
+            per_attack: dict[str, Success], zero: float) -> tuple[dict[str, Any], list[str]]:
+    """AutoAttack's habits as values and messages."""
+    huge = worst_case_success(model, x, y, attacks={"pgd": functools.partial(
+        pgd, eps=HUGE_EPS, steps=budget.transfer_steps,
+        generator=torch.Generator().manual_seed(budget.seed))}).union
+    half_steps = max(budget.apgd_steps // 2, 1)
+    half = worst_case_success(model, x, y, attacks={"apgd-ce": functools.partial(
+        apgd, eps=eps, loss="ce", steps=half_steps, seed=budget.seed)}).union
+    full = per_attack["apgd-ce"]  # the cascade's first attack ran on every correct input
+    square_after = per_attack["square"].fooled
+    values = {"zero_grad_fraction": zero, "huge_eps_pgd": huge.to_dict(),
+              "apgd_ce_half_budget": half.to_dict(), "apgd_ce_full_budget": full.to_dict(),
+              "square_broke_after_gradient_attacks": square_after}
+    warnings = []
+    if zero > 0.05:
+        warnings.append(f"{zero:.1%} of inputs have a zero input gradient for some member "
+                        "(gradient masking?)")
+    if huge.total and huge.rate < 0.99:
+        warnings.append(f"L∞ PGD at eps={HUGE_EPS:g} fooled only {huge.rate:.1%} of the correct "
+                        "inputs (should be ~100%: gradient masking or a bug)")
+    if square_after:
+        warnings.append(f"Square (no gradients) broke {square_after} input(s) that APGD-CE, "
+                        "APGD-DLR and MORA could not: the gradients may be masked")
+    if full.total and half.total and full.rate - half.rate > CONVERGENCE_GAP + 1e-12:
+        warnings.append(f"APGD-CE had not converged: success rose from {half.rate:.3f} at "
+                        f"{half_steps} steps to {full.rate:.3f} at {budget.apgd_steps} (raise "
+                        "the steps; the robust accuracy is an upper bound)")
+    return values, warnings
+
+
+def _se(p: float, n: int) -> float:
+    """Binomial standard error of a proportion over n inputs."""
+    return math.sqrt(p * (1 - p) / n) if n and math.isfinite(p) else math.nan

@@ -1,0 +1,79 @@
+import json
+import math
+
+import pytest
+import torch
+
+from ensdiv.aggregation import AGGREGATIONS, Aggregated
+from ensdiv.attacks import apgd, square
+from ensdiv.card import CARD_ATTACKS, CardBudget, robustness_card
+from ensdiv.ensemble import Ensemble
+from ensdiv.errors import EnsdivError
+
+TINY = CardBudget(apgd_steps=6, mora_steps=3, square_queries=40, transfer_steps=3)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    ens = Ensemble.build("cnn", 3, in_shape=(1, 8, 8), num_classes=10, seed=4).eval()
+    x = torch.rand(24, 1, 8, 8)
+    y = ens.predict(x)
+    y[:4] = (y[:4] + 1) % 10  # some inputs wrong clean
+    return ens, x, y
+
+
+@pytest.mark.parametrize("rule", AGGREGATIONS)
+def test_card_fields_are_present_typed_and_json(setup, rule):
+    ens, x, y = setup
+    card = robustness_card(ens, x, y, eps=0.08, aggregation=rule, budget=TINY, surrogate=ens)
+    json.dumps(card, allow_nan=False)  # strict JSON
+    assert card["n"] == 24 and card["aggregation"] == rule and card["number_forward_passes"] == 3
+    correct = int((Aggregated(ens, rule).predict(x) == y).sum())
+    assert card["clean_acc"] == correct / 24
+    assert 0 <= card["robust_acc"] <= card["averaged_output_robust_acc"] <= card["clean_acc"]
+    assert set(card["attacks"]) == set(CARD_ATTACKS)
+    # the cascade: broke-first counts add up to the worst case
+    broken = sum(a["broke_first"] for a in card["attacks"].values())
+    assert card["clean_acc"] - card["robust_acc"] == pytest.approx(broken / 24)
+    assert card["attacks"]["apgd-ce"]["total"] == correct
+    for a in card["attacks"].values():
+        assert a["seconds"] >= 0 and a["setup"]["eps"] == 0.08
+    assert len(card["members"]) == 3 and len(card["transfer"]["fooled"]) == 3
+    assert 0 <= card["gdr"] <= 0.5 and -1 <= card["mean_cos"] <= 1
+    assert card["surrogate"]["crafted_with"]["on"] == "surrogate"
+    assert math.isfinite(card["robust_acc_se"])
+    assert isinstance(card["warnings"], list)
+
+
+def test_worst_case_is_at_least_every_single_attack_per_input(setup):
+    ens, x, y = setup
+    card = robustness_card(ens, x, y, eps=0.08, budget=TINY)
+    model = Aggregated(ens, "softmax")
+    correct = model.predict(x) == y
+    alone = {
+        "apgd-ce": apgd(model, x, y, eps=0.08, loss="ce", steps=TINY.apgd_steps, seed=0),
+        "square": square(model, x, y, eps=0.08, queries=TINY.square_queries, seed=0),
+    }
+    robust = card["robust_acc"] * 24
+    for name, adv in alone.items():
+        still = int((correct & (model.predict(adv) == y)).sum())
+        assert robust <= still, name
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"eps": 0.0}, "eps"),
+    ({"eps": -0.1}, "eps"),
+    ({"eps": 0.1, "aggregation": "median"}, "unknown aggregation rule"),
+    ({"eps": 0.1, "budget": CardBudget(apgd_steps=0)}, "apgd_steps"),
+])
+def test_bad_inputs_are_one_line(setup, kwargs, match):
+    ens, x, y = setup
+    with pytest.raises(EnsdivError, match=match):
+        robustness_card(ens, x, y, **kwargs)
+
+
+def test_a_single_network_is_not_an_ensemble(setup):
+    ens, x, y = setup
+    with pytest.raises(EnsdivError, match="at least 2 members"):
+        robustness_card(Ensemble([ens.members[0]]), x, y, eps=0.1)
