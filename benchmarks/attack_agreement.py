@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
-from ensdiv.attacks import apgd, fgsm, mifgsm, pgd
+from ensdiv.attacks import apgd, fgsm, mifgsm, pgd, square
 from ensdiv.data import load_dataset
 from ensdiv.models import build_model
 
@@ -77,6 +77,12 @@ def main() -> None:
                              f"{'L∞' if norm == 'linf' else 'L2'} {eps:g}",
                              rate(apgd(model, x, y, eps=eps, norm=norm, loss=loss, steps=steps)),
                              rate(ta(x, y))))
+    for queries in (300, 1000):
+        rows.append((f"Square, {queries} queries, mean of 3 seeds", "L∞ 0.1",
+                     sum(rate(square(model, x, y, eps=0.1, queries=queries, seed=s))
+                         for s in range(3)) / 3,
+                     sum(rate(torchattacks.Square(model, eps=0.1, n_queries=queries,
+                                                  seed=s)(x, y)) for s in range(3)) / 3))
     print(f"Digits MLP, {len(y)} correctly classified test images; success rate "
           f"(torch {torch.__version__}, torchattacks {torchattacks.__version__}).\n")
     print("| attack | ball | ensdiv | torchattacks |\n|---|---|---|---|")

@@ -149,3 +149,24 @@ def test_fashion_mnist_training_time_comes_from_the_sweep_records():
 
     records = read_jsonl(RESULTS / "sweep-fashion-mnist" / "gdr" / "records.jsonl")
     assert block("fmnist-train-time") == train_time_table(records).strip()
+
+
+FMNIST = [RESULTS / "sweep-fashion-mnist" / reg for reg in ("gdr", "gal")]
+
+
+def test_fashion_mnist_sweep_tables_come_from_both_sweeps_records():
+    records = [r for run in FMNIST for r in read_jsonl(run / "records.jsonl")]
+    assert block("fmnist-sweep-tables") == sweep_tables(records).strip()
+
+
+def test_fashion_mnist_prose_quotes_only_numbers_of_its_tables():
+    """Every 'mean ± s.e.' the Fashion-MNIST write-up quotes is a cell of the generated tables."""
+    import re
+
+    page = (ROOT / "docs" / "transfer-and-gdr.md").read_text()
+    prose = page.split("<!-- fmnist-sweep-tables:end -->", 1)[1].split("\n## ", 1)[0]
+    table = block("fmnist-sweep-tables")
+    quoted = re.findall(r"-?\d\.\d{3} ± \d\.\d{3}", prose)
+    assert quoted, "the write-up quotes no table value"
+    for q in quoted:
+        assert q in table, f"{q} is not in the generated tables"
