@@ -43,12 +43,13 @@ from ensdiv.aggregation import AGGREGATIONS, Aggregated
 from ensdiv.attacks import MORA_MIX, apgd, mora, pgd, square
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice, check_input
+from ensdiv.evaluation import HUGE_EPS
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import strict_json
 from ensdiv.transferability import (
-    CONVERGENCE_GAP,
     Success,
+    convergence_warning,
     surrogate_transfer,
     transfer_matrix,
     worst_case_success,
@@ -58,10 +59,6 @@ CARD_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "mora", "square")
 """The cascade, in order; the first two are the averaged-output attacks."""
 
 AVERAGED_OUTPUT_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr")
-
-HUGE_EPS = 1.0
-"""L∞ radius of the sanity attack: at ε = 1 every input can become any image."""
-
 
 @dataclass(frozen=True)
 class CardBudget:
@@ -239,10 +236,10 @@ def _sanity(model: nn.Module, x: Tensor, y: Tensor, eps: float, budget: CardBudg
     if square_after:
         warnings.append(f"Square (no gradients) broke {square_after} input(s) that APGD-CE, "
                         "APGD-DLR and MORA could not: the gradients may be masked")
-    if full.total and half.total and full.rate - half.rate > CONVERGENCE_GAP + 1e-12:
-        warnings.append(f"APGD-CE had not converged: success rose from {half.rate:.3f} at "
-                        f"{half_steps} steps to {full.rate:.3f} at {budget.apgd_steps} (raise "
-                        "the steps; the robust accuracy is an upper bound)")
+    stalled = convergence_warning(full, half, what=f"APGD-CE ({half_steps} → "
+                                  f"{budget.apgd_steps} steps) at eps={eps:g}")
+    if stalled:
+        warnings.append(stalled)
     return values, warnings
 
 
