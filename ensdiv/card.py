@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +86,10 @@ class CardBudget:
 def robustness_card(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
                     aggregation: str = "softmax", budget: CardBudget = CardBudget(),
                     surrogate: nn.Module | None = None) -> dict[str, Any]:
-    """Evaluate one ensemble under one aggregation rule at L∞ radius ``eps``.
+    """Evaluate one ensemble under one aggregation rule at L∞ radius ``eps``: the stages
+    :func:`card_whitebox`, :func:`card_members`, :func:`card_transfer`,
+    :func:`card_surrogate` and :func:`card_gradients` in one dict (``ensdiv evaluate`` runs
+    the same stages one by one, saving each, and shares the rule-free ones between rules).
 
     Args:
         ensemble: M ≥ 2 members, in eval mode.
@@ -111,19 +115,72 @@ def robustness_card(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
         EnsdivError: fewer than 2 members, ``eps`` ≤ 0, an unknown rule, a bad budget or bad
             inputs — before any attack runs.
     """
-    if not isinstance(ensemble, Ensemble) or ensemble.num_members < 2:
-        raise EnsdivError("a robustness card needs an ensemble of at least 2 members; got "
-                          + (f"{ensemble.num_members} member" if isinstance(ensemble, Ensemble)
-                             else type(ensemble).__name__))
+    check_card_inputs(ensemble, x, y, eps=eps, aggregations=(aggregation,), budget=budget)
+    card = card_whitebox(ensemble, x, y, eps=eps, aggregation=aggregation, budget=budget)
+    card["members"] = card_members(ensemble, x, y, eps=eps, budget=budget)
+    card["transfer"] = card_transfer(ensemble, x, y, eps=eps, budget=budget)
+    card["surrogate"] = (None if surrogate is None else card_surrogate(
+        surrogate, ensemble, x, y, eps=eps, aggregations=(aggregation,),
+        budget=budget)[aggregation])
+    grads = card_gradients(ensemble, x, y)
+    zero = grads.pop("zero_grad_fraction")
+    card.update(grads)
+    card["sanity"]["zero_grad_fraction"] = zero
+    card["warnings"] = [*zero_grad_warning(zero), *card["warnings"]]
+    return strict_json(card)
+
+
+def check_card_inputs(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
+                      aggregations: tuple[str, ...], budget: CardBudget,
+                      min_members: int = 2) -> None:
+    """Everything a card checks before any attack runs; one :class:`EnsdivError` for the first
+    bad argument (an ensemble of fewer than ``min_members``, ``eps`` outside (0, 1], an unknown
+    aggregation rule, a bad budget, inputs that are not [n, C, H, W] with labels [n])."""
+    if not isinstance(ensemble, Ensemble) or ensemble.num_members < min_members:
+        raise EnsdivError(f"a robustness card needs an ensemble of at least {min_members} "
+                          "members; got " + (f"{ensemble.num_members} member"
+                                             if isinstance(ensemble, Ensemble)
+                                             else type(ensemble).__name__))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-            math.isfinite(eps) and eps > 0):
-        raise EnsdivError(f"eps must be a finite number > 0; got {eps!r}")
-    check_choice("aggregation rule", aggregation, AGGREGATIONS)
-    budget = budget.validate()
-    model = Aggregated(ensemble, aggregation)
-    check_input(model, x, y)
+            math.isfinite(eps) and 0 < eps <= 1):
+        raise EnsdivError(f"eps must be a number in (0, 1] (pixels are in [0, 1]); got {eps!r}")
+    if not aggregations:
+        raise EnsdivError(f"give at least one aggregation rule of {', '.join(AGGREGATIONS)}")
+    for rule in aggregations:
+        check_choice("aggregation rule", rule, AGGREGATIONS)
+    budget.validate()
+    check_input(ensemble, x, y)
     if x.ndim != 4:
         raise EnsdivError(f"a robustness card attacks images [n, C, H, W]; got {tuple(x.shape)}")
+
+
+def card_whitebox(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
+                  aggregation: str = "softmax",
+                  budget: CardBudget = CardBudget()) -> dict[str, Any]:
+    """The white-box part of a card for one aggregation rule: the cascade of
+    :data:`CARD_ATTACKS` on the aggregated ensemble, and its sanity checks (PGD at
+    ε = :data:`~ensdiv.evaluation.HUGE_EPS`, APGD-CE at half vs full budget, Square breaking
+    what the gradient attacks could not).
+
+    A single network (M = 1, e.g. a teacher in ``ensdiv compare``) is allowed here: MORA is then
+    APGD-CE with restarts, so it is left out (its entry is None).
+
+    Returns:
+        ``n, eps, norm, aggregation, stand_in, number_forward_passes, members_count,
+        clean_acc, robust_acc(_se), averaged_output_robust_acc(_se), attacks, cascade, seed,
+        sanity, warnings`` (strict JSON).
+
+    Example:
+        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
+        >>> x = torch.rand(6, 1, 8, 8); y = ens.predict(x)
+        >>> w = card_whitebox(ens, x, y, eps=0.1, budget=CardBudget(apgd_steps=2, mora_steps=1,
+        ...                   square_queries=5, transfer_steps=1))
+        >>> w["clean_acc"], sorted(w["attacks"]) == sorted(CARD_ATTACKS)
+        (1.0, True)
+    """
+    check_card_inputs(ensemble, x, y, eps=eps, aggregations=(aggregation,), budget=budget,
+                      min_members=1)
+    model = Aggregated(ensemble, aggregation)
     x, y = x.detach(), y.detach()
     n = x.shape[0]
     seed = budget.seed
@@ -144,6 +201,8 @@ def robustness_card(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
                                             steps=budget.mora_steps, seed=seed),
         "square": functools.partial(square, eps=eps, queries=budget.square_queries, seed=seed),
     }
+    if ensemble.num_members < 2:
+        del attacks["mora"]
     wc = worst_case_success(model, x, y, attacks=attacks, cascade=True)
     total = wc.union.total  # correct clean under the rule
     first = wc.broken_first_by()
@@ -156,44 +215,30 @@ def robustness_card(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
         "clean_acc": total / n if n else math.nan,
         "robust_acc": robust, "robust_acc_se": _se(robust, n),
         "averaged_output_robust_acc": averaged, "averaged_output_robust_acc_se": _se(averaged, n),
-        "attacks": {name: {**wc.per_attack[name].to_dict(), "broke_first": first[name],
-                           "seconds": wc.seconds[name],
-                           "setup": {**setups[name], "eps": eps, "seed": seed}}
-                    for name in CARD_ATTACKS},
+        "attacks": {name: None if name not in attacks else {
+            **wc.per_attack[name].to_dict(), "broke_first": first[name],
+            "seconds": wc.seconds[name], "setup": {**setups[name], "eps": eps, "seed": seed}}
+            for name in CARD_ATTACKS},
         "cascade": "each attack runs on the inputs correct under the rule that no earlier "
                    "attack broke; success counted over those inputs",
         "seed": seed,
     }
-    card["members"] = _members(ensemble, x, y, eps, budget)
-    started = time.perf_counter()
-    tm = transfer_matrix(ensemble, x, y, whitebox=False,
-                         attack=functools.partial(pgd, eps=eps, steps=budget.transfer_steps,
-                                                  keep="last",
-                                                  generator=torch.Generator().manual_seed(seed)))
-    card["transfer"] = {**tm.to_dict(), "mean": tm.mean_transfer,
-                        "crafted_with": {"attack": "pgd", "eps": eps, "keep": "last",
-                                         "steps": budget.transfer_steps, "seed": seed},
-                        "seconds": time.perf_counter() - started}
-    if surrogate is not None:
-        black = surrogate_transfer(
-            surrogate, model, x, y,
-            attack=functools.partial(pgd, eps=eps, steps=budget.transfer_steps, keep="last",
-                                     generator=torch.Generator().manual_seed(seed)))
-        card["surrogate"] = {**black.to_dict(), "crafted_with": {
-            "attack": "pgd", "eps": eps, "keep": "last", "steps": budget.transfer_steps,
-            "seed": seed, "on": "surrogate"}}
-    else:
-        card["surrogate"] = None
-    grads = input_gradients(ensemble, x, y)
-    zero = float((grads.flatten(2).abs().amax(-1) == 0).any(0).float().mean()) if n else 0.0
-    card.update(gradient_diversity(grads))
-    card["sanity"], card["warnings"] = _sanity(model, x, y, eps, budget, wc.per_attack, zero)
+    card["sanity"], card["warnings"] = _sanity(model, x, y, eps, budget, wc.per_attack,
+                                               list(attacks)[:-1])
     return strict_json(card)
 
 
-def _members(ensemble: Ensemble, x: Tensor, y: Tensor, eps: float,
-             budget: CardBudget) -> list[dict[str, Any]]:
-    """Each member's clean accuracy and robust accuracy under APGD-CE alone, over all n."""
+def card_members(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
+                 budget: CardBudget = CardBudget()) -> list[dict[str, Any]]:
+    """Each member's clean accuracy and robust accuracy under APGD-CE alone, over all n.
+
+    Example:
+        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
+        >>> x = torch.rand(4, 1, 8, 8); y = ens.predict(x)
+        >>> [m["member"] for m in card_members(ens, x, y, eps=0.1, budget=CardBudget(
+        ...     apgd_steps=2))]
+        [0, 1]
+    """
     out = []
     for i, member in enumerate(ensemble.members):
         with torch.no_grad():
@@ -208,12 +253,92 @@ def _members(ensemble: Ensemble, x: Tensor, y: Tensor, eps: float,
         n = x.shape[0]
         out.append({"member": i, "clean_acc": int(correct.sum()) / n if n else math.nan,
                     "robust_acc": (int(correct.sum()) - fooled) / n if n else math.nan,
-                    "attack": "apgd-ce"})
-    return out
+                    "attack": "apgd-ce", "steps": budget.apgd_steps, "eps": eps,
+                    "seed": budget.seed})
+    return strict_json(out)
+
+
+def card_transfer(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
+                  budget: CardBudget = CardBudget()) -> dict[str, Any]:
+    """The member → member transfer matrix of full-budget PGD examples (``keep="last"``,
+    ``budget.transfer_steps``), with its mean and wall time.
+
+    Example:
+        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
+        >>> x = torch.rand(4, 1, 8, 8); y = ens.predict(x)
+        >>> len(card_transfer(ens, x, y, eps=0.1, budget=CardBudget(transfer_steps=1))["fooled"])
+        2
+    """
+    started = time.perf_counter()
+    tm = transfer_matrix(ensemble, x, y, whitebox=False, attack=_transfer_attack(eps, budget))
+    return strict_json({**tm.to_dict(), "mean": tm.mean_transfer,
+                        "crafted_with": _transfer_setup(eps, budget),
+                        "seconds": time.perf_counter() - started})
+
+
+def card_surrogate(surrogate: nn.Module, ensemble: Ensemble, x: Tensor, y: Tensor, *,
+                   eps: float, aggregations: tuple[str, ...] = ("softmax",),
+                   budget: CardBudget = CardBudget()) -> dict[str, dict[str, Any]]:
+    """Black-box transfer: full-budget PGD examples crafted once on ``surrogate`` (an
+    independently trained model), success on the ensemble under each rule (over the inputs
+    it classifies correctly under that rule).
+
+    Example:
+        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
+        >>> other = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=1).eval()
+        >>> x = torch.rand(4, 1, 8, 8); y = ens.predict(x)
+        >>> sorted(card_surrogate(other, ens, x, y, eps=0.1, aggregations=("softmax", "vote"),
+        ...                       budget=CardBudget(transfer_steps=1)))
+        ['softmax', 'vote']
+    """
+    started = time.perf_counter()
+    adv = _transfer_attack(eps, budget)(surrogate, x, y)
+    seconds = time.perf_counter() - started
+    setup = {**_transfer_setup(eps, budget), "on": "surrogate"}
+    return strict_json({rule: {**surrogate_transfer(surrogate, Aggregated(ensemble, rule), x, y,
+                                                    x_adv=adv).to_dict(),
+                               "crafted_with": setup, "seconds": seconds}
+                        for rule in aggregations})
+
+
+def card_gradients(ensemble: Ensemble, x: Tensor, y: Tensor) -> dict[str, Any]:
+    """GDR, mean gradient cosine and friends (:func:`ensdiv.gdr.gradient_diversity`) of the
+    members' input gradients at the clean inputs, and ``zero_grad_fraction``: the share of
+    inputs where some member's input gradient is exactly zero (AutoAttack's masking check).
+
+    Example:
+        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
+        >>> x = torch.rand(4, 1, 8, 8)
+        >>> card_gradients(ens, x, ens.predict(x))["zero_grad_fraction"]
+        0.0
+    """
+    grads = input_gradients(ensemble, x, y)
+    n = x.shape[0]
+    zero = float((grads.flatten(2).abs().amax(-1) == 0).any(0).float().mean()) if n else 0.0
+    return strict_json({**gradient_diversity(grads), "zero_grad_fraction": zero})
+
+
+def zero_grad_warning(zero: float) -> list[str]:
+    """The card's warning about zero input gradients (none below 5% of the inputs)."""
+    if zero > 0.05:
+        return [f"{zero:.1%} of inputs have a zero input gradient for some member "
+                "(gradient masking?)"]
+    return []
+
+
+def _transfer_attack(eps: float, budget: CardBudget) -> Callable[..., Tensor]:
+    return functools.partial(pgd, eps=eps, steps=budget.transfer_steps, keep="last",
+                             generator=torch.Generator().manual_seed(budget.seed))
+
+
+def _transfer_setup(eps: float, budget: CardBudget) -> dict[str, Any]:
+    return {"attack": "pgd", "eps": eps, "keep": "last", "steps": budget.transfer_steps,
+            "seed": budget.seed}
 
 
 def _sanity(model: nn.Module, x: Tensor, y: Tensor, eps: float, budget: CardBudget,
-            per_attack: dict[str, Success], zero: float) -> tuple[dict[str, Any], list[str]]:
+            per_attack: dict[str, Success],
+            gradient_attacks: list[str]) -> tuple[dict[str, Any], list[str]]:
     """AutoAttack's habits as values and messages."""
     huge = worst_case_success(model, x, y, attacks={"pgd": functools.partial(
         pgd, eps=HUGE_EPS, steps=budget.transfer_steps,
@@ -223,19 +348,18 @@ def _sanity(model: nn.Module, x: Tensor, y: Tensor, eps: float, budget: CardBudg
         apgd, eps=eps, loss="ce", steps=half_steps, seed=budget.seed)}).union
     full = per_attack["apgd-ce"]  # the cascade's first attack ran on every correct input
     square_after = per_attack["square"].fooled
-    values = {"zero_grad_fraction": zero, "huge_eps_pgd": huge.to_dict(),
+    values = {"huge_eps_pgd": huge.to_dict(),
               "apgd_ce_half_budget": half.to_dict(), "apgd_ce_full_budget": full.to_dict(),
               "square_broke_after_gradient_attacks": square_after}
     warnings = []
-    if zero > 0.05:
-        warnings.append(f"{zero:.1%} of inputs have a zero input gradient for some member "
-                        "(gradient masking?)")
     if huge.total and huge.rate < 0.99:
         warnings.append(f"L∞ PGD at eps={HUGE_EPS:g} fooled only {huge.rate:.1%} of the correct "
                         "inputs (should be ~100%: gradient masking or a bug)")
     if square_after:
-        warnings.append(f"Square (no gradients) broke {square_after} input(s) that APGD-CE, "
-                        "APGD-DLR and MORA could not: the gradients may be masked")
+        names = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "mora": "MORA"}
+        warnings.append(f"Square (no gradients) broke {square_after} input(s) that "
+                        f"{' and '.join(names[a] for a in gradient_attacks)} could not: the "
+                        "gradients may be masked")
     stalled = convergence_warning(full, half, what=f"APGD-CE ({half_steps} → "
                                   f"{budget.apgd_steps} steps) at eps={eps:g}")
     if stalled:

@@ -26,6 +26,7 @@ from ensdiv.cli_options import (
     CERTIFY_OPTIONS,
     COMPARE_OPTIONS,
     DETECT_OPTIONS,
+    EVALUATE_OPTIONS,
     SWEEP_OPTIONS,
     TRAIN_OPTIONS,
     Formatter,
@@ -34,6 +35,7 @@ from ensdiv.cli_options import (
     add_common,
     add_config_options,
     add_data_flags,
+    add_evaluate_flags,
     add_gdr_flags,
     add_out_options,
     add_plot_flags,
@@ -41,6 +43,7 @@ from ensdiv.cli_options import (
     choices,
     given_options,
     name_list,
+    stage_sizes,
 )
 from ensdiv.data import DATASETS
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int
@@ -50,9 +53,10 @@ from ensdiv.layers import use_compiled_kernels
 from ensdiv.loop import CHECKPOINT, read_checkpoint
 from ensdiv.runs.certify import CertifyConfig, certify_run
 from ensdiv.runs.compare import CompareConfig, compare_into
-from ensdiv.runs.demo import demo_report, fmt_acc
+from ensdiv.runs.demo import demo_report
 from ensdiv.runs.describe import describe_run, gdr_line
 from ensdiv.runs.detect import DetectConfig, detect_into
+from ensdiv.runs.evaluate import EvaluateConfig, card_table, evaluate_run, read_card
 from ensdiv.runs.plots import (
     plot_certified,
     plot_detection,
@@ -72,29 +76,22 @@ from ensdiv.runs.rundir import (
     COMPARE_CONFIG,
     CONFIG,
     DETECT_CONFIG,
+    EVALUATE_CONFIG,
     RECORDS,
     SWEEP_CONFIG,
     check_plot_options,
     figure_dir,
     read_certification,
     read_detection_records,
-    read_sweep_records,
+    read_sweeps,
     resolve_config,
 )
 from ensdiv.runs.sweep import SweepConfig, run_sweep
-from ensdiv.runs.train import train_run
+from ensdiv.runs.train import epoch_line, train_run
 from ensdiv.runtime import available_cores, resolve_device, set_threads
 from ensdiv.train import (
     TrainConfig,
 )
-
-
-def _print_epoch(record: dict[str, Any]) -> None:
-    extra = "".join(f" {k}={record[k]:.4f}" for k in ("mean_cos", "gdr")
-                    if record.get(k) is not None)
-    print(f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  members "
-          f"{fmt_acc(record['member_acc'])}  ensemble {record['ensemble_acc']:.4f}{extra}  "
-          f"({record['seconds']:.1f}s)", flush=True)
 
 
 def _setup(args: argparse.Namespace) -> torch.device:
@@ -132,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ens, records = train_run(config, out_dir=args.out, resume=args.resume,
                              overwrite=args.overwrite, device=device,
                              data_root=args.data_root, progress=not args.quiet,
-                             on_epoch_end=_print_epoch)
+                             on_epoch_end=lambda r: print(epoch_line(r), flush=True))
     if records:
         print(f"done: ensemble test accuracy {records[-1]['ensemble_acc']:.4f} "
               f"after {records[-1]['epoch']} epochs; files in {args.out}")
@@ -206,22 +203,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_stages(text: str) -> tuple[int, ...]:
-    """``--stages 1000,10000,100000`` as a tuple of integers (CertifyConfig checks each ≥ 1)."""
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise EnsdivError(f"--stages must be comma-separated sample sizes like "
-                          f"1000,10000,100000; got {text!r}") from None
-
-
 def cmd_certify(args: argparse.Namespace) -> int:
     """``ensdiv certify RUN --sigma S --out DIR``: randomized-smoothing certificates, one
     record per test example, resumable."""
     args.resume_hint = f"ensdiv certify {args.run} --out {args.out} --resume"
     given = given_options(args, CERTIFY_OPTIONS)
     if "stages" in given:
-        given["stages"] = _parse_stages(given["stages"])
+        given["stages"] = stage_sizes(given["stages"])
     for flag in ("vote", "amp"):
         if getattr(args, flag):
             given[flag] = True
@@ -266,6 +254,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``ensdiv evaluate RUN --out DIR``: the robustness card of one ensemble (resumable), or
+    ``ensdiv evaluate --table DIR...``: the leaderboard of several cards."""
+    given = given_options(args, EVALUATE_OPTIONS)
+    if args.table:
+        extra = [o for o in ("run", "out", "resume", "overwrite") if getattr(args, o)]
+        if extra or given:
+            raise EnsdivError("--table only reads cards; give it the card folders alone (not "
+                              f"{', '.join(extra + list(given))})")
+        print(card_table([read_card(p) for p in args.table]))
+        return 0
+    if not args.out or not (args.run or args.resume):
+        raise EnsdivError("--out DIR is needed (the folder of the card)" if not args.out else
+                          "give the run folder to evaluate (ensdiv evaluate RUN --out DIR), "
+                          "or --resume to continue the evaluation in --out")
+    args.resume_hint = f"ensdiv evaluate --out {args.out} --resume"
+    config = resolve_config(EvaluateConfig, {**given, **({"run": args.run} if args.run else {})},
+                            args.out, resume=args.resume, config_name=EVALUATE_CONFIG,
+                            command="ensdiv evaluate RUN").validate()
+    card = evaluate_run(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                        device=_setup(args), data_root=args.data_root,
+                        progress=not args.quiet, log=lambda line: print(line, flush=True))
+    print(f"\n{card_table([card])}")
+    print("".join(f"warning: {w}\n" for w in card["warnings"])
+          + f"card in {Path(args.out) / 'card.json'} and card.md "
+          f"({card['seconds']['total'] / 60:.1f} min of evaluation)")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """``ensdiv plot gdr-vs-attack RUN`` (figures and correlations from a sweep's records) or
     ``ensdiv plot detection DIR...`` (ROC curves from detection records)."""
@@ -290,15 +307,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 print()
                 print(detection_table(recs))
         return 0
-    if len(set(args.run)) != len(args.run):
-        raise EnsdivError("plot gdr-vs-attack lists a sweep folder twice; give each once")
-    records = []  # several sweeps (e.g. a GDR and a GAL sweep) make one figure and table
-    for run in args.run:
-        got = read_sweep_records(run, required=("lam", "seed", "gdr", "attacks", "n"))
-        if not got:
-            raise EnsdivError(f"no sweep records in {run}; the sweep has not finished an "
-                              "ensemble")
-        records += got
+    records = read_sweeps(args.run)
     path = Path(args.run[0])
     folder = path if path.is_dir() else path.parent
     attack, eps = check_plot_options(records, attack=args.attack, eps=args.eps)
@@ -372,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "continue the comparison in --out")
     add_common(p)
     p.set_defaults(func=cmd_compare)
+
+    p = add("evaluate", "the robustness card of an ensemble: every attack (APGD-CE, APGD-DLR, "
+                        "member-aware MORA, Square) under each aggregation rule, members, "
+                        "transfer, GDR, certificates, sanity checks; resumable. With --table: "
+                        "a leaderboard of cards")
+    add_evaluate_flags(p, EvaluateConfig())
+    add_common(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = add("certify", "randomized-smoothing certificates (Cohen et al.) of a member or the "
                        "ensemble, one record per test example; resumable")

@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from ensdiv.adaptive import AGREEMENT_TARGETS
+from ensdiv.aggregation import AGGREGATIONS
 from ensdiv.data import DATASETS
 from ensdiv.detect import SCORE_NAMES
+from ensdiv.errors import EnsdivError
 from ensdiv.evaluation import TRANSFER_ATTACKS
 from ensdiv.fetch import SOURCES
 from ensdiv.gradients import GRAD_MODES
@@ -65,6 +67,16 @@ def float_list(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}") from None
+
+
+def stage_sizes(text: str) -> tuple[int, ...]:
+    """``--stages 1000,10000,100000`` as integers (``CertifyConfig`` checks each ≥ 1); parsed
+    by the command, not argparse, so that a resumed run's saved stages are not re-parsed."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise EnsdivError(f"--stages must be comma-separated sample sizes like "
+                          f"1000,10000,100000; got {text!r}") from None
 
 
 def name_list(text: str) -> tuple[str, ...]:
@@ -156,6 +168,28 @@ COMPARE_OPTIONS: tuple[Option, ...] = (
     ("--cert-points", "cert_points", int, "N", "test images certified"),
 )
 
+EVALUATE_OPTIONS: tuple[Option, ...] = (
+    ("--eps", "eps", float, "ε", "L∞ radius of every attack"),
+    ("--n", "n", int, "N", "test images evaluated (the first N)"),
+    ("--aggregation", "aggregations", name_list, "RULE,...",
+     f"aggregation rules, comma-separated, of {choices(AGGREGATIONS)}; one evaluation each, "
+     "the first is the card's headline"),
+    ("--apgd-steps", "apgd_steps", int, None, "APGD-CE / APGD-DLR iterations"),
+    ("--mora-steps", "mora_steps", int, None, "MORA iterations per mixing weight"),
+    ("--square-queries", "square_queries", int, None, "Square's query budget"),
+    ("--transfer-steps", "transfer_steps", int, None, "PGD steps of the transfer examples"),
+    ("--seed", "seed", int, "SEED", "seed of every random start and of the noise"),
+    ("--surrogate", "surrogate", str, "RUN|plain", "independent model the transfer examples "
+     "are crafted on: a run folder of the same data set, or 'plain' (a plain ensemble like "
+     "RUN, trained once and cached in $ENSDIV_CACHE or ~/.cache/ensdiv) (default: none)"),
+    ("--sigma", "sigma", float, "σ", "also certify the ensemble by randomized smoothing at "
+     "this noise std (default: no certificates)"),
+    ("--radii", "radii", float_list, "R1,R2,...", "radii of the certified accuracy"),
+    ("--cert-n", "cert_n", int, "N", "noise samples bounding each certificate"),
+    ("--cert-points", "cert_points", int, "N", "test images certified"),
+    ("--name", "name", str, "NAME", "the card's name (default: the run folder's)"),
+)
+
 CERTIFY_OPTIONS: tuple[Option, ...] = (
     ("--sigma", "sigma", float, "σ", "noise std in pixel units (needed unless resuming; "
      "default: none)"),
@@ -166,8 +200,8 @@ CERTIFY_OPTIONS: tuple[Option, ...] = (
     ("--max", "max", int, None, "at most this many examples (default: all)"),
     ("--radius", "radius", float, None, "only ask whether each example is certified at this "
      "radius, with staged sampling (default: certify the largest radius)"),
-    ("--stages", "stages", str, None, "with --radius: noise samples of each stage, fresh per "
-     "stage"),
+    ("--stages", "stages", str, None, "with --radius: noise samples of each stage, "
+     "fresh per stage"),
     ("--member", "member", int, None, "certify this member alone (default: the whole "
      "ensemble)"),
     ("--seed", "seed", int, None, "seed of the noise"),
@@ -208,14 +242,27 @@ def add_training_speed(p: argparse.ArgumentParser) -> None:
                         "training; compiles once per activation shape, tens of seconds on CPU)")
 
 
-def add_out_options(p: argparse.ArgumentParser, holds: str, resume_help: str) -> None:
-    """``--out`` (required), ``--resume`` and ``--overwrite``: the result-folder rules every
+def add_out_options(p: argparse.ArgumentParser, holds: str, resume_help: str, *,
+                    required: bool = True) -> None:
+    """``--out``, ``--resume`` and ``--overwrite``: the result-folder rules every
     resumable command shares (:func:`ensdiv.runs.rundir.prepare_run_dir`)."""
-    p.add_argument("--out", required=True, metavar="DIR" if "run" not in holds else "RUN",
-                   help=holds)
+    p.add_argument("--out", required=required, metavar="DIR" if "run" not in holds else "RUN",
+                   help=holds if required else f"{holds} (no default: needed unless --table)")
     p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--overwrite", action="store_true",
                    help="delete what --out holds and start again")
+
+
+def add_evaluate_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
+    """The options of ``ensdiv evaluate`` (``defaults``: an ``EvaluateConfig``)."""
+    p.add_argument("run", nargs="?", default=None, metavar="RUN",
+                   help="run folder made by ensdiv train (not needed with --resume)")
+    add_config_options(p, EVALUATE_OPTIONS, defaults)
+    p.add_argument("--table", nargs="+", default=None, metavar="DIR",
+                   help="print one leaderboard row per card and rule from these card folders "
+                        "(or card.json files) and stop (default: evaluate RUN)")
+    add_out_options(p, "card folder (evaluate.json, parts/, card.json, card.md)",
+                    "continue the evaluation in --out with its saved settings", required=False)
 
 
 def add_certify_flags(p: argparse.ArgumentParser) -> None:

@@ -72,6 +72,12 @@ CERTIFY_CONFIG = "certify.json"
 """A certification run's settings, ensemble, data set and weights' fingerprint."""
 COMPARE_CONFIG = "compare.json"
 """A comparison's settings."""
+EVALUATE_CONFIG = "evaluate.json"
+"""An evaluation's settings, data set and weights' fingerprint (``ensdiv evaluate``)."""
+CARD = "card.json"
+"""A robustness card (``ensdiv evaluate``)."""
+CARD_MARKDOWN = "card.md"
+"""The same card for people."""
 RECORDS = "records.jsonl"
 """The records of a sweep, detection, certification or comparison: one JSON object a line."""
 LOCK = ".ensdiv.lock"
@@ -408,13 +414,29 @@ def read_sweep_records(path: str | os.PathLike, *, missing_ok: bool = False,
     """A sweep's records (``records.jsonl`` of a sweep folder, or the file itself), each
     holding the ``required`` keys; a missing file is an error unless ``missing_ok``."""
     path = Path(path)
-    path = path / RECORDS if path.is_dir() else path
+    path = path / RECORDS if path.is_dir() or path.suffix != ".jsonl" else path
     if not missing_ok and not path.exists():
         raise EnsdivError(f"no sweep records at {path}; run `ensdiv sweep --out "
                           f"{path.parent}` first")
     return read_jsonl(path, what="sweep records file", required=required,
                       fix="restore it, or delete its damaged lines and resume (those "
                           "ensembles are then evaluated again)")
+
+
+def read_sweeps(paths: Sequence[str | os.PathLike], *,
+                required: Sequence[str] = ("lam", "seed", "gdr", "attacks", "n")) -> list[dict]:
+    """The records of several sweeps (e.g. a GDR and a GAL sweep that make one figure and
+    table) in order; a sweep given twice or one with no finished ensemble is an error."""
+    if len(set(map(str, paths))) != len(paths):
+        raise EnsdivError("a sweep folder is listed twice; give each once")
+    records = []
+    for path in paths:
+        got = read_sweep_records(path, required=required)
+        if not got:
+            raise EnsdivError(f"no sweep records in {path}; the sweep has not finished an "
+                              "ensemble")
+        records += got
+    return records
 
 
 def read_detection_records(folder: str | os.PathLike) -> list[dict[str, Any]]:

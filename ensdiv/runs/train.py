@@ -76,3 +76,19 @@ def load_teacher(run: str | os.PathLike, *, device: torch.device | str = "cpu",
         warnings.warn(f"the students train with noise sigma {noise_sigma:g} but the teacher "
                       f"{run} was trained with {trained:g}", EnsdivWarning, stacklevel=2)
     return teacher
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """One epoch's record as ``ensdiv train`` prints it (loss, member and ensemble accuracy,
+    the diversity metrics when recorded, wall time).
+
+    Example:
+        >>> epoch_line({"epoch": 1, "loss": 0.5, "member_acc": [0.9, 0.8],
+        ...             "ensemble_acc": 0.91, "gdr": 0.2, "seconds": 1.0})
+        'epoch   1  loss 0.5000  members 0.900 0.800  ensemble 0.9100 gdr=0.2000  (1.0s)'
+    """
+    extra = "".join(f" {k}={record[k]:.4f}" for k in ("mean_cos", "gdr")
+                    if record.get(k) is not None)
+    members = " ".join(f"{a:.3f}" for a in record["member_acc"])
+    return (f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  members {members}  "
+            f"ensemble {record['ensemble_acc']:.4f}{extra}  ({record['seconds']:.1f}s)")

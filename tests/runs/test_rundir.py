@@ -130,3 +130,9 @@ def test_load_run_checks_the_data_fits(tmp_path):
         load_run(tmp_path, dataset="mnist5k")
     with pytest.raises(EnsdivError, match="unknown dataset 'imagenet'"):
         load_run(tmp_path, dataset="imagenet")
+
+
+def test_missing_sweep_records_name_the_folder_given(tmp_path):
+    from ensdiv.runs.rundir import read_sweep_records
+    with pytest.raises(EnsdivError, match=f"--out {tmp_path / 'none'}` first"):
+        read_sweep_records(tmp_path / "none")
