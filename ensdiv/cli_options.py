@@ -158,8 +158,10 @@ DETECT_OPTIONS: tuple[Option, ...] = (
 
 COMPARE_OPTIONS: tuple[Option, ...] = (
     ("--eps", "eps", float, "ε", "L∞ radius of every attack"),
-    ("--steps", "steps", int, None, "PGD steps (white-box and transfer)"),
+    ("--steps", "steps", int, None, "PGD steps of the transfer examples"),
     ("--apgd-steps", "apgd_steps", int, None, "APGD-CE / APGD-DLR iterations"),
+    ("--mora-steps", "mora_steps", int, None, "MORA iterations per mixing weight"),
+    ("--square-queries", "square_queries", int, None, "Square's query budget"),
     ("--n-eval", "n_eval", int, "N", "test images attacked (the first N)"),
     ("--seed", "eval_seed", int, "SEED", "seed of the attacks and the noise"),
     ("--sigma", "sigma", float, "σ", "smoothing noise std"),

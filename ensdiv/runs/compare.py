@@ -8,11 +8,13 @@ the same seeds:
 - **cost**: the training wall time summed from the run's ``metrics.jsonl`` (``train_seconds``)
   and, for a student, its teacher's, reported separately (a teacher is trained once);
 - **clean accuracy** of the ensemble and each member;
-- **white-box robust accuracy** on the ensemble: the share of *all* images still classified
-  correctly after the worst case over L∞ PGD, APGD-CE and APGD-DLR
-  (:func:`ensdiv.evaluation.whitebox_entry`, with its half-budget convergence check);
+- **white-box robust accuracy** on the ensemble (averaged softmax): the share of *all* images
+  still classified correctly after the robustness card's cascade — APGD-CE, APGD-DLR, the
+  member-aware MORA (M ≥ 2) and Square — with the card's sanity checks
+  (:func:`ensdiv.card.card_whitebox`, the code ``ensdiv evaluate`` runs; records made before
+  it hold the worst case over PGD, APGD-CE and APGD-DLR, with their setups);
 - **transfer** between members: full-budget PGD examples crafted on member i, success on
-  member j (:func:`ensdiv.transferability.transfer_matrix`), and the **GDR** (M ≥ 2);
+  member j (:func:`ensdiv.card.card_transfer`), and the **GDR** (M ≥ 2);
 - **certified accuracy** of the Gaussian-smoothed ensemble at ``radii`` and its ACR (Cohen's
   CERTIFY on the first ``cert_points`` images, per-image noise seeds shared by all runs).
 
@@ -35,8 +37,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ensdiv.card import CardBudget, card_transfer, card_whitebox
 from ensdiv.errors import EnsdivError, check_int, check_real
-from ensdiv.evaluation import AttackSpec, whitebox_entry, whitebox_suite
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import (
@@ -59,22 +61,25 @@ from ensdiv.runs.rundir import (
     train_cost,
 )
 from ensdiv.smoothing import average_certified_radius, certified_accuracy
-from ensdiv.transferability import transfer_matrix
 
 
 @dataclasses.dataclass(frozen=True)
 class CompareConfig(JsonConfig):
     """The evaluation every compared run gets (saved as ``compare.json``).
 
-    ``eps``/``steps``/``apgd_steps``/``eval_seed``: the L∞ attacks (PGD with ``steps`` and a
-    random start seeded by ``eval_seed``; APGD-CE and APGD-DLR with ``apgd_steps``) on the first
-    ``n_eval`` test images. ``sigma``/``radii``/``cert_n0``/``cert_n``/``alpha``: Cohen's
-    CERTIFY on the first ``cert_points`` images.
+    ``eps``/``steps``/``apgd_steps``/``mora_steps``/``square_queries``/``eval_seed``: the L∞
+    attacks on the first ``n_eval`` test images — the card's cascade (APGD-CE and APGD-DLR with
+    ``apgd_steps``, MORA with ``mora_steps`` per mixing weight, Square with ``square_queries``)
+    and the transfer PGD with ``steps``, every random start seeded by ``eval_seed``.
+    ``sigma``/``radii``/``cert_n0``/``cert_n``/``alpha``: Cohen's CERTIFY on the first
+    ``cert_points`` images.
     """
 
     eps: float = 0.1
     steps: int = 20
-    apgd_steps: int = 50
+    apgd_steps: int = CardBudget.apgd_steps
+    mora_steps: int = CardBudget.mora_steps
+    square_queries: int = CardBudget.square_queries
     n_eval: int = 500
     eval_seed: int = 0
     sigma: float = 0.5
@@ -91,7 +96,8 @@ class CompareConfig(JsonConfig):
         check_real("eps", self.eps, minimum=0, strict=True)
         if self.eps > 1:
             raise EnsdivError(f"eps must be at most 1 (pixels are in [0, 1]); got {self.eps:g}")
-        for name in ("steps", "apgd_steps", "n_eval", "cert_n0", "cert_n", "cert_points"):
+        for name in ("steps", "apgd_steps", "mora_steps", "square_queries", "n_eval", "cert_n0",
+                     "cert_n", "cert_points"):
             check_int(name.replace("_", " "), getattr(self, name))
         check_int("eval seed", self.eval_seed, minimum=0)
         check_real("sigma", self.sigma, minimum=0, strict=True)
@@ -104,9 +110,11 @@ class CompareConfig(JsonConfig):
             raise EnsdivError(f"alpha must be in (0, 1); got {self.alpha!r}")
         return dataclasses.replace(self, radii=tuple(float(r) for r in self.radii))
 
-    def attacks(self) -> list[AttackSpec]:
-        """The white-box suite: PGD, APGD-CE, APGD-DLR, each keeping the first success."""
-        return whitebox_suite("pgd", self.eps, self)
+    def budget(self) -> CardBudget:
+        """The robustness card's budget these settings give."""
+        return CardBudget(apgd_steps=self.apgd_steps, mora_steps=self.mora_steps,
+                          square_queries=self.square_queries, transfer_steps=self.steps,
+                          seed=self.eval_seed)
 
 
 def _binomial_se(p: float, n: int) -> float:
@@ -134,18 +142,18 @@ def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, 
     teacher = train_cfg.get("teacher")
     if teacher:
         rec["teacher"] = {"run": teacher, **train_cost(teacher)}
+    budget = config.budget()
     say(f"{label}: transfer matrix")
-    pgd_last = AttackSpec("pgd", config.eps, config.steps, "last", config.eval_seed)
-    tm = transfer_matrix(ens, x, y, attack=pgd_last.craft, whitebox=False)
-    rec.update(n_eval=n, clean_acc=tm.ensemble_acc, member_acc=list(tm.member_acc))
+    transfer = card_transfer(ens, x, y, eps=config.eps, budget=budget)
+    rec.update(n_eval=n, clean_acc=transfer["ensemble_acc"], member_acc=transfer["member_acc"])
     if ens.num_members >= 2:
-        rec["transfer"] = {**tm.to_dict(), "crafted_with": pgd_last.to_dict()}
-        rec["transfer_mean"] = tm.mean_transfer
+        rec["transfer"] = transfer
+        rec["transfer_mean"] = transfer["mean"]
         rec.update(gradient_diversity(input_gradients(ens, x, y)))
-    say(f"{label}: white-box PGD / APGD-CE / APGD-DLR at eps {config.eps:g}")
-    white = whitebox_entry(ens, x, y, config.attacks())
-    robust = (white["total"] - white["fooled"]) / n
-    rec.update(whitebox=white, robust_acc=robust, robust_acc_se=_binomial_se(robust, n))
+    say(f"{label}: white-box cascade (APGD-CE, APGD-DLR, MORA, Square) at eps {config.eps:g}")
+    white = card_whitebox(ens, x, y, eps=config.eps, budget=budget)
+    rec.update(whitebox=white, robust_acc=white["robust_acc"],
+               robust_acc_se=white["robust_acc_se"])
     say(f"{label}: certifying {config.cert_points} images at sigma {config.sigma:g}")
     certs = certify_dataset(ens, test, sigma=config.sigma, n0=config.cert_n0, n=config.cert_n,
                             alpha=config.alpha, batch_size=100, max=config.cert_points,

@@ -391,8 +391,9 @@ def _num3(value: Any) -> str:
 def compare_table(records: Sequence[Record]) -> str:
     """One row per compared run (records of ``ensdiv compare``): training minutes (a
     student's teacher apart: by its row's label when the teacher is compared too, so its time
-    is listed once, else its minutes), clean and white-box robust accuracy of the ensemble (worst
-    of PGD / APGD-CE / APGD-DLR; ± binomial standard error), pooled member → member transfer
+    is listed once, else its minutes), clean and white-box robust accuracy of the ensemble (the
+    card's cascade, or in older records the worst of PGD / APGD-CE / APGD-DLR; ± binomial
+    standard error), pooled member → member transfer
     of full-budget PGD, GDR, certified accuracy at each radius (±) and the ACR.
 
     Example:
@@ -409,7 +410,8 @@ def compare_table(records: Sequence[Record]) -> str:
         return "(no records)"
     radii = records[0]["certified"]["radii"]
     sigma = records[0]["certified"]["sigma"]
-    eps = records[0]["whitebox"]["attacks"]["pgd"]["setup"]["eps"]
+    white = records[0]["whitebox"]  # a card's cascade, or (older records) PGD/APGD's worst case
+    eps = white["eps"] if "eps" in white else white["attacks"]["pgd"]["setup"]["eps"]
     labels = {os.path.normpath(r["run"]): r["label"] for r in records}
     lines = [f"| run | M | train min | teacher | clean acc | robust acc (ε = {eps:g}) | "
              "member → member transfer | GDR | "

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from ensdiv.card import CARD_ATTACKS
 from ensdiv.cli import main
 from ensdiv.errors import EnsdivError
 from ensdiv.runs.compare import CompareConfig
@@ -25,7 +26,8 @@ def runs(tmp_path_factory, one_thread):
 
 def test_compare_records_every_number_and_resumes(runs, tmp_path, capsys):
     args = ["compare", str(runs / "plain"), str(runs / "crt"), str(runs / "teacher"),
-            "--n-eval", "40", "--steps", "4", "--apgd-steps", "4", "--cert-n", "60",
+            "--n-eval", "40", "--steps", "4", "--apgd-steps", "4", "--mora-steps", "2",
+            "--square-queries", "20", "--cert-n", "60",
             "--cert-points", "5", "--radii", "0.1,0.2", "--sigma", "0.25", "--quiet",
             "--out", str(tmp_path / "c")]
     assert main(args) == 0
@@ -38,10 +40,13 @@ def test_compare_records_every_number_and_resumes(runs, tmp_path, capsys):
     assert crt["teacher"]["train_seconds"] == train_cost(runs / "teacher")["train_seconds"] > 0
     assert "teacher" not in plain and plain["epochs"] == 2
     for r in recs:
-        wb = r["whitebox"]
-        assert r["robust_acc"] == pytest.approx((wb["total"] - wb["fooled"]) / 40)
-        assert r["robust_acc"] <= r["clean_acc"] and wb["total"] == round(r["clean_acc"] * 40)
-        assert set(wb["attacks"]) == {"pgd", "apgd-ce", "apgd-dlr"}
+        wb = r["whitebox"]  # the robustness card's cascade, the code ensdiv evaluate runs
+        assert r["robust_acc"] == wb["robust_acc"] and wb["n"] == 40 and wb["eps"] == 0.1
+        assert r["robust_acc"] <= r["clean_acc"] == wb["clean_acc"]
+        assert set(wb["attacks"]) == set(CARD_ATTACKS)
+        broken = sum(a["broke_first"] for a in wb["attacks"].values() if a)
+        assert r["robust_acc"] == pytest.approx(r["clean_acc"] - broken / 40)
+        assert (wb["attacks"]["mora"] is None) == (r["members"] == 1)  # MORA needs members
         assert r["certified"]["points"] == 5 and len(r["certified"]["accuracy"]) == 2
     assert 0 <= plain["transfer_mean"] <= 1 and "gdr" in plain
     assert "transfer_mean" not in teacher  # one model: no members to transfer between
