@@ -56,7 +56,7 @@ from ensdiv.runs.compare import CompareConfig, compare_into
 from ensdiv.runs.demo import demo_report
 from ensdiv.runs.describe import describe_run, gdr_line
 from ensdiv.runs.detect import DetectConfig, detect_into
-from ensdiv.runs.evaluate import EvaluateConfig, card_table, evaluate_run, read_card
+from ensdiv.runs.evaluate import EvaluateConfig, cards_report, evaluate_run, read_card
 from ensdiv.runs.plots import (
     plot_certified,
     plot_detection,
@@ -263,7 +263,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if extra or given:
             raise EnsdivError("--table only reads cards; give it the card folders alone (not "
                               f"{', '.join(extra + list(given))})")
-        print(card_table([read_card(p) for p in args.table]))
+        print(cards_report([read_card(p) for p in args.table]))
         return 0
     if not args.out or not (args.run or args.resume):
         raise EnsdivError("--out DIR is needed (the folder of the card)" if not args.out else
@@ -276,7 +276,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     card = evaluate_run(config, args.out, resume=args.resume, overwrite=args.overwrite,
                         device=_setup(args), data_root=args.data_root,
                         progress=not args.quiet, log=lambda line: print(line, flush=True))
-    print(f"\n{card_table([card])}")
+    print(f"\n{cards_report([card])}")
     print("".join(f"warning: {w}\n" for w in card["warnings"])
           + f"card in {Path(args.out) / 'card.json'} and card.md "
           f"({card['seconds']['total'] / 60:.1f} min of evaluation)")

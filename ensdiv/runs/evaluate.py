@@ -435,6 +435,59 @@ def card_table(cards: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def card_contrasts(cards: Sequence[dict[str, Any]]) -> str:
+    """The two questions of the cards, answered in points of robust accuracy (100 × fraction):
+
+    - **what the member-aware evaluation adds**: per card and rule, the averaged-output robust
+      accuracy (APGD-CE + APGD-DLR) minus the card's (with MORA and Square) — the share of
+      inputs only MORA or Square broke, ± its binomial standard error over n;
+    - **vote against averaged softmax** (and mean logits), each attacked properly: the card's
+      robust accuracy under ``vote`` minus under ``softmax`` (and ``logits`` minus
+      ``softmax``), ± the standard error of a difference of two independent proportions (the
+      same inputs, so this s.e. is conservative).
+
+    Example:
+        >>> def ev(rule, rob, avg):
+        ...     return {"aggregation": rule, "robust_acc": rob, "averaged_output_robust_acc": avg}
+        >>> card = {"name": "g", "dataset": "mnist5k", "eps": 0.1, "n": 100, "evaluations": [
+        ...     ev("softmax", 0.2, 0.3), ev("vote", 0.1, 0.1)]}
+        >>> print(card_contrasts([card]).splitlines()[2])
+        | g | mnist5k | 0.1 | 10.0 ± 3.0 | — | 0.0 ± 0.0 | -10.0 ± 5.0 | — |
+    """
+    rules = ("softmax", "logits", "vote")
+    lines = ["| ensemble | data set | ε | "
+             + " | ".join(f"{r}: averaged-output − card" for r in rules)
+             + " | vote − softmax (card) | logits − softmax (card) |",
+             "|---" * (3 + len(rules) + 2) + "|"]
+    for c in cards:
+        n = c["n"]
+        by = {e["aggregation"]: e for e in c["evaluations"]}
+        cells = [c["name"], c["dataset"], f"{c['eps']:g}"]
+        for r in rules:
+            e = by.get(r)
+            if e is None:
+                cells.append("—")
+                continue
+            d = e["averaged_output_robust_acc"] - e["robust_acc"]
+            cells.append(f"{100 * d:.1f} ± {100 * _se(d, n):.1f}")
+        for r in ("vote", "logits"):
+            if r not in by or "softmax" not in by:
+                cells.append("—")
+                continue
+            a, b = by[r]["robust_acc"], by["softmax"]["robust_acc"]
+            se = math.sqrt(_se(a, n) ** 2 + _se(b, n) ** 2)
+            cells.append(f"{100 * (a - b):.1f} ± {100 * se:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cards_report(cards: Sequence[dict[str, Any]]) -> str:
+    """What ``ensdiv evaluate --table`` prints: :func:`card_table` and
+    :func:`card_contrasts`."""
+    return (card_table(cards) + "\n\nIn points of robust accuracy (± s.e.):\n\n"
+            + card_contrasts(cards))
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """The card for people (``card.md``): every number of ``card.json`` with its setup.
 

@@ -74,7 +74,7 @@ def test_card_fields_are_present_typed_and_rendered(runs, tmp_path, capsys):
     assert "Certified (Cohen et al., σ = 0.25" in md
     # the leaderboard reads cards back, one row per rule
     assert main(["evaluate", "--table", str(out), str(out / "card.json")]) == 0
-    table = capsys.readouterr().out.strip().splitlines()
+    table = capsys.readouterr().out.strip().split("\n\n")[0].splitlines()
     assert len(table) == 2 + 4 and table[2].startswith("| tiny | digits | 0.1 | softmax | ")
 
 
