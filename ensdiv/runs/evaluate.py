@@ -352,7 +352,8 @@ def _assemble(config: EvaluateConfig, settings: dict[str, Any], ens: Ensemble, n
         "keep_rule": "per-input worst case over the cascade; success counted only on inputs "
                      "correct under the rule",
         "evaluations": evaluations,
-        "members": members,
+        "members": [{**m, "clean_acc_se": _se(m["clean_acc"], n),
+                     "robust_acc_se": _se(m["robust_acc"], n)} for m in members],
         "transfer": transfer,
         "surrogate": surrogate_info,
         **{k: v for k, v in grads.items() if k != "zero_grad_fraction"},
@@ -433,6 +434,28 @@ def card_table(cards: Sequence[dict[str, Any]]) -> str:
                 after, _pct(c["transfer"]["mean"]), _pct(sur["rate"]) if sur else "—",
                 _pct(c.get("gdr")), str(len(e["warnings"]))]) + " |")
     return "\n".join(lines)
+
+
+def card_time(card: dict[str, Any]) -> str:
+    """One sentence: how long the card took, stage by stage (the README states it).
+
+    Example:
+        >>> card = {"name": "g", "dataset": "mnist5k", "eps": 0.1, "n": 500,
+        ...         "architecture": "3 × cnn", "seconds": {"members": 60, "whitebox-softmax": 240,
+        ...         "total": 300}, "evaluations": [{"aggregation": "softmax", "attacks": {
+        ...         "apgd-ce": {"seconds": 50}, "square": {"seconds": 150}}}]}
+        >>> card_time(card)  # doctest: +NORMALIZE_WHITESPACE
+        'g (mnist5k, 3 × cnn, n = 500, L∞ ε = 0.1, rule softmax): 5.0 min in all — members 60 s,
+         whitebox-softmax 240 s (apgd-ce 50 s, square 150 s)'
+    """
+    rule = card["evaluations"][0]["aggregation"]
+    attacks = card["evaluations"][0]["attacks"]
+    inner = ", ".join(f"{a} {v['seconds']:.0f} s" for a, v in attacks.items() if v)
+    stages = ", ".join(f"{k} {v:.0f} s" + (f" ({inner})" if k == f"whitebox-{rule}" else "")
+                      for k, v in card["seconds"].items() if k != "total")
+    return (f"{card['name']} ({card['dataset']}, {card['architecture']}, n = {card['n']}, "
+            f"L∞ ε = {card['eps']:g}, rule {rule}): {card['seconds']['total'] / 60:.1f} min in "
+            f"all — {stages}")
 
 
 def card_contrasts(cards: Sequence[dict[str, Any]]) -> str:
@@ -525,8 +548,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         cells.append(_rate(e.get("surrogate")))
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "| member | clean acc | robust acc (APGD-CE) |", "|---|---|---|"]
-    out += [f"| {m['member']} | {_pct(m['clean_acc'])} | {_pct(m['robust_acc'])} |"
-            for m in card["members"]]
+    out += [f"| {m['member']} | {_pct(m['clean_acc'], m.get('clean_acc_se'))} | "
+            f"{_pct(m['robust_acc'], m.get('robust_acc_se'))} |" for m in card["members"]]
     t = card["transfer"]
     m = len(t["fooled"])
     out += ["", f"Member → member transfer (row crafts, column is fooled; PGD "
