@@ -95,9 +95,11 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     ("--weight-decay", "weight_decay", float, None, "Adam weight decay"),
     ("--seed", "seed", int, None, "seed of the members' initialization and the shuffling"),
     ("--diversity", "diversity", str, choices(DIVERSITY_CHOICES),
-     "gradient-diversity regularizer"),
+     "diversity regularizer (adp: Pang et al.'s, on predictions)"),
     ("--lam", "lam", float, "λ", f"regularizer weight λ (default: {DEFAULT_LAM:g} with a "
      "diversity term; 0 and not settable without one)"),
+    ("--adp-alpha", "adp_alpha", float, "α", "with --diversity adp: weight of the ensemble "
+     "entropy (λ is ADP's β) (default: 2, the authors')"),
     ("--noise-sigma", "noise_sigma", float, "σ",
      "std of Gaussian pixel noise added to training batches"),
     ("--objective", "objective", str, choices(OBJECTIVES),
@@ -121,7 +123,7 @@ SWEEP_OPTIONS: tuple[Option, ...] = (
     ("--arch", "arch", str, choices(ARCHS), "member architecture"),
     ("--members", "members", int, "M", "ensemble size M"),
     ("--diversity", "diversity", str, choices(DIVERSITY_CHOICES[1:]),
-     "gradient-diversity regularizer (λ = 0 trains plain)"),
+     "diversity regularizer (λ = 0 trains plain; adp: λ is its β)"),
     ("--lams", "lams", float_list, "L1,L2,...", "comma-separated λ values, each once"),
     ("--seeds", "seeds", int, "N", "ensembles per λ (seeds 0..N-1)"),
     ("--epochs", "epochs", int, None, "training epochs of each ensemble"),

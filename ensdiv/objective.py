@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value
 
+from ensdiv.adp import ADP_ALPHA, adp_loss
 from ensdiv.attacks import pgd
 from ensdiv.diversity import DIVERSITY_LOSSES, cosine_loss
 from ensdiv.ensemble import Ensemble
@@ -44,20 +45,24 @@ from ensdiv.robust_transfer import (
     rrm_loss,
 )
 
-Diversity = Literal["none", "cos", "gal", "gdr", "drt"]
+Diversity = Literal["none", "cos", "gal", "gdr", "drt", "adp"]
 DIVERSITIES: tuple[str, ...] = get_args(Diversity)
 
 
 def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = "gal",
-                  lam: float = 0.5, ce_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+                  lam: float = 0.5, ce_weight: float = 1.0,
+                  adp_alpha: float = ADP_ALPHA) -> tuple[Tensor, dict[str, Tensor]]:
     """The gradient-diversity training objective and its detached parts.
 
     Args:
         ensemble: M ≥ 2 members for any diversity term (M = 1 is an error, not a no-op).
         x: inputs [B, C, H, W] in [0, 1]; y: labels [B].
         diversity: one of ``DIVERSITIES``; ``"none"`` is plain summed cross-entropy.
-        lam: weight λ ≥ 0 of the regularizer (GAL's authors used 0.5).
+        lam: weight λ ≥ 0 of the regularizer (GAL's authors used 0.5); for ``"adp"`` (Pang et
+            al. 2019, :func:`ensdiv.adp.adp_loss`, no input gradients) λ is β, the weight of
+            the log ensemble diversity (the authors' 0.5).
         ce_weight: weight of the summed cross-entropy (a transfer loss may lower it).
+        adp_alpha: ADP's weight α of the ensemble entropy (the authors' 2).
 
     Returns:
         ``(loss, stats)``: a scalar to backpropagate, and detached 0-dim tensors ``ce_i``
@@ -83,6 +88,8 @@ def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = 
                           f"got {ensemble.num_members}")
     if diversity == "drt":
         return drt_loss(ensemble, x, y, lam=lam, ce_weight=ce_weight)
+    if diversity == "adp":
+        return adp_loss(ensemble, x, y, alpha=adp_alpha, beta=lam, ce_weight=ce_weight)
     grads, ce_sums = members_grad_and_value(ensemble, x, y, mode="loss", create_graph=True)
     ce = ce_sums / x.shape[0]
     reg = DIVERSITY_LOSSES[diversity](grads)

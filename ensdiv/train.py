@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ensdiv.adp import ADP_ALPHA, check_adp
 from ensdiv.data import DATASETS, DatasetInfo
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int, check_real
@@ -112,6 +113,7 @@ class TrainConfig(JsonConfig):
     transfer: str = "none"
     transfer_weight: float | None = None
     amp: bool = False
+    adp_alpha: float | None = None
 
     KIND: ClassVar[str] = "run"
 
@@ -138,7 +140,7 @@ class TrainConfig(JsonConfig):
         if self.diversity == "none":
             if self.lam is not None and check_real("lam", self.lam) != 0:
                 raise EnsdivError(f"lam {self.lam:g} has no effect without a diversity term; "
-                                  "choose --diversity cos, gal or gdr (or drop --lam)")
+                                  "choose a --diversity term (or drop --lam)")
             lam = 0.0
         else:
             lam = DEFAULT_LAM if self.lam is None else check_real("lam", self.lam, minimum=0)
@@ -147,9 +149,23 @@ class TrainConfig(JsonConfig):
                                   f"got {self.members}")
         eps, steps = self._validate_adversarial(sigma)
         weight = self._validate_transfer(sigma)
-        return dataclasses.replace(self, lam=lam, lr=float(self.lr),
+        adp_alpha = self._validate_adp()
+        return dataclasses.replace(self, lam=lam, lr=float(self.lr), adp_alpha=adp_alpha,
                                    weight_decay=float(self.weight_decay), noise_sigma=sigma,
                                    eps=eps, steps=steps, transfer_weight=weight)
+
+    def _validate_adp(self) -> float | None:
+        if self.diversity != "adp":
+            if self.adp_alpha is not None:
+                raise EnsdivError("--adp-alpha sets ADP's entropy weight; add --diversity adp "
+                                  "(or drop it)")
+            return None
+        if self.objective != "standard" or self.transfer != "none":
+            raise EnsdivError("--diversity adp trains with the standard objective only (drop "
+                              "--objective adversarial / --teacher)")
+        alpha = ADP_ALPHA if self.adp_alpha is None else self.adp_alpha
+        check_adp(alpha, 0.0)
+        return float(alpha)
 
     def _validate_adversarial(self, sigma: float) -> tuple[float | None, int | None]:
         check_choice("objective", self.objective, OBJECTIVES)
@@ -213,6 +229,9 @@ def make_loss(config: TrainConfig, ensemble: Ensemble | None = None,
                                  diversity=config.diversity, lam=config.lam)
     if config.diversity == "none":
         return ce_loss
+    if config.diversity == "adp":
+        return functools.partial(ensemble_loss, diversity="adp", lam=config.lam,
+                                 adp_alpha=config.adp_alpha)
     return functools.partial(ensemble_loss, diversity=config.diversity, lam=config.lam)
 
 

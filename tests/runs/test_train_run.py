@@ -185,3 +185,19 @@ def test_a_teacher_for_other_data_is_refused_before_the_run_folder(tmp_path):
         train_run(TrainConfig(dataset="mnist5k", teacher=str(tmp_path / "t"), transfer="rrm"),
                   out_dir=tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
+
+
+def test_adp_runs_resume_bit_for_bit(tmp_path):
+    cfg = TrainConfig(dataset="digits", arch="mlp", members=3, epochs=2, seed=2,
+                      diversity="adp", lam=0.5)
+    full, _ = train_run(cfg, out_dir=tmp_path / "a", progress=False)
+
+    def stop_after_first(rec):
+        if rec["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_run(cfg, out_dir=tmp_path / "b", progress=False, on_epoch_end=stop_after_first)
+    resumed, _ = train_run(cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    for pa, pb in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(pa, pb)
