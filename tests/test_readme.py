@@ -170,3 +170,50 @@ def test_fashion_mnist_prose_quotes_only_numbers_of_its_tables():
     assert quoted, "the write-up quotes no table value"
     for q in quoted:
         assert q in table, f"{q} is not in the generated tables"
+
+
+def _mora_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mora_vs_apgd",
+                                                  ROOT / "benchmarks" / "mora_vs_apgd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mora_vs_apgd_table_comes_from_its_record():
+    from ensdiv.io import read_json
+
+    record = read_json(RESULTS / "mora-vs-apgd" / "mnist5k-gal3-s0.json")
+    assert block("mora-vs-apgd") == _mora_script().table(record).strip()
+    assert record["n"] == 500 and {r["total"] for r in record["rows"]} == {478}
+
+
+def test_cards_table_comes_from_the_committed_cards():
+    from ensdiv.runs.evaluate import cards_report, read_card
+
+    cards = [read_card(p) for p in sorted((RESULTS / "cards").iterdir())]
+    assert len(cards) >= 8
+    assert block("cards-table") == cards_report(cards).strip()
+    for c in cards:  # every card states its setup
+        assert c["n"] == 500 and c["budget"]["apgd_steps"] == 100 and c["seed"] == 0
+        assert [e["aggregation"] for e in c["evaluations"]] == ["softmax", "logits", "vote"]
+
+
+def test_card_time_comes_from_the_timing_card():
+    from ensdiv.runs.evaluate import card_time, read_card
+
+    card = read_card(RESULTS / "card-timing")
+    assert block("card-time") == card_time(card).strip()
+    assert card["seconds"]["total"] <= 600  # the budget: 10 minutes
+
+
+def test_cards_prose_quotes_only_numbers_of_its_tables():
+    import re
+
+    page = (ROOT / "docs" / "robustness-cards.md").read_text()
+    prose = page.split("<!-- cards-table:end -->", 1)[1].split("\n## ", 1)[0]
+    table = block("cards-table")
+    for q in re.findall(r"-?\d+\.\d ± \d+\.\d|\d\.\d{3} ± \d\.\d{3}", prose):
+        assert q in table, f"{q} is not in the generated tables"

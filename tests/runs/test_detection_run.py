@@ -111,7 +111,7 @@ def test_cli_detect_resume_plot_and_errors(gal_run, tmp_path, capsys):
          "takes inputs of shape (1, 8, 8), but mnist5k has (1, 28, 28)"),
         (["plot", "detection", str(tmp_path / "none")], "no detection records at"),
         (["plot", "gdr-vs-attack", str(tmp_path / "d"), str(tmp_path / "d")],
-         "lists a sweep folder twice"),
+         "a sweep folder is listed twice"),
         (["plot", "gdr-vs-attack", str(tmp_path / "d")],
          "has no gdr, attacks, so the file is not a sweep records file"),
     ]:
