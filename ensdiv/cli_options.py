@@ -95,11 +95,27 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     ("--weight-decay", "weight_decay", float, None, "Adam weight decay"),
     ("--seed", "seed", int, None, "seed of the members' initialization and the shuffling"),
     ("--diversity", "diversity", str, choices(DIVERSITY_CHOICES),
-     "diversity regularizer (adp: Pang et al.'s, on predictions)"),
+     "diversity regularizer or baseline (adp: Pang et al. 2019; trs: Yang et al. 2021; "
+     "dverge: Yang et al. 2020)"),
     ("--lam", "lam", float, "λ", f"regularizer weight λ (default: {DEFAULT_LAM:g} with a "
      "diversity term; 0 and not settable without one)"),
     ("--adp-alpha", "adp_alpha", float, "α", "with --diversity adp: weight of the ensemble "
      "entropy (λ is ADP's β) (default: 2, the authors')"),
+    ("--trs-smooth", "trs_smooth", float, "λ_b", "with --diversity trs: weight of the "
+     "smoothness term, mean squared per-sample input-gradient norm (λ is TRS's λ_a, default "
+     "10) (default: 1.22e-3, the authors' at batch 128)"),
+    ("--trs-eps", "trs_eps", float, "ε", "with --diversity trs: L∞ radius of the smoothness "
+     "points, growing from ε/2 over the epochs; 0: clean inputs only (default: 0.2, the "
+     "authors')"),
+    ("--dverge-eps", "dverge_eps", float, "ε", "with --diversity dverge: L∞ radius of the "
+     "feature distillation (λ weighs the cross-training term, default 1) (default: 0.07)"),
+    ("--dverge-steps", "dverge_steps", int, None, "with --diversity dverge: distillation "
+     "steps, each of size ε/10 (default: 10)"),
+    ("--dverge-layer", "dverge_layer", int, "L", "with --diversity dverge: distil at this "
+     "hidden layer every epoch (mlp 1-2, cnn 1-3, resnet20 1-20) (default: a layer drawn "
+     "anew each epoch)"),
+    ("--dverge-clean", "dverge_clean", float, "W", "with --diversity dverge: weight of an "
+     "added clean-data CE (default: 0, the authors')"),
     ("--noise-sigma", "noise_sigma", float, "σ",
      "std of Gaussian pixel noise added to training batches"),
     ("--objective", "objective", str, choices(OBJECTIVES),
@@ -123,7 +139,8 @@ SWEEP_OPTIONS: tuple[Option, ...] = (
     ("--arch", "arch", str, choices(ARCHS), "member architecture"),
     ("--members", "members", int, "M", "ensemble size M"),
     ("--diversity", "diversity", str, choices(DIVERSITY_CHOICES[1:]),
-     "diversity regularizer (λ = 0 trains plain; adp: λ is its β)"),
+     "diversity regularizer or baseline at its defaults (λ = 0 trains plain; adp: λ is its β, "
+     "trs: its λ_a, dverge: the cross-training weight)"),
     ("--lams", "lams", float_list, "L1,L2,...", "comma-separated λ values, each once"),
     ("--seeds", "seeds", int, "N", "ensembles per λ (seeds 0..N-1)"),
     ("--epochs", "epochs", int, None, "training epochs of each ensemble"),
@@ -265,6 +282,9 @@ def add_evaluate_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
     p.add_argument("--table", nargs="+", default=None, metavar="DIR",
                    help="print one leaderboard row per card and rule from these card folders "
                         "(or card.json files) and stop (default: evaluate RUN)")
+    p.add_argument("--by-method", action="store_true",
+                   help="with --table: one row per training method (mean ± s.e. over its "
+                        "cards, e.g. seeds) instead of per card")
     add_out_options(p, "card folder (evaluate.json, parts/, card.json, card.md)",
                     "continue the evaluation in --out with its saved settings", required=False)
 

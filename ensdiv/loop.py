@@ -56,7 +56,9 @@ from ensdiv.io import (
 
 LossFn = Callable[[Ensemble, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 """A training objective: ``(ensemble, x [B,C,H,W], y [B]) -> (scalar loss, stats)``, stats being
-detached 0-dim tensors (or floats) on any device."""
+detached 0-dim tensors (or floats) on any device. An objective with a schedule has a method
+``set_epoch(epoch, epochs)``, which :func:`fit` calls before every epoch (1-based; also after a
+resume), like ``DistributedSampler.set_epoch``."""
 
 EpochHook = Callable[[Ensemble], dict[str, Any]]
 """Extra per-epoch metrics computed on the trained ensemble (e.g. GDR on a held-out batch)."""
@@ -292,6 +294,9 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             ensemble.save(out / ENSEMBLE)
     for epoch in range(start + 1, epochs + 1):
         gen = _epoch_generator(seed, epoch)
+        set_epoch = getattr(loss_fn, "set_epoch", None)
+        if set_epoch is not None:  # a schedule (TRS's radius, DVERGE's layer), as samplers do
+            set_epoch(epoch, epochs)
         loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=gen)
         ensemble.train()
         t0 = time.perf_counter()

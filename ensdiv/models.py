@@ -30,6 +30,8 @@ from ensdiv.layers import Conv2d, GroupNorm, MaxPool2d, ReLU
 
 Arch = Literal["mlp", "cnn", "resnet20"]
 ARCHS: tuple[str, ...] = get_args(Arch)
+LAYERS: dict[str, int] = {"mlp": 2, "cnn": 3, "resnet20": 20}
+"""Hidden layers of each architecture that :meth:`Member.layer_features` can stop at."""
 
 
 class Normalize(nn.Module):
@@ -90,6 +92,43 @@ class Member(nn.Module):
         """Logits [B, num_classes] of pixel-space ``x`` [B, C, H, W]."""
         return self.head(self.features(x))
 
+    @property
+    def num_layers(self) -> int:
+        """How many hidden layers :meth:`layer_features` can stop at (1 … num_layers)."""
+        return len(self._cuts())
+
+    def layer_features(self, x: Tensor, layer: int) -> Tensor:
+        """The representation of pixel-space ``x`` after hidden layer ``layer`` (1-based,
+        counted from the input), taken *before* that layer's ReLU as DVERGE does; the last
+        layer is the penultimate representation :meth:`features` (before its ReLU where it
+        has one). Shapes: [B, C', H', W'] for convolutional layers, [B, F] otherwise.
+
+        Layers: ``mlp`` 2 (the two hidden linear layers), ``cnn`` 3 (the two conv + GroupNorm
+        blocks and the FC layer), ``resnet20`` 20 (the stem, then two per basic block — the
+        first conv + norm, and the block's sum before its ReLU — then the pooled features; the
+        numbering of DVERGE's ResNet-20, Yang et al. 2020).
+
+        Example:
+            >>> net = build_model("cnn", in_shape=(1, 8, 8), num_classes=10)
+            >>> net.num_layers, net.layer_features(torch.rand(2, 1, 8, 8), 1).shape
+            (3, torch.Size([2, 32, 8, 8]))
+        """
+        if isinstance(layer, bool) or not isinstance(layer, int) or not \
+                1 <= layer <= self.num_layers:
+            raise EnsdivError(f"layer must be an integer from 1 to {self.num_layers} for "
+                              f"{self.arch}; got {layer!r}")
+        check_shape(x, self.in_shape, self.normalize.mean.dtype)
+        return self._cuts()[layer - 1](self.normalize(x))
+
+    def _cuts(self) -> list[Any]:
+        """One function per hidden layer: normalized input -> that layer's pre-ReLU output."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+def _prefix(body: nn.Sequential, stops: Sequence[int]) -> list[Any]:
+    """For a Sequential body, functions running ``body[:k]`` for each k in ``stops``."""
+    return [lambda z, k=k: body[:k](z) for k in stops]
+
 
 class MLP(Member):
     """Two hidden layers of width ``hidden`` with ReLU; features are the second hidden layer."""
@@ -107,6 +146,9 @@ class MLP(Member):
     def embed(self, z: Tensor) -> Tensor:
         """Hidden representation [B, hidden]."""
         return self.body(z)
+
+    def _cuts(self) -> list[Any]:
+        return _prefix(self.body, (2, 4))  # after each Linear, before its ReLU
 
 
 def _gn(channels: int) -> GroupNorm:
@@ -135,6 +177,9 @@ class CNN(Member):
         """Representation [B, feat_dim] after the FC layer."""
         return self.body(z)
 
+    def _cuts(self) -> list[Any]:
+        return _prefix(self.body, (2, 6, 11))  # after each GroupNorm and the FC layer
+
 
 class BasicBlock(nn.Module):
     """ResNet basic block (He et al. 2016) with GroupNorm and an option-B 1×1 shortcut."""
@@ -152,8 +197,15 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Residual block output."""
-        out = self.relu(self.n1(self.conv1(x)))
-        return self.relu(self.n2(self.conv2(out)) + self.short(x))
+        return self.relu(self.pre_relu(x))
+
+    def first(self, x: Tensor) -> Tensor:
+        """The first conv + norm, before its ReLU."""
+        return self.n1(self.conv1(x))
+
+    def pre_relu(self, x: Tensor) -> Tensor:
+        """The block's residual sum, before its final ReLU."""
+        return self.n2(self.conv2(self.relu(self.first(x)))) + self.short(x)
 
 
 class ResNet20(Member):
@@ -176,6 +228,23 @@ class ResNet20(Member):
     def embed(self, z: Tensor) -> Tensor:
         """Globally pooled representation [B, 4·width]."""
         return self.body(z)
+
+    def _cuts(self) -> list[Any]:
+        stem, blocks, pool = self.body[:2], list(self.body[3:12]), self.body[12:]
+        relu = self.body[2]
+
+        def run(z: Tensor, upto: int) -> Tensor:  # the input of block `upto`
+            z = relu(stem(z))
+            for block in blocks[:upto]:
+                z = block(z)
+            return z
+
+        cuts: list[Any] = [stem]
+        for i, block in enumerate(blocks):
+            cuts.append(lambda z, i=i, b=block: b.first(run(z, i)))
+            cuts.append(lambda z, i=i, b=block: b.pre_relu(run(z, i)))
+        cuts.append(lambda z: pool(run(z, len(blocks))))
+        return cuts
 
 
 _ARCH_CLASSES: dict[str, type[Member]] = {"mlp": MLP, "cnn": CNN, "resnet20": ResNet20}

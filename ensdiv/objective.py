@@ -45,7 +45,7 @@ from ensdiv.robust_transfer import (
     rrm_loss,
 )
 
-Diversity = Literal["none", "cos", "gal", "gdr", "drt", "adp"]
+Diversity = Literal["none", "cos", "gal", "gdr", "drt", "adp", "trs", "dverge"]
 DIVERSITIES: tuple[str, ...] = get_args(Diversity)
 
 
@@ -60,7 +60,10 @@ def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = 
         diversity: one of ``DIVERSITIES``; ``"none"`` is plain summed cross-entropy.
         lam: weight λ ≥ 0 of the regularizer (GAL's authors used 0.5); for ``"adp"`` (Pang et
             al. 2019, :func:`ensdiv.adp.adp_loss`, no input gradients) λ is β, the weight of
-            the log ensemble diversity (the authors' 0.5).
+            the log ensemble diversity (the authors' 0.5). ``"trs"`` and ``"dverge"`` are whole
+            objectives with their own schedules, not terms: :func:`ensdiv.trs.trs_loss` /
+            :class:`ensdiv.trs.TrsLoss`, :func:`ensdiv.dverge.dverge_loss` /
+            :class:`ensdiv.dverge.DvergeLoss`.
         ce_weight: weight of the summed cross-entropy (a transfer loss may lower it).
         adp_alpha: ADP's weight α of the ensemble entropy (the authors' 2).
 
@@ -90,6 +93,10 @@ def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = 
         return drt_loss(ensemble, x, y, lam=lam, ce_weight=ce_weight)
     if diversity == "adp":
         return adp_loss(ensemble, x, y, alpha=adp_alpha, beta=lam, ce_weight=ce_weight)
+    if diversity in ("trs", "dverge"):
+        raise EnsdivError(f"{diversity.upper()} is a whole objective with its own schedule, not "
+                          f"a term added to a loss: use ensdiv.{diversity}.{diversity}_loss (or "
+                          f"{'TrsLoss' if diversity == 'trs' else 'DvergeLoss'} for training)")
     grads, ce_sums = members_grad_and_value(ensemble, x, y, mode="loss", create_graph=True)
     ce = ce_sums / x.shape[0]
     reg = DIVERSITY_LOSSES[diversity](grads)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ensdiv.adp import ADP_ALPHA, check_adp
 from ensdiv.data import DATASETS, DatasetInfo
+from ensdiv.dverge import DVERGE_EPS, DVERGE_LAM, DVERGE_STEPS, DvergeLoss, check_dverge
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int, check_real
 from ensdiv.gdr import gradient_diversity
@@ -47,7 +48,7 @@ from ensdiv.loop import (  # noqa: F401 - the loop's public names, re-exported
     gaussian_noise,
     read_checkpoint,
 )
-from ensdiv.models import ARCHS
+from ensdiv.models import ARCHS, LAYERS
 from ensdiv.objective import (
     DIVERSITIES,
     OBJECTIVES,
@@ -58,6 +59,7 @@ from ensdiv.objective import (
 )
 from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS, Teacher
 from ensdiv.runtime import resolve_device
+from ensdiv.trs import TRS_EPS, TRS_LAM, TRS_SMOOTH, TrsLoss, check_trs
 
 DIVERSITY_CHOICES: tuple[str, ...] = DIVERSITIES
 
@@ -66,6 +68,17 @@ DEFAULT_LR = 3e-3
 
 DEFAULT_LAM = 0.5
 """Default regularizer weight λ when a diversity term is chosen (GAL's authors' value)."""
+
+METHOD_LAM: dict[str, float] = {"trs": TRS_LAM, "dverge": DVERGE_LAM}
+"""Default λ of the methods whose λ means something else: TRS's λ_a (the authors' 10),
+DVERGE's weight of the cross-training term (1: the authors' objective)."""
+
+OWN_OPTIONS: dict[str, tuple[str, ...]] = {
+    "adp": ("adp_alpha",),
+    "trs": ("trs_smooth", "trs_eps"),
+    "dverge": ("dverge_eps", "dverge_steps", "dverge_layer", "dverge_clean"),
+}
+"""Each method's own hyper-parameters (fields of :class:`TrainConfig`), None unless chosen."""
 
 DEFAULT_AT_STEPS = 7
 """PGD steps of adversarial training when ``--steps`` is not given (Madry et al.'s CIFAR-10
@@ -114,6 +127,12 @@ class TrainConfig(JsonConfig):
     transfer_weight: float | None = None
     amp: bool = False
     adp_alpha: float | None = None
+    trs_smooth: float | None = None
+    trs_eps: float | None = None
+    dverge_eps: float | None = None
+    dverge_steps: int | None = None
+    dverge_layer: int | None = None
+    dverge_clean: float | None = None
 
     KIND: ClassVar[str] = "run"
 
@@ -143,29 +162,55 @@ class TrainConfig(JsonConfig):
                                   "choose a --diversity term (or drop --lam)")
             lam = 0.0
         else:
-            lam = DEFAULT_LAM if self.lam is None else check_real("lam", self.lam, minimum=0)
+            lam = METHOD_LAM.get(self.diversity, DEFAULT_LAM) if self.lam is None else \
+                check_real("lam", self.lam, minimum=0)
             if self.members < 2:
                 raise EnsdivError(f"diversity {self.diversity!r} needs at least 2 members; "
                                   f"got {self.members}")
         eps, steps = self._validate_adversarial(sigma)
         weight = self._validate_transfer(sigma)
-        adp_alpha = self._validate_adp()
-        return dataclasses.replace(self, lam=lam, lr=float(self.lr), adp_alpha=adp_alpha,
+        own = self._validate_own(lam)
+        return dataclasses.replace(self, lam=lam, lr=float(self.lr),
                                    weight_decay=float(self.weight_decay), noise_sigma=sigma,
-                                   eps=eps, steps=steps, transfer_weight=weight)
+                                   eps=eps, steps=steps, transfer_weight=weight, **own)
 
-    def _validate_adp(self) -> float | None:
-        if self.diversity != "adp":
-            if self.adp_alpha is not None:
-                raise EnsdivError("--adp-alpha sets ADP's entropy weight; add --diversity adp "
-                                  "(or drop it)")
-            return None
+    def _validate_own(self, lam: float) -> dict[str, Any]:
+        """The chosen method's own hyper-parameters with their defaults; another method's given
+        is an error naming the method it belongs to."""
+        for method, fields in OWN_OPTIONS.items():
+            if method == self.diversity:
+                continue
+            for f in fields:
+                if getattr(self, f) is not None:
+                    flag = "--" + f.replace("_", "-")
+                    raise EnsdivError(f"{flag} is a hyper-parameter of {method.upper()}; add "
+                                      f"--diversity {method} (or drop it)")
+        if self.diversity not in OWN_OPTIONS:
+            return {}
         if self.objective != "standard" or self.transfer != "none":
-            raise EnsdivError("--diversity adp trains with the standard objective only (drop "
-                              "--objective adversarial / --teacher)")
-        alpha = ADP_ALPHA if self.adp_alpha is None else self.adp_alpha
-        check_adp(alpha, 0.0)
-        return float(alpha)
+            raise EnsdivError(f"--diversity {self.diversity} trains with the standard objective "
+                              "only (drop --objective adversarial / --teacher)")
+        if self.diversity == "adp":
+            alpha = ADP_ALPHA if self.adp_alpha is None else self.adp_alpha
+            check_adp(alpha, 0.0)
+            return {"adp_alpha": float(alpha)}
+        if self.diversity == "trs":
+            smooth = TRS_SMOOTH if self.trs_smooth is None else self.trs_smooth
+            eps = TRS_EPS if self.trs_eps is None else self.trs_eps
+            check_trs(lam=lam, smooth=smooth, eps=eps)
+            return {"trs_smooth": float(smooth), "trs_eps": float(eps)}
+        eps = DVERGE_EPS if self.dverge_eps is None else self.dverge_eps
+        steps = DVERGE_STEPS if self.dverge_steps is None else self.dverge_steps
+        clean = 0.0 if self.dverge_clean is None else self.dverge_clean
+        check_dverge(eps=eps, steps=steps, lam=lam, clean_weight=clean, layer=self.dverge_layer)
+        if self.dverge_layer is not None and self.dverge_layer > LAYERS[self.arch]:
+            raise EnsdivError(f"--dverge-layer {self.dverge_layer} does not exist in {self.arch} "
+                              f"(layers 1 to {LAYERS[self.arch]})")
+        if self.batch_size < 2:
+            raise EnsdivError("--diversity dverge pairs images within a batch: --batch-size "
+                              "must be at least 2")
+        return {"dverge_eps": float(eps), "dverge_steps": int(steps),
+                "dverge_clean": float(clean)}
 
     def _validate_adversarial(self, sigma: float) -> tuple[float | None, int | None]:
         check_choice("objective", self.objective, OBJECTIVES)
@@ -232,6 +277,16 @@ def make_loss(config: TrainConfig, ensemble: Ensemble | None = None,
     if config.diversity == "adp":
         return functools.partial(ensemble_loss, diversity="adp", lam=config.lam,
                                  adp_alpha=config.adp_alpha)
+    if config.diversity == "trs":
+        assert config.trs_smooth is not None and config.trs_eps is not None  # validate()
+        return TrsLoss(lam=config.lam, smooth=config.trs_smooth, eps=config.trs_eps)
+    if config.diversity == "dverge":
+        if ensemble is None:
+            raise EnsdivError("DVERGE's loss needs the ensemble (its layers)")
+        assert config.dverge_eps is not None and config.dverge_steps is not None
+        return DvergeLoss(ensemble, seed=config.seed, eps=config.dverge_eps,
+                          steps=config.dverge_steps, lam=config.lam,
+                          clean_weight=config.dverge_clean or 0.0, layer=config.dverge_layer)
     return functools.partial(ensemble_loss, diversity=config.diversity, lam=config.lam)
 
 

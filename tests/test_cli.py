@@ -64,9 +64,11 @@ def test_help_shows_every_default_and_every_closed_vocabulary():
             assert "default" in text, (name, action.dest, text)
     helps = {n: p.format_help() for n, p in sub.items()}
     assert "{digits,mnist5k,mnist,fashion-mnist,cifar10}" in helps["sweep"]
-    assert "{mlp,cnn,resnet20}" in helps["sweep"] and "{cos,gal,gdr,drt,adp}" in helps["sweep"]
+    assert "{mlp,cnn,resnet20}" in helps["sweep"]
+    assert "{cos,gal,gdr,drt,adp,trs,dverge}" in helps["sweep"]
     assert "fgsm, mifgsm, pgd" in helps["sweep"]
-    assert "{none,cos,gal,gdr,drt,adp}" in helps["train"] and "{loss,margin}" in helps["gdr"]
+    assert "{none,cos,gal,gdr,drt,adp,trs,dverge}" in helps["train"]
+    assert "{loss,margin}" in helps["gdr"]
     assert "(default: 0.003)" in helps["train"] and "(default: 0.003)" in helps["sweep"]
 
 
@@ -145,8 +147,11 @@ BAD_CLI = [
     (T + ["--noise-sigma", "inf"], ["noise sigma must be a finite number; got inf"]),
     (T + ["--noise-sigma", "nan"], ["noise sigma must be a finite number"]),
     (T + ["--noise-sigma", "-0.1"], ["noise sigma must be >= 0"]),
-    (T + ["--diversity", "trs"],
-     ["unknown diversity 'trs'; choose one of: adp, cos, drt, gal, gdr, none"]),
+    (T + ["--diversity", "dverg"],
+     ["unknown diversity 'dverg'; choose one of: adp, cos, drt, dverge, gal, gdr, none, trs"]),
+    (T + ["--trs-eps", "0.1"], ["--trs-eps is a hyper-parameter of TRS; add --diversity trs"]),
+    (T + ["--diversity", "dverge", "--dverge-layer", "4"],
+     ["--dverge-layer 4 does not exist in mlp (layers 1 to 2)"]),
     (["train", "--members", "1", "--diversity", "gal"], ["needs at least 2 members"]),
     (T + ["--seed", "-1"], ["seed must be >= 0"]),
     (T + ["--device", "tpu"], ["unknown device 'tpu'"]),

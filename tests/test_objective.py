@@ -70,8 +70,11 @@ def test_bad_input():
     with pytest.raises(EnsdivError, match="at least 2 members"):
         ensemble_loss(one, x, y, diversity="gal")
     two = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=3)
-    with pytest.raises(EnsdivError, match="cos, drt, gal, gdr, none"):
-        ensemble_loss(two, x, y, diversity="trs")
+    with pytest.raises(EnsdivError, match="cos, drt, dverge, gal, gdr, none, trs"):
+        ensemble_loss(two, x, y, diversity="tr")
+    for whole in ("trs", "dverge"):
+        with pytest.raises(EnsdivError, match=f"use ensdiv.{whole}.{whole}_loss"):
+            ensemble_loss(two, x, y, diversity=whole)
     with pytest.raises(EnsdivError, match="lam"):
         ensemble_loss(two, x, y, lam=-1.0)
 

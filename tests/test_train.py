@@ -134,7 +134,7 @@ def test_adversarial_and_transfer_defaults_are_recorded():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"adp_alpha": 1.0}, "--adp-alpha sets ADP's entropy weight; add --diversity adp"),
+    ({"adp_alpha": 1.0}, "--adp-alpha is a hyper-parameter of ADP; add --diversity adp"),
     ({"diversity": "adp", "adp_alpha": -1.0}, "ADP alpha must be a finite number >= 0"),
     ({"diversity": "adp", "lam": -0.5}, "lam"),
     ({"diversity": "adp", "objective": "adversarial", "eps": 0.1}, "standard objective only"),
@@ -164,6 +164,68 @@ def test_adp_trains_any_m_with_its_defaults_recorded(members):
     ens, recs = train_run(cfg, progress=False)  # trains (slowly: see the next test)
     assert ens.config["adp_alpha"] == 2.0 and math.isfinite(recs[-1]["reg"])
     assert recs[-1]["entropy"] <= math.log(10) + 1e-6
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"trs_eps": 0.1}, "--trs-eps is a hyper-parameter of TRS; add --diversity trs"),
+    ({"dverge_steps": 3}, "--dverge-steps is a hyper-parameter of DVERGE"),
+    ({"diversity": "trs", "adp_alpha": 1.0}, "--adp-alpha is a hyper-parameter of ADP"),
+    ({"diversity": "trs", "trs_eps": 2.0}, "TRS eps must be at most 1"),
+    ({"diversity": "trs", "trs_smooth": -1.0}, "TRS smoothness weight must be >= 0"),
+    ({"diversity": "trs", "objective": "adversarial", "eps": 0.1}, "standard objective only"),
+    ({"diversity": "dverge", "dverge_eps": 0.0}, "DVERGE eps must be positive"),
+    ({"diversity": "dverge", "dverge_layer": 4}, "--dverge-layer 4 does not exist in cnn"),
+    ({"diversity": "dverge", "arch": "resnet20", "dverge_layer": 21}, "layers 1 to 20"),
+    ({"diversity": "dverge", "batch_size": 1}, "must be at least 2"),
+    ({"diversity": "dverge", "members": 1}, "needs at least 2 members"),
+    ({"diversity": "dverge", "teacher": "t", "transfer": "rrm"}, "standard objective only"),
+])
+def test_trs_and_dverge_config_validation(kwargs, message):
+    with pytest.raises(EnsdivError, match=message):
+        TrainConfig(**kwargs).validate()
+
+
+def test_trs_and_dverge_defaults_are_the_authors_and_recorded():
+    from ensdiv.trs import TRS_SMOOTH
+
+    trs = TrainConfig(diversity="trs").validate()
+    assert (trs.lam, trs.trs_smooth, trs.trs_eps) == (10.0, TRS_SMOOTH, 0.2)
+    dv = TrainConfig(diversity="dverge").validate()
+    assert (dv.lam, dv.dverge_eps, dv.dverge_steps, dv.dverge_layer, dv.dverge_clean) == \
+        (1.0, 0.07, 10, None, 0.0)
+    assert TrainConfig(diversity="gal").validate().trs_smooth is None
+    # an old run's config (no TRS/DVERGE fields) still loads
+    old = {k: v for k, v in TrainConfig(diversity="gal").validate().to_dict().items()
+           if not k.startswith(("trs_", "dverge_"))}
+    assert TrainConfig.from_dict(old).validate().lam == 0.5
+
+
+@pytest.mark.parametrize("diversity", ["trs", "dverge"])
+@pytest.mark.parametrize("arch,members", [("cnn", 2), ("cnn", 3), ("cnn", 5), ("resnet20", 2)])
+def test_trs_and_dverge_train_any_m_and_arch(diversity, arch, members):
+    import torch
+
+    from ensdiv.dverge import DvergeLoss
+    from ensdiv.ensemble import Ensemble
+    from ensdiv.train import fit, make_loss
+    from ensdiv.trs import TrsLoss
+
+    shape = (1, 8, 8) if arch == "cnn" else (3, 8, 8)
+    cfg = TrainConfig(arch=arch, members=members, diversity=diversity,
+                      **({"trs_eps": 0.1} if diversity == "trs" else {"dverge_steps": 2}))
+    ens = Ensemble.build(arch, members, in_shape=shape, num_classes=10, seed=0)
+    loss_fn = make_loss(cfg, ens)
+    assert isinstance(loss_fn, TrsLoss if diversity == "trs" else DvergeLoss)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(*shape, generator=g), i % 10) for i in range(24)]
+    before = [p.detach().clone() for p in ens.parameters()]
+    recs = fit(ens, data, data[:8], epochs=1, batch_size=12, lr=1e-3, seed=0, loss_fn=loss_fn,
+               progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in recs[-1].items()
+               if isinstance(v, float))
+    assert recs[-1]["reg"] > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, ens.parameters(), strict=True)
+               if a.numel() > 1)
 
 
 def test_adp_reaches_plain_accuracy_on_digits_mlps():

@@ -246,3 +246,20 @@ def test_two_sweeps_plot_and_table_together(tiny_sweep, tmp_path, capsys):
     assert "| measure | λ = 0 | gal λ = 2 | cos λ = 1 |" in text
     assert "| λ = 0 | gal λ = 2 | fall (×) | cos λ = 1 | fall (×) |" in text
     assert (tmp_path / "fig" / "gdr_vs_attack.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("diversity,own", [("trs", "trs_eps"), ("dverge", "dverge_eps"),
+                                           ("adp", "adp_alpha")])
+def test_a_sweep_trains_every_baseline_at_its_defaults(diversity, own):
+    cfg = SweepConfig(**{**TINY.__dict__, "diversity": diversity}).validate()
+    plain, method = cfg.train_config(0.0, 0), cfg.train_config(2.0, 0)
+    assert plain.diversity == "none" and getattr(plain, own) is None
+    assert method.diversity == diversity and method.lam == 2.0
+    assert getattr(method, own) is not None  # the method's default, recorded
+
+
+def test_a_dverge_sweep_runs(tmp_path):
+    cfg = SweepConfig(**{**TINY.__dict__, "diversity": "dverge", "lams": (1.0,),
+                         "attacks": ("fgsm",), "eps": (0.1,)})
+    (rec,) = run_sweep(cfg, tmp_path, progress=False, log=lambda s: None)
+    assert rec["trained_with"] == "dverge" and 0 <= rec["gdr"] <= 0.5

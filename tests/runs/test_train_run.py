@@ -187,9 +187,13 @@ def test_a_teacher_for_other_data_is_refused_before_the_run_folder(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_adp_runs_resume_bit_for_bit(tmp_path):
-    cfg = TrainConfig(dataset="digits", arch="mlp", members=3, epochs=2, seed=2,
-                      diversity="adp", lam=0.5)
+@pytest.mark.parametrize("kwargs", [
+    {"diversity": "adp", "lam": 0.5},
+    {"diversity": "trs", "trs_eps": 0.1, "batch_size": 512},  # the radius grows per epoch
+    {"diversity": "dverge", "dverge_steps": 2, "batch_size": 512},  # the layer is re-drawn
+], ids=["adp", "trs", "dverge"])
+def test_baselines_resume_bit_for_bit(tmp_path, kwargs):
+    cfg = TrainConfig(dataset="digits", arch="mlp", members=3, epochs=2, seed=2, **kwargs)
     full, _ = train_run(cfg, out_dir=tmp_path / "a", progress=False)
 
     def stop_after_first(rec):
