@@ -13,7 +13,8 @@ Training
     TrainConfig [train]          everything that defines a run; ensdiv.train.train builds
                                  the ensemble it describes and fits it
     fit [loop]                   the training loop (any loss, checkpoints, exact resume)
-    ensemble_loss [objective]    CE + λ · gradient-diversity term (cos, gal, gdr), double backprop
+    ensemble_loss [objective]    CE + λ · diversity term (cos, gal, gdr, drt; adp), double backprop;
+                                 the baselines TRS and DVERGE: ensdiv.trs, ensdiv.dverge
     TransferLoss [objective]     a robust teacher's students (RRM, CRT)
 Gradients and diversity
     input_gradients [gradients]  per-member, per-sample input gradients [M, B, C, H, W]

@@ -356,10 +356,11 @@ def _sanity(model: nn.Module, x: Tensor, y: Tensor, eps: float, budget: CardBudg
         warnings.append(f"L∞ PGD at eps={HUGE_EPS:g} fooled only {huge.rate:.1%} of the correct "
                         "inputs (should be ~100%: gradient masking or a bug)")
     if square_after:
-        names = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "mora": "MORA"}
-        warnings.append(f"Square (no gradients) broke {square_after} input(s) that "
-                        f"{' and '.join(names[a] for a in gradient_attacks)} could not: the "
-                        "gradients may be masked")
+        names = [{"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "mora": "MORA"}[a]
+                 for a in gradient_attacks]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        warnings.append(f"Square (no gradients) broke {square_after} input(s) that {listed} "
+                        "could not: the gradients may be masked")
     stalled = convergence_warning(full, half, what=f"APGD-CE ({half_steps} → "
                                   f"{budget.apgd_steps} steps) at eps={eps:g}")
     if stalled:

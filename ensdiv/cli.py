@@ -56,7 +56,7 @@ from ensdiv.runs.compare import CompareConfig, compare_into
 from ensdiv.runs.demo import demo_report
 from ensdiv.runs.describe import describe_run, gdr_line
 from ensdiv.runs.detect import DetectConfig, detect_into
-from ensdiv.runs.evaluate import EvaluateConfig, cards_report, evaluate_run, read_card
+from ensdiv.runs.evaluate import EvaluateConfig, cards_report, evaluate_run, method_table, read_card
 from ensdiv.runs.plots import (
     plot_certified,
     plot_detection,
@@ -263,7 +263,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if extra or given:
             raise EnsdivError("--table only reads cards; give it the card folders alone (not "
                               f"{', '.join(extra + list(given))})")
-        print(cards_report([read_card(p) for p in args.table]))
+        cards = [read_card(p) for p in args.table]
+        print(method_table(cards) if args.by_method else cards_report(cards))
         return 0
     if not args.out or not (args.run or args.resume):
         raise EnsdivError("--out DIR is needed (the folder of the card)" if not args.out else

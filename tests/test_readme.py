@@ -133,6 +133,7 @@ BENCH_TABLES = [  # README block, benchmarks module, its function, committed JSO
     ("distributed-cpu", "bench_distributed", "table", "distributed-cpu-2026-12-02.json"),
     ("smoothing-cpu", "bench_smoothing", "table", "smoothing-cpu-2026-12-02.json"),
     ("objectives-cpu", "bench_transfer", "table", "objectives-cpu-2026-12-02.json"),
+    ("baselines-cpu", "bench_baselines", "table", "baselines-cpu-2026-12-07.json"),
 ]
 
 
@@ -217,3 +218,32 @@ def test_cards_prose_quotes_only_numbers_of_its_tables():
     table = block("cards-table")
     for q in re.findall(r"-?\d+\.\d ± \d+\.\d|\d\.\d{3} ± \d\.\d{3}", prose):
         assert q in table, f"{q} is not in the generated tables"
+
+
+def test_baselines_table_comes_from_the_committed_cards_and_benchmark():
+    import json
+
+    from ensdiv.runs.evaluate import method_table, read_card
+
+    cards = [read_card(p) for p in sorted((RESULTS / "baselines").iterdir())]
+    methods = {c["training"]["diversity"] for c in cards}
+    assert methods == {"none", "cos", "gal", "gdr", "drt", "adp", "trs", "dverge"}
+    for m in methods:  # at least two seeds each
+        assert len({c["training"]["seed"] for c in cards if c["training"]["diversity"] == m}) >= 2
+    for c in cards:
+        assert c["n"] == 250 and c["eps"] == 0.1 and c["budget"]["apgd_steps"] == 100
+    bench = json.loads((BENCH_RESULTS / "baselines-cpu-2026-12-07.json").read_text())
+    costs = _benchmarks_module("bench_baselines").step_costs(bench)
+    assert block("baselines-table") == method_table(cards, costs).strip()
+
+
+def test_baselines_prose_quotes_only_numbers_of_its_table():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    prose = readme.split("<!-- baselines-table:end -->", 1)[1].split("\n## ", 1)[0]
+    table = block("baselines-table")
+    quoted = re.findall(r"\d\.\d{3} ± \d\.\d{3}", prose)
+    assert quoted, "the write-up quotes no table value"
+    for q in quoted:
+        assert q in table, f"{q} is not in the generated table"

@@ -46,8 +46,8 @@ def test_gal_training_lowers_cosine_and_gdr_at_comparable_accuracy():
 def test_diversity_needs_two_members():
     with pytest.raises(EnsdivError, match="at least 2 members"):
         TrainConfig(members=1, diversity="gal").validate()
-    with pytest.raises(EnsdivError, match="cos, drt, gal, gdr, none"):
-        TrainConfig(diversity="trs").validate()
+    with pytest.raises(EnsdivError, match="cos, drt, dverge, gal, gdr, none, trs"):
+        TrainConfig(diversity="tr").validate()
     with pytest.raises(EnsdivError, match="lam"):
         TrainConfig(diversity="gal", lam=-1).validate()
 

@@ -65,7 +65,7 @@ from ensdiv.io import (
     strict_json,
     utc_now,
 )
-from ensdiv.loop import CHECKPOINT, ENSEMBLE
+from ensdiv.loop import CHECKPOINT, ENSEMBLE, read_metrics
 from ensdiv.runs.rundir import (
     CARD,
     CARD_MARKDOWN,
@@ -281,10 +281,22 @@ def evaluate_run(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: 
             certified = stage("certified", lambda: _certified(ens, test, config, parts,
                                                               progress))
         card = _assemble(config, settings, loaded.ensemble, n, grads, members, transfer, white,
-                         black, certified, seconds, surrogate)
+                         black, certified, seconds, surrogate,
+                         training_seconds(loaded.path.parent))
         atomic_write_json(out / CARD, card)
         atomic_write_text(out / CARD_MARKDOWN, card_markdown(card))
     return card
+
+
+def training_seconds(folder: Path) -> float | None:
+    """The run's training time in seconds (the sum of its epochs' ``train_seconds``), None if
+    the folder keeps no metrics (an ensemble file given alone)."""
+    try:
+        recs = read_metrics(folder)
+    except EnsdivError:
+        return None
+    times = [r.get("train_seconds") for r in recs]
+    return float(sum(times)) if recs and all(isinstance(s, int | float) for s in times) else None
 
 
 def _certified(ens: Ensemble, test: Any, config: EvaluateConfig, parts: Path,
@@ -306,7 +318,7 @@ def _assemble(config: EvaluateConfig, settings: dict[str, Any], ens: Ensemble, n
               grads: dict[str, Any], members: list[dict[str, Any]], transfer: dict[str, Any],
               white: dict[str, dict[str, Any]], black: dict[str, Any] | None,
               certified: dict[str, Any] | None, seconds: dict[str, float],
-              surrogate: Ensemble | None) -> dict[str, Any]:
+              surrogate: Ensemble | None, train_time: float | None = None) -> dict[str, Any]:
     """The card: RobustBench's fields first, then the ensemble's own."""
     assert config.run is not None
     arch = ens.config.get("arch", "?")
@@ -345,7 +357,8 @@ def _assemble(config: EvaluateConfig, settings: dict[str, Any], ens: Ensemble, n
         "reported": utc_now(),
         "ensdiv_version": __version__,
         "weights_fingerprint": settings["weights"],
-        "training": {k: ens.config.get(k) for k in train_keys if k in ens.config},
+        "training": {**{k: ens.config.get(k) for k in train_keys if k in ens.config},
+                     "seconds": train_time},
         "members_count": ens.num_members,
         "seed": config.seed,
         "budget": dataclasses.asdict(config.budget()),
@@ -433,6 +446,74 @@ def card_table(cards: Sequence[dict[str, Any]]) -> str:
                 _pct(e["averaged_output_robust_acc"], e["averaged_output_robust_acc_se"]),
                 after, _pct(c["transfer"]["mean"]), _pct(sur["rate"]) if sur else "—",
                 _pct(c.get("gdr")), str(len(e["warnings"]))]) + " |")
+    return "\n".join(lines)
+
+
+METHOD_ORDER = ("none", "cos", "gal", "gdr", "drt", "adp", "trs", "dverge")
+"""The order of :func:`method_table`'s rows (the regularizers, then the field's baselines)."""
+
+
+def _mean_se(values: Sequence[float | None], digits: int = 3) -> str:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return "—"
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return f"{mean:.{digits}f}"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{mean:.{digits}f} ± {sd / math.sqrt(len(vals)):.{digits}f}"
+
+
+def method_table(cards: Sequence[dict[str, Any]],
+                 step_cost: dict[str, float] | None = None) -> str:
+    """One row per training method over its cards (several seeds): what ``ensdiv evaluate
+    --table DIR... --by-method`` prints. Every cell is the mean over the method's cards ± the
+    standard error over them (sample s.d. / √seeds; one card: no s.e.), from each card's first
+    rule: clean accuracy, GDR, mean member → member transfer (full-budget PGD), transfer from
+    the surrogate, the card's robust accuracy (worst case incl. MORA and Square) and the
+    averaged-output one (APGD-CE + APGD-DLR), and the training minutes the card records.
+    ``step_cost`` maps a method to its step ÷ plain step (a benchmark's; "—" when missing).
+
+    Example:
+        >>> ev = {"aggregation": "softmax", "clean_acc": 0.9, "robust_acc": 0.2,
+        ...       "averaged_output_robust_acc": 0.3, "surrogate": {"rate": 0.5}}
+        >>> cards = [{"training": {"diversity": "gal", "lam": 0.5, "seed": s, "seconds": 60},
+        ...           "gdr": g, "transfer": {"mean": 0.1}, "evaluations": [ev]}
+        ...          for s, g in ((0, 0.04), (1, 0.06))]
+        >>> print(method_table(cards, {"gal": 2.5}).splitlines()[-1])
+        | gal λ = 0.5 | 2 | 0.900 ± 0.000 | 0.050 ± 0.010 | 0.100 ± 0.000 | 0.500 ± 0.000 | \
+0.200 ± 0.000 | 0.300 ± 0.000 | 2.50 | 1.0 ± 0.0 |
+    """
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for c in cards:
+        tr = c.get("training", {})
+        div = tr.get("diversity") or "none"
+        groups.setdefault((div, tr.get("lam") if div != "none" else None), []).append(c)
+
+    def order(key: tuple[str, Any]) -> tuple[int, str, float]:
+        div, lam = key
+        rank = METHOD_ORDER.index(div) if div in METHOD_ORDER else len(METHOD_ORDER)
+        return rank, div, lam or 0.0
+
+    lines = ["| method | seeds | clean acc | GDR | member → member transfer | surrogate "
+             "transfer | robust acc (card) | robust acc (averaged output) | step / plain "
+             "step | training min |", "|---" * 10 + "|"]
+    for key in sorted(groups, key=order):
+        div, lam = key
+        group = groups[key]
+        heads = [c["evaluations"][0] for c in group]
+        name = "plain" if div == "none" else f"{div} λ = {lam:g}"
+        cost = (step_cost or {}).get("plain" if div == "none" else div)
+        minutes = [c["training"]["seconds"] / 60 if c["training"].get("seconds") else None
+                   for c in group]
+        lines.append("| " + " | ".join([
+            name, str(len(group)), _mean_se([e["clean_acc"] for e in heads]),
+            _mean_se([c.get("gdr") for c in group]),
+            _mean_se([c["transfer"]["mean"] for c in group]),
+            _mean_se([e["surrogate"]["rate"] if e.get("surrogate") else None for e in heads]),
+            _mean_se([e["robust_acc"] for e in heads]),
+            _mean_se([e["averaged_output_robust_acc"] for e in heads]),
+            f"{cost:.2f}" if cost is not None else "—", _mean_se(minutes, 1)]) + " |")
     return "\n".join(lines)
 
 

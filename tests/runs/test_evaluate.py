@@ -76,6 +76,11 @@ def test_card_fields_are_present_typed_and_rendered(runs, tmp_path, capsys):
     assert main(["evaluate", "--table", str(out), str(out / "card.json")]) == 0
     table = capsys.readouterr().out.strip().split("\n\n")[0].splitlines()
     assert len(table) == 2 + 4 and table[2].startswith("| tiny | digits | 0.1 | softmax | ")
+    # the run's training time comes with it; --by-method groups cards by training method
+    assert card["training"]["seconds"] > 0 and card["training"]["diversity"] == "none"
+    assert main(["evaluate", "--table", str(out), str(out), "--by-method"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 3 and rows[2].startswith("| plain | 2 | ")
 
 
 def test_a_killed_evaluation_resumes_from_its_folder_and_equals_an_uninterrupted_one(
