@@ -182,3 +182,47 @@ def paired_times(fns: dict[K, Callable[[], None]], device: str,
 def paired_median(times: list[float], base: list[float], scale: float = 1.0) -> float:
     """Median over repetitions of ``times[i] / (scale · base[i])``."""
     return statistics.median(a / (scale * b) for a, b in zip(times, base, strict=True))
+
+
+def step_record(steps: dict[str, Callable[[], None]], reps: int, *, arch: str, m: int,
+                batch: int, shape: tuple[int, ...]) -> dict:
+    """CPU training steps timed back to back in each repetition (:func:`paired_times`), with
+    the machine and the case: the JSON a paired step table is made from."""
+    import datetime
+
+    times = paired_times(steps, "cpu", reps)
+    return {**machine("cpu"), "arch": arch, "m": m, "batch": batch, "shape": list(shape),
+            "reps": reps, "date": datetime.date.today().isoformat(), "seconds": times}
+
+
+def step_table(data: dict, label: str) -> str:
+    """Median step time and median per-repetition ratio to the ``plain`` step, one row per
+    step of a :func:`step_record` (``label`` names the first column)."""
+    t = data["seconds"]
+    lines = [f"{data['arch']}, M = {data['m']}, batch {data['batch']}, "
+             f"{data['shape'][1]}×{data['shape'][2]}, {data['device_name']}, torch "
+             f"{data['torch']}, {data['threads']} threads; median of {data['reps']} paired "
+             f"repetitions ({data['date']})", "",
+             f"| {label} | step (ms) | step / plain step |", "|---|---|---|"]
+    lines += [f"| {name} | {statistics.median(t[name]) * 1000:.0f} | "
+              f"{paired_median(t[name], t['plain']):.2f} |" for name in t]
+    return "\n".join(lines)
+
+
+def step_main(argv: list[str], run: Callable[[int], dict], description: str) -> None:
+    """The command line of a paired step benchmark: ``--reps N --out FILE.json``; prints the
+    :func:`step_table`-style table of what ``run(reps)`` measured (``run``'s module's
+    ``table``)."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", help="write the JSON here (benchmarks/results/…)")
+    args = parser.parse_args(argv)
+    data = run(args.reps)
+    if args.out:
+        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+    print(sys.modules[run.__module__].table(data))

@@ -13,13 +13,9 @@ measured together are what holds). pytest-benchmark:
 ``pytest benchmarks/bench_baselines.py --benchmark-enable``.
 """
 
-import argparse
-import datetime
 import functools
 import json
-import statistics
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -35,7 +31,9 @@ from _common import (
     make_step,
     paired_median,
     paired_rounds,
-    paired_times,
+    step_main,
+    step_record,
+    step_table,
 )
 
 SHAPE, M, BATCH = ((1, 8, 8), 2, 8) if SMOKE else ((1, 28, 28), 3, 128)
@@ -71,22 +69,13 @@ def test_step(benchmark, name):
 
 def run(reps: int = 5, methods: list[str] = METHODS) -> dict:
     """Every method's step timed back to back in each repetition, as the docs' JSON."""
-    times = paired_times({name: method_step(name) for name in methods}, "cpu", reps)
-    return {**machine("cpu"), "arch": "cnn", "m": M, "batch": BATCH, "shape": list(SHAPE),
-            "reps": reps, "date": datetime.date.today().isoformat(), "seconds": times}
+    return step_record({name: method_step(name) for name in methods}, reps, arch="cnn", m=M,
+                       batch=BATCH, shape=SHAPE)
 
 
 def table(data: dict) -> str:
     """Median step time and median per-repetition ratio to the plain step, per method."""
-    t = data["seconds"]
-    lines = [f"{data['arch']}, M = {data['m']}, batch {data['batch']}, "
-             f"{data['shape'][1]}×{data['shape'][2]}, {data['device_name']}, torch "
-             f"{data['torch']}, {data['threads']} threads; median of {data['reps']} paired "
-             f"repetitions ({data['date']})", "",
-             "| method | step (ms) | step / plain step |", "|---|---|---|"]
-    lines += [f"| {name} | {statistics.median(t[name]) * 1000:.0f} | "
-              f"{paired_median(t[name], t['plain']):.2f} |" for name in t]
-    return "\n".join(lines)
+    return step_table(data, "method")
 
 
 def step_costs(data: dict) -> dict[str, float]:
@@ -103,14 +92,7 @@ def test_the_docs_table_from_a_tiny_paired_run():
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description="paired baseline steps for the docs")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", help="write the JSON here (benchmarks/results/…)")
-    args = parser.parse_args(argv)
-    data = run(args.reps)
-    if args.out:
-        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    print(table(data))
+    step_main(argv, run, "paired baseline steps for the docs")
 
 
 if __name__ == "__main__":

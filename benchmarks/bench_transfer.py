@@ -9,13 +9,9 @@ together are what holds). pytest-benchmark:
 ``pytest benchmarks/bench_transfer.py --benchmark-enable``.
 """
 
-import argparse
-import datetime
 import functools
 import json
-import statistics
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,9 +26,10 @@ from _common import (
     machine,
     make_ensemble,
     make_step,
-    paired_median,
     paired_rounds,
-    paired_times,
+    step_main,
+    step_record,
+    step_table,
 )
 
 SHAPE, M, BATCH = ((1, 8, 8), 2, 8) if SMOKE else ((1, 28, 28), 3, 128)
@@ -71,23 +68,14 @@ def test_step(benchmark, name):
 
 
 def run(reps: int = 5, objectives: list[str] = OBJECTIVES) -> dict:
-    """Every objective's step timed back to back in each repetition, as the README's JSON."""
-    times = paired_times({name: objective_step(name) for name in objectives}, "cpu", reps)
-    return {**machine("cpu"), "arch": "cnn", "m": M, "batch": BATCH, "shape": list(SHAPE),
-            "reps": reps, "date": datetime.date.today().isoformat(), "seconds": times}
+    """Every objective's step timed back to back in each repetition, as the docs' JSON."""
+    return step_record({name: objective_step(name) for name in objectives}, reps, arch="cnn", m=M,
+                       batch=BATCH, shape=SHAPE)
 
 
 def table(data: dict) -> str:
     """Median step time and median per-repetition ratio to the plain step, per objective."""
-    t = data["seconds"]
-    lines = [f"{data['arch']}, M = {data['m']}, batch {data['batch']}, "
-             f"{data['shape'][1]}×{data['shape'][2]}, {data['device_name']}, torch "
-             f"{data['torch']}, {data['threads']} threads; median of {data['reps']} paired "
-             f"repetitions ({data['date']})", "",
-             "| objective | step (ms) | step / plain step |", "|---|---|---|"]
-    lines += [f"| {name} | {statistics.median(t[name]) * 1000:.0f} | "
-              f"{paired_median(t[name], t['plain']):.2f} |" for name in t]
-    return "\n".join(lines)
+    return step_table(data, "objective")
 
 
 def test_the_readme_table_from_a_tiny_paired_run():
@@ -97,14 +85,7 @@ def test_the_readme_table_from_a_tiny_paired_run():
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description="paired robust-objective steps for the README")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", help="write the JSON here (benchmarks/results/…)")
-    args = parser.parse_args(argv)
-    data = run(args.reps)
-    if args.out:
-        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    print(table(data))
+    step_main(argv, run, "paired robust-objective steps for the README")
 
 
 if __name__ == "__main__":
