@@ -471,18 +471,19 @@ def method_table(cards: Sequence[dict[str, Any]],
     standard error over them (sample s.d. / √seeds; one card: no s.e.), from each card's first
     rule: clean accuracy, GDR, mean member → member transfer (full-budget PGD), transfer from
     the surrogate, the card's robust accuracy (worst case incl. MORA and Square) and the
-    averaged-output one (APGD-CE + APGD-DLR), and the training minutes the card records.
-    ``step_cost`` maps a method to its step ÷ plain step (a benchmark's; "—" when missing).
+    averaged-output one (APGD-CE + APGD-DLR), the training minutes the card records, and how
+    many warnings (gradient masking, non-converged attacks) its cards carry. ``step_cost`` maps
+    a method to its step ÷ plain step (a benchmark's; "—" when missing).
 
     Example:
         >>> ev = {"aggregation": "softmax", "clean_acc": 0.9, "robust_acc": 0.2,
         ...       "averaged_output_robust_acc": 0.3, "surrogate": {"rate": 0.5}}
         >>> cards = [{"training": {"diversity": "gal", "lam": 0.5, "seed": s, "seconds": 60},
-        ...           "gdr": g, "transfer": {"mean": 0.1}, "evaluations": [ev]}
+        ...           "gdr": g, "transfer": {"mean": 0.1}, "evaluations": [ev], "warnings": []}
         ...          for s, g in ((0, 0.04), (1, 0.06))]
         >>> print(method_table(cards, {"gal": 2.5}).splitlines()[-1])
         | gal λ = 0.5 | 2 | 0.900 ± 0.000 | 0.050 ± 0.010 | 0.100 ± 0.000 | 0.500 ± 0.000 | \
-0.200 ± 0.000 | 0.300 ± 0.000 | 2.50 | 1.0 ± 0.0 |
+0.200 ± 0.000 | 0.300 ± 0.000 | 2.50 | 1.0 ± 0.0 | 0 |
     """
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for c in cards:
@@ -497,7 +498,7 @@ def method_table(cards: Sequence[dict[str, Any]],
 
     lines = ["| method | seeds | clean acc | GDR | member → member transfer | surrogate "
              "transfer | robust acc (card) | robust acc (averaged output) | step / plain "
-             "step | training min |", "|---" * 10 + "|"]
+             "step | training min | warnings |", "|---" * 11 + "|"]
     for key in sorted(groups, key=order):
         div, lam = key
         group = groups[key]
@@ -513,7 +514,8 @@ def method_table(cards: Sequence[dict[str, Any]],
             _mean_se([e["surrogate"]["rate"] if e.get("surrogate") else None for e in heads]),
             _mean_se([e["robust_acc"] for e in heads]),
             _mean_se([e["averaged_output_robust_acc"] for e in heads]),
-            f"{cost:.2f}" if cost is not None else "—", _mean_se(minutes, 1)]) + " |")
+            f"{cost:.2f}" if cost is not None else "—", _mean_se(minutes, 1),
+            str(sum(len(c.get("warnings", [])) for c in group))]) + " |")
     return "\n".join(lines)
 
 
