@@ -107,9 +107,16 @@ def distill(member: Member, source: Tensor, target: Tensor, *, layer: int,
         >>> bool((z - s).abs().max() <= 0.1 + 1e-6)
         True
     """
-    alpha = eps / 10 if alpha is None else alpha
     with torch.no_grad():
         goal = member.layer_features(target, layer)
+    return _distill_to(member, source, goal, layer=layer, eps=eps, steps=steps, alpha=alpha,
+                       momentum=momentum)
+
+
+def _distill_to(member: Member, source: Tensor, goal: Tensor, *, layer: int, eps: float,
+                steps: int, alpha: float | None = None, momentum: float = 1.0) -> Tensor:
+    """:func:`distill` towards given target features ``goal`` (computed once by the caller)."""
+    alpha = eps / 10 if alpha is None else alpha
     x0 = source.detach()
     z = x0.clone()
     g = torch.zeros_like(z)
@@ -169,9 +176,10 @@ def dverge_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, layer: int,
     xs, ys = x[src].detach(), y[src]
     distilled, gaps = [], []
     for m in members:
-        z = distill(m, xs, x, layer=layer, eps=eps, steps=steps)
         with torch.no_grad():
             goal = m.layer_features(x, layer)
+        z = _distill_to(m, xs, goal, layer=layer, eps=eps, steps=steps)
+        with torch.no_grad():
             start = feature_distance(m, xs, goal, layer).mean()
             gaps.append(feature_distance(m, z, goal, layer).mean() / start.clamp_min(1e-12))
         distilled.append(z)

@@ -113,12 +113,12 @@ class Member(nn.Module):
             >>> net.num_layers, net.layer_features(torch.rand(2, 1, 8, 8), 1).shape
             (3, torch.Size([2, 32, 8, 8]))
         """
-        if isinstance(layer, bool) or not isinstance(layer, int) or not \
-                1 <= layer <= self.num_layers:
-            raise EnsdivError(f"layer must be an integer from 1 to {self.num_layers} for "
+        cuts = self._cuts()
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= len(cuts):
+            raise EnsdivError(f"layer must be an integer from 1 to {len(cuts)} for "
                               f"{self.arch}; got {layer!r}")
         check_shape(x, self.in_shape, self.normalize.mean.dtype)
-        return self._cuts()[layer - 1](self.normalize(x))
+        return cuts[layer - 1](self.normalize(x))
 
     def _cuts(self) -> list[Any]:
         """One function per hidden layer: normalized input -> that layer's pre-ReLU output."""

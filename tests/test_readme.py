@@ -160,34 +160,30 @@ def test_fashion_mnist_sweep_tables_come_from_both_sweeps_records():
     assert block("fmnist-sweep-tables") == sweep_tables(records).strip()
 
 
-def test_fashion_mnist_prose_quotes_only_numbers_of_its_tables():
-    """Every 'mean ± s.e.' the Fashion-MNIST write-up quotes is a cell of the generated tables."""
+def _prose_quotes_only_cells(page: Path, name: str, pattern: str) -> None:
+    """Every number with its s.e. (``pattern``) in the prose after block ``name`` on ``page``,
+    up to the next section, is a cell of that generated block; the prose quotes at least one."""
     import re
 
-    page = (ROOT / "docs" / "transfer-and-gdr.md").read_text()
-    prose = page.split("<!-- fmnist-sweep-tables:end -->", 1)[1].split("\n## ", 1)[0]
-    table = block("fmnist-sweep-tables")
-    quoted = re.findall(r"-?\d\.\d{3} ± \d\.\d{3}", prose)
+    prose = page.read_text().split(f"<!-- {name}:end -->", 1)[1].split("\n## ", 1)[0]
+    table = block(name)
+    quoted = re.findall(pattern, prose)
     assert quoted, "the write-up quotes no table value"
     for q in quoted:
         assert q in table, f"{q} is not in the generated tables"
 
 
-def _mora_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mora_vs_apgd",
-                                                  ROOT / "benchmarks" / "mora_vs_apgd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_fashion_mnist_prose_quotes_only_numbers_of_its_tables():
+    """Every 'mean ± s.e.' the Fashion-MNIST write-up quotes is a cell of the generated tables."""
+    _prose_quotes_only_cells(ROOT / "docs" / "transfer-and-gdr.md", "fmnist-sweep-tables",
+                             r"-?\d\.\d{3} ± \d\.\d{3}")
 
 
 def test_mora_vs_apgd_table_comes_from_its_record():
     from ensdiv.io import read_json
 
     record = read_json(RESULTS / "mora-vs-apgd" / "mnist5k-gal3-s0.json")
-    assert block("mora-vs-apgd") == _mora_script().table(record).strip()
+    assert block("mora-vs-apgd") == _benchmarks_module("mora_vs_apgd").table(record).strip()
     assert record["n"] == 500 and {r["total"] for r in record["rows"]} == {478}
 
 
@@ -211,13 +207,8 @@ def test_card_time_comes_from_the_timing_card():
 
 
 def test_cards_prose_quotes_only_numbers_of_its_tables():
-    import re
-
-    page = (ROOT / "docs" / "robustness-cards.md").read_text()
-    prose = page.split("<!-- cards-table:end -->", 1)[1].split("\n## ", 1)[0]
-    table = block("cards-table")
-    for q in re.findall(r"-?\d+\.\d ± \d+\.\d|\d\.\d{3} ± \d\.\d{3}", prose):
-        assert q in table, f"{q} is not in the generated tables"
+    _prose_quotes_only_cells(ROOT / "docs" / "robustness-cards.md", "cards-table",
+                             r"-?\d+\.\d ± \d+\.\d|\d\.\d{3} ± \d\.\d{3}")
 
 
 def test_baselines_table_comes_from_the_committed_cards_and_benchmark():
@@ -238,12 +229,4 @@ def test_baselines_table_comes_from_the_committed_cards_and_benchmark():
 
 
 def test_baselines_prose_quotes_only_numbers_of_its_table():
-    import re
-
-    readme = (ROOT / "README.md").read_text()
-    prose = readme.split("<!-- baselines-table:end -->", 1)[1].split("\n## ", 1)[0]
-    table = block("baselines-table")
-    quoted = re.findall(r"\d\.\d{3} ± \d\.\d{3}", prose)
-    assert quoted, "the write-up quotes no table value"
-    for q in quoted:
-        assert q in table, f"{q} is not in the generated table"
+    _prose_quotes_only_cells(ROOT / "README.md", "baselines-table", r"\d\.\d{3} ± \d\.\d{3}")

@@ -65,7 +65,8 @@ from ensdiv.io import (
     strict_json,
     utc_now,
 )
-from ensdiv.loop import CHECKPOINT, ENSEMBLE, read_metrics
+from ensdiv.loop import CHECKPOINT, ENSEMBLE
+from ensdiv.objective import DIVERSITIES
 from ensdiv.runs.rundir import (
     CARD,
     CARD_MARKDOWN,
@@ -77,6 +78,7 @@ from ensdiv.runs.rundir import (
     load_run,
     prepare_run_dir,
     run_lock,
+    train_cost,
 )
 from ensdiv.smoothing import average_certified_radius, certified_accuracy
 from ensdiv.train import TrainConfig, train
@@ -289,14 +291,13 @@ def evaluate_run(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: 
 
 
 def training_seconds(folder: Path) -> float | None:
-    """The run's training time in seconds (the sum of its epochs' ``train_seconds``), None if
+    """The run's training time in seconds (:func:`~ensdiv.runs.rundir.train_cost`), None if
     the folder keeps no metrics (an ensemble file given alone)."""
     try:
-        recs = read_metrics(folder)
+        cost = train_cost(folder)
     except EnsdivError:
         return None
-    times = [r.get("train_seconds") for r in recs]
-    return float(sum(times)) if recs and all(isinstance(s, int | float) for s in times) else None
+    return cost["train_seconds"] if cost["epochs"] else None
 
 
 def _certified(ens: Ensemble, test: Any, config: EvaluateConfig, parts: Path,
@@ -449,10 +450,6 @@ def card_table(cards: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-METHOD_ORDER = ("none", "cos", "gal", "gdr", "drt", "adp", "trs", "dverge")
-"""The order of :func:`method_table`'s rows (the regularizers, then the field's baselines)."""
-
-
 def _mean_se(values: Sequence[float | None], digits: int = 3) -> str:
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
@@ -493,7 +490,7 @@ def method_table(cards: Sequence[dict[str, Any]],
 
     def order(key: tuple[str, Any]) -> tuple[int, str, float]:
         div, lam = key
-        rank = METHOD_ORDER.index(div) if div in METHOD_ORDER else len(METHOD_ORDER)
+        rank = DIVERSITIES.index(div) if div in DIVERSITIES else len(DIVERSITIES)
         return rank, div, lam or 0.0
 
     lines = ["| method | seeds | clean acc | GDR | member → member transfer | surrogate "
