@@ -216,7 +216,7 @@ def test_baselines_table_comes_from_the_committed_cards_and_benchmark():
 
     from ensdiv.runs.evaluate import method_table, read_card
 
-    cards = [read_card(p) for p in sorted((RESULTS / "baselines").iterdir())]
+    cards = [read_card(p) for p in sorted((RESULTS / "baselines" / "mnist5k").iterdir())]
     methods = {c["training"]["diversity"] for c in cards}
     assert methods == {"none", "cos", "gal", "gdr", "drt", "adp", "trs", "dverge"}
     for m in methods:  # at least two seeds each
