@@ -23,6 +23,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from ensdiv.diversity import gal_loss
 from ensdiv.ensemble import Ensemble
 
 K = TypeVar("K", bound=Hashable)
@@ -92,6 +93,20 @@ def native_layers(module: nn.Module) -> nn.Module:
         new.load_state_dict(child.state_dict())
         setattr(module, name, new.to(next(child.parameters(), torch.empty(0)).device))
     return module
+
+
+def autograd_gal_loss(ens: Ensemble, x: torch.Tensor, y: torch.Tensor,
+                      lam: float = 0.5) -> torch.Tensor:
+    """GAL written with ``torch.autograd.grad(create_graph=True)``, one member at a time: the
+    reference a user writes in plain PyTorch."""
+    ces, grads = [], []
+    for member in ens.members:
+        xx = x.clone().requires_grad_(True)
+        ce = nn.functional.cross_entropy(member(xx), y, reduction="sum")
+        (g,) = torch.autograd.grad(ce, xx, create_graph=True)
+        ces.append(ce / len(y))
+        grads.append(g)
+    return sum(ces) + lam * gal_loss(torch.stack(grads))
 
 
 def batch(shape: tuple[int, ...], size: int, device: str,

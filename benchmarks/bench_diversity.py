@@ -19,14 +19,21 @@ shipped model (run in the round's setup, untimed by pytest-benchmark): ``extra_i
 import functools
 
 import pytest
-import torch
 from torch import nn
 
 from ensdiv import layers
-from ensdiv.diversity import gal_loss
 from ensdiv.objective import ensemble_loss
 
-from _common import DEVICES, SMOKE, batch, machine, make_ensemble, make_step, paired_rounds
+from _common import (
+    DEVICES,
+    SMOKE,
+    autograd_gal_loss,
+    batch,
+    machine,
+    make_ensemble,
+    make_step,
+    paired_rounds,
+)
 
 METHODS = ["plain", "cos", "gal", "gdr", "drt", "gal-stacked", "gal-compiled", "gal-torch.nn",
            "plain-torch.nn", "gal-autograd"]
@@ -47,18 +54,6 @@ def cases():
 def plain_loss(ens, x, y):
     """Summed member cross-entropies, as a user writes it."""
     return sum(nn.functional.cross_entropy(member(x), y) for member in ens.members)
-
-
-def autograd_gal_loss(ens, x, y, lam=0.5):
-    """GAL written with ``torch.autograd.grad(create_graph=True)``, one member at a time."""
-    ces, grads = [], []
-    for member in ens.members:
-        xx = x.clone().requires_grad_(True)
-        ce = nn.functional.cross_entropy(member(xx), y, reduction="sum")
-        (g,) = torch.autograd.grad(ce, xx, create_graph=True)
-        ces.append(ce / len(y))
-        grads.append(g)
-    return sum(ces) + lam * gal_loss(torch.stack(grads))
 
 
 def method_step(method, device, arch, shape, m, size):

@@ -7,7 +7,7 @@ drivers or matplotlib.
 
 Data and models
     load_dataset [data]          (train, test, info) of digits, mnist5k, mnist, fashion-mnist
-    build_model [models]         one member: mlp, cnn, resnet20
+    build_model [models]         one member: mlp, cnn, cnn-nf, resnet20, resnet20-fixup
     Ensemble [ensemble]          M members; mean softmax, votes, save/load
 Training
     TrainConfig [train]          everything that defines a run; ensdiv.train.train builds

@@ -112,8 +112,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     ("--dverge-steps", "dverge_steps", int, None, "with --diversity dverge: distillation "
      "steps, each of size ε/10 (default: 10)"),
     ("--dverge-layer", "dverge_layer", int, "L", "with --diversity dverge: distil at this "
-     "hidden layer every epoch (mlp 1-2, cnn 1-3, resnet20 1-20) (default: a layer drawn "
-     "anew each epoch)"),
+     "hidden layer every epoch (mlp 1-2, cnn[-nf] 1-3, resnet20[-fixup] 1-20) (default: a "
+     "layer drawn anew each epoch)"),
     ("--dverge-clean", "dverge_clean", float, "W", "with --diversity dverge: weight of an "
      "added clean-data CE (default: 0, the authors')"),
     ("--noise-sigma", "noise_sigma", float, "σ",

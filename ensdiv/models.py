@@ -6,7 +6,9 @@ logits [B, num_classes]. Each exposes ``features(x) -> [B, F]`` (the penultimate
 and a linear ``head`` (``logits = head(features(x))``) so representations can be matched.
 
 Normalization layers are GroupNorm: train-mode BatchNorm couples the samples of a batch, which
-breaks per-sample input gradients and ``vmap`` over samples. Convolutions, GroupNorm, ReLU and
+breaks per-sample input gradients and ``vmap`` over samples. ``cnn-nf`` and ``resnet20-fixup``
+have none (GroupNorm's double backward is the dearest part of a diversity step; Fixup's
+initialization lets the residual net train without it). Convolutions, GroupNorm, ReLU and
 max pooling are :mod:`ensdiv.layers`' drop-ins for the ``torch.nn`` ones (same parameters and
 numbers) whose double backward is cheaper, which is what gradient-diversity training pays for.
 
@@ -19,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
@@ -28,9 +31,9 @@ from torch import Tensor, nn
 from ensdiv.errors import EnsdivError, check_choice, check_shape
 from ensdiv.layers import Conv2d, GroupNorm, MaxPool2d, ReLU
 
-Arch = Literal["mlp", "cnn", "resnet20"]
+Arch = Literal["mlp", "cnn", "cnn-nf", "resnet20", "resnet20-fixup"]
 ARCHS: tuple[str, ...] = get_args(Arch)
-LAYERS: dict[str, int] = {"mlp": 2, "cnn": 3, "resnet20": 20}
+LAYERS: dict[str, int] = {"mlp": 2, "cnn": 3, "cnn-nf": 3, "resnet20": 20, "resnet20-fixup": 20}
 """Hidden layers of each architecture that :meth:`Member.layer_features` can stop at."""
 
 
@@ -159,15 +162,23 @@ class CNN(Member):
     """A small LeNet-like net: two conv-GN-ReLU-maxpool blocks, adaptive pooling, one FC layer.
 
     Adaptive pooling to 4×4 makes it work from 8×8 inputs (digits) up to 32×32 (CIFAR).
+    ``norm=False`` (architecture ``cnn-nf``) drops the two GroupNorms and gives the
+    convolutions biases — the plain conv nets of the GAL paper's MNIST experiments (Kariyappa &
+    Qureshi 2019) — whose double backward skips GroupNorm's, the dearest part of the GAL step.
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
-                 std: Sequence[float], width: int = 32, feat_dim: int = 128) -> None:
-        super().__init__("cnn", in_shape, num_classes, mean, std)
+                 std: Sequence[float], width: int = 32, feat_dim: int = 128,
+                 norm: bool = True) -> None:
+        super().__init__("cnn" if norm else "cnn-nf", in_shape, num_classes, mean, std)
         c = in_shape[0]
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            conv = [Conv2d(cin, cout, 3, padding=1)]
+            return conv + ([_gn(cout)] if norm else []) + [ReLU(), MaxPool2d(2)]
+
         self.body = nn.Sequential(
-            Conv2d(c, width, 3, padding=1), _gn(width), ReLU(), MaxPool2d(2),
-            Conv2d(width, 2 * width, 3, padding=1), _gn(2 * width), ReLU(), MaxPool2d(2),
+            *block(c, width), *block(width, 2 * width),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),
             nn.Linear(2 * width * 16, feat_dim), ReLU(),
         )
@@ -178,7 +189,8 @@ class CNN(Member):
         return self.body(z)
 
     def _cuts(self) -> list[Any]:
-        return _prefix(self.body, (2, 6, 11))  # after each GroupNorm and the FC layer
+        # before each ReLU: after each block's GroupNorm (its conv in cnn-nf) and the FC layer
+        return _prefix(self.body, [i for i, m in enumerate(self.body) if isinstance(m, ReLU)])
 
 
 class BasicBlock(nn.Module):
@@ -247,7 +259,96 @@ class ResNet20(Member):
         return cuts
 
 
-_ARCH_CLASSES: dict[str, type[Member]] = {"mlp": MLP, "cnn": CNN, "resnet20": ResNet20}
+class Bias(nn.Module):
+    """A learned scalar added to its input (Fixup's bias; zero at initialization)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x + bias``."""
+        return x + self.bias
+
+
+class FixupBlock(nn.Module):
+    """Basic block without normalization, initialized as Fixup (Zhang, Dauphin & Ma 2019).
+
+    ``relu(scale·conv2(relu(conv1(x + a1) + b1) + a2) + b2 + shortcut(x + a1))`` with learned
+    scalars a1, b1, a2, b2 (zero) and ``scale`` (one); ``conv2`` starts at zero, so each block
+    starts as its shortcut, and ``conv1`` starts at He's scale times ``branch_scale``
+    (L^(−1/2) for L residual branches of two layers each).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, branch_scale: float) -> None:
+        super().__init__()
+        self.a1, self.b1, self.a2, self.b2 = Bias(), Bias(), Bias(), Bias()
+        self.conv1 = Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv2 = Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.relu = ReLU()
+        self.short: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = Conv2d(cin, cout, 1, stride, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        with torch.no_grad():
+            self.conv1.weight.mul_(branch_scale)
+        nn.init.zeros_(self.conv2.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Residual block output."""
+        return self.relu(self.pre_relu(x))
+
+    def first(self, x: Tensor) -> Tensor:
+        """The first conv (and its bias), before its ReLU."""
+        return self.b1(self.conv1(self.a1(x)))
+
+    def pre_relu(self, x: Tensor) -> Tensor:
+        """The block's residual sum, before its final ReLU."""
+        branch = self.conv2(self.a2(self.relu(self.first(x))))
+        return self.b2(branch * self.scale) + self.short(self.a1(x))
+
+
+class ResNet20Fixup(ResNet20):
+    """ResNet-20 without normalization layers, trained from a Fixup initialization
+    (Zhang, Dauphin & Ma, ICLR 2019): architecture ``resnet20-fixup``.
+
+    Same stages, widths, strides and layer numbering as :class:`ResNet20`; every GroupNorm is
+    gone, which is what makes its double backward (GAL, cos, GDR, DRT, TRS) cheap. Follows the
+    authors' CIFAR ResNets in the scalar biases and multipliers and in the initialization of
+    the residual branches (:class:`FixupBlock`). Departs from them in two places: the shortcut
+    of a down-sampling block is a 1×1 convolution (theirs: average pooling and zero channels),
+    as in ensdiv's ``resnet20``; and the classifier keeps PyTorch's default initialization
+    (theirs: zero) — a zero classifier would give every member a zero input gradient at the
+    first step, where a diversity term has no direction.
+
+    Example:
+        >>> net = build_model("resnet20-fixup", in_shape=(3, 8, 8), num_classes=10)
+        >>> net(torch.rand(2, 3, 8, 8)).shape, net.num_layers
+        (torch.Size([2, 10]), 20)
+    """
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
+                 std: Sequence[float], width: int = 16) -> None:
+        Member.__init__(self, "resnet20-fixup", in_shape, num_classes, mean, std)
+        c = in_shape[0]
+        stem = Conv2d(c, width, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
+        layers: list[nn.Module] = [stem, Bias(), ReLU()]
+        cin, branches = width, 9
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for block in range(3):
+                stride = 2 if stage > 0 and block == 0 else 1
+                layers.append(FixupBlock(cin, cout, stride, branches ** -0.5))
+                cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), Bias()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+
+_ARCH_CLASSES: dict[str, type[Member]] = {
+    "mlp": MLP, "cnn": CNN, "cnn-nf": functools.partial(CNN, norm=False),  # type: ignore[dict-item]
+    "resnet20": ResNet20, "resnet20-fixup": ResNet20Fixup}
 
 
 def build_model(arch: str, *, in_shape: Sequence[int], num_classes: int,

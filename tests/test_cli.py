@@ -64,7 +64,7 @@ def test_help_shows_every_default_and_every_closed_vocabulary():
             assert "default" in text, (name, action.dest, text)
     helps = {n: p.format_help() for n, p in sub.items()}
     assert "{digits,mnist5k,mnist,fashion-mnist,cifar10}" in helps["sweep"]
-    assert "{mlp,cnn,resnet20}" in helps["sweep"]
+    assert "{mlp,cnn,cnn-nf,resnet20,resnet20-fixup}" in helps["sweep"]
     assert "{cos,gal,gdr,drt,adp,trs,dverge}" in helps["sweep"]
     assert "fgsm, mifgsm, pgd" in helps["sweep"]
     assert "{none,cos,gal,gdr,drt,adp,trs,dverge}" in helps["train"]
@@ -130,7 +130,8 @@ S = ["sweep", "--dataset", "digits", "--arch", "mlp", "--members", "2", "--epoch
 # (argv with {root}/{run}/... placeholders, words the one-line message must hold)
 BAD_CLI = [
     (T + ["--dataset", "imagenet"], ["unknown dataset 'imagenet'; choose one of: cifar10"]),
-    (T + ["--arch", "vgg"], ["unknown arch 'vgg'; choose one of: cnn, mlp, resnet20"]),
+    (T + ["--arch", "vgg"], ["unknown arch 'vgg'; choose one of: cnn, cnn-nf, mlp, resnet20, "
+                                  "resnet20-fixup"]),
     (T + ["--members", "0"], ["members must be >= 1"]),
     (T + ["--epochs", "0"], ["epochs must be >= 1"]),
     (T + ["--epochs", "-3"], ["epochs must be >= 1"]),

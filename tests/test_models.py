@@ -31,7 +31,7 @@ def test_normalization_inside(arch):
     torch.testing.assert_close(a(x), b((x - 0.3) / 0.2))
 
 
-@pytest.mark.parametrize("arch", ["cnn", "resnet20"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_samples_independent(arch):
     # no BatchNorm coupling: a sample's output does not depend on the rest of the batch
     net = build_model(arch, in_shape=(1, 8, 8), num_classes=3).train()
@@ -41,7 +41,7 @@ def test_samples_independent(arch):
 
 
 def test_bad_input():
-    with pytest.raises(EnsdivError, match="cnn, mlp, resnet20"):
+    with pytest.raises(EnsdivError, match="cnn, cnn-nf, mlp, resnet20, resnet20-fixup"):
         build_model("vgg", in_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(EnsdivError, match="H, W >= 8"):
         build_model("cnn", in_shape=(1, 4, 4), num_classes=10)
@@ -49,3 +49,42 @@ def test_bad_input():
         build_model("cnn", in_shape=(1, 8, 8), num_classes=1)
     with pytest.raises(EnsdivError, match="std"):
         build_model("cnn", in_shape=(1, 8, 8), num_classes=3, mean=[0.0], std=[0.0])
+
+
+@pytest.mark.parametrize("arch", ["cnn-nf", "resnet20-fixup"])
+def test_normalization_free_members_have_no_normalization_layer(arch):
+    net = build_model(arch, in_shape=(3, 8, 8), num_classes=3)
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)
+    assert not any(isinstance(m, norms) for m in net.modules())
+
+
+def test_fixup_initialization():
+    """Zhang et al. 2019: each residual branch starts at zero (so a block is its shortcut),
+    its first conv at He's scale times L^(-1/2), L = 9 branches; scalar biases 0, scales 1."""
+    from ensdiv.models import FixupBlock
+
+    torch.manual_seed(0)
+    net = build_model("resnet20-fixup", in_shape=(3, 32, 32), num_classes=10)
+    blocks = [m for m in net.modules() if isinstance(m, FixupBlock)]
+    assert len(blocks) == 9
+    z = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(blocks[1](z), torch.relu(z))  # identity shortcut at init
+    for b in blocks:
+        assert b.conv2.weight.abs().max() == 0 and b.scale.item() == 1.0
+        assert all(p.bias.item() == 0 for p in (b.a1, b.b1, b.a2, b.b2))
+        fan_out = b.conv1.weight.shape[0] * 9
+        std = b.conv1.weight.std().item()
+        assert std == pytest.approx((2 / fan_out) ** 0.5 / 3, rel=0.15)
+
+
+def test_cnn_nf_is_cnn_without_its_group_norms():
+    torch.manual_seed(0)
+    gn = build_model("cnn", in_shape=(1, 12, 12), num_classes=4)
+    nf = build_model("cnn-nf", in_shape=(1, 12, 12), num_classes=4)
+    kinds = [type(m).__name__ for m in gn.body]
+    assert [type(m).__name__ for m in nf.body] == [k for k in kinds if k != "GroupNorm"]
+    assert nf.spec["arch"] == "cnn-nf"
+    again = build_model(**nf.spec)
+    again.load_state_dict(nf.state_dict())
+    x = torch.rand(3, 1, 12, 12)
+    torch.testing.assert_close(again(x), nf(x))
