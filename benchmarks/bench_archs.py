@@ -41,6 +41,7 @@ from _common import (
     paired_median,
     paired_rounds,
     paired_times,
+    step_main,
 )
 
 FAMILIES = {"cnn": ("cnn", "cnn-nf"), "resnet20": ("resnet20", "resnet20-fixup")}
@@ -139,19 +140,7 @@ def test_the_table_from_a_tiny_paired_run():
 
 
 def main(argv: list[str]) -> None:
-    import argparse
-    import json
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(description="paired double-backprop steps per "
-                                                 "architecture, for the docs")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", help="write the JSON here (benchmarks/results/…)")
-    args = parser.parse_args(argv)
-    data = run(args.reps)
-    if args.out:
-        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    print(table(data))
+    step_main(argv, run, "paired double-backprop steps per architecture, for the docs")
 
 
 if __name__ == "__main__":

@@ -106,10 +106,11 @@ class Member(nn.Module):
         layer is the penultimate representation :meth:`features` (before its ReLU where it
         has one). Shapes: [B, C', H', W'] for convolutional layers, [B, F] otherwise.
 
-        Layers: ``mlp`` 2 (the two hidden linear layers), ``cnn`` 3 (the two conv + GroupNorm
-        blocks and the FC layer), ``resnet20`` 20 (the stem, then two per basic block — the
-        first conv + norm, and the block's sum before its ReLU — then the pooled features; the
-        numbering of DVERGE's ResNet-20, Yang et al. 2020).
+        Layers: ``mlp`` 2 (the two hidden linear layers), ``cnn`` and ``cnn-nf`` 3 (the two
+        conv (+ GroupNorm) blocks and the FC layer), ``resnet20`` and ``resnet20-fixup`` 20 (the
+        stem, then two per basic block — the first conv + norm (+ bias), and the block's sum
+        before its ReLU — then the pooled features; the numbering of DVERGE's ResNet-20, Yang
+        et al. 2020).
 
         Example:
             >>> net = build_model("cnn", in_shape=(1, 8, 8), num_classes=10)
