@@ -162,10 +162,12 @@ def test_fashion_mnist_sweep_tables_come_from_both_sweeps_records():
 
 def _prose_quotes_only_cells(page: Path, name: str, pattern: str) -> None:
     """Every number with its s.e. (``pattern``) in the prose after block ``name`` on ``page``,
-    up to the next section, is a cell of that generated block; the prose quotes at least one."""
+    up to the next heading or generated block, is a cell of that block; the prose quotes at
+    least one."""
     import re
 
-    prose = page.read_text().split(f"<!-- {name}:end -->", 1)[1].split("\n## ", 1)[0]
+    after = page.read_text().split(f"<!-- {name}:end -->", 1)[1]
+    prose = re.split(r"\n#{2,3} |<!-- [\w-]+:start -->", after, maxsplit=1)[0]
     table = block(name)
     quoted = re.findall(pattern, prose)
     assert quoted, "the write-up quotes no table value"
@@ -211,22 +213,27 @@ def test_cards_prose_quotes_only_numbers_of_its_tables():
                              r"-?\d+\.\d ± \d+\.\d|\d\.\d{3} ± \d\.\d{3}")
 
 
-def test_baselines_table_comes_from_the_committed_cards_and_benchmark():
+@pytest.mark.parametrize("dataset,epochs,name", [("mnist5k", 3, "baselines-table"),
+                                                  ("fashion-mnist", 1, "baselines-fmnist-table")])
+def test_baselines_table_comes_from_the_committed_cards_and_benchmark(dataset, epochs, name):
     import json
 
     from ensdiv.runs.evaluate import method_table, read_card
 
-    cards = [read_card(p) for p in sorted((RESULTS / "baselines" / "mnist5k").iterdir())]
+    cards = [read_card(p) for p in sorted((RESULTS / "baselines" / dataset).iterdir())]
     methods = {c["training"]["diversity"] for c in cards}
     assert methods == {"none", "cos", "gal", "gdr", "drt", "adp", "trs", "dverge"}
     for m in methods:  # at least two seeds each
         assert len({c["training"]["seed"] for c in cards if c["training"]["diversity"] == m}) >= 2
     for c in cards:
         assert c["n"] == 250 and c["eps"] == 0.1 and c["budget"]["apgd_steps"] == 100
+        assert c["dataset"] == dataset and c["training"]["epochs"] == epochs
+        assert c["architecture"] == "3 × cnn" and c["members_count"] == 3
     bench = json.loads((BENCH_RESULTS / "baselines-cpu-2026-12-07.json").read_text())
     costs = _benchmarks_module("bench_baselines").step_costs(bench)
-    assert block("baselines-table") == method_table(cards, costs).strip()
+    assert block(name) == method_table(cards, costs).strip()
 
 
-def test_baselines_prose_quotes_only_numbers_of_its_table():
-    _prose_quotes_only_cells(ROOT / "README.md", "baselines-table", r"\d\.\d{3} ± \d\.\d{3}")
+@pytest.mark.parametrize("name", ["baselines-table", "baselines-fmnist-table"])
+def test_baselines_prose_quotes_only_numbers_of_its_table(name):
+    _prose_quotes_only_cells(ROOT / "README.md", name, r"\d\.\d{3} ± \d\.\d{3}")
