@@ -97,6 +97,12 @@ def ratios(case: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
+def agreement(first: dict, second: dict) -> float:
+    """The largest difference between two runs' ratios to their own plain step (same cases)."""
+    return max(abs(a[0] - b[0]) for ca, cb in zip(first["cases"], second["cases"], strict=True)
+               for a, b in zip(ratios(ca).values(), ratios(cb).values(), strict=True))
+
+
 def table(data: dict) -> str:
     """One markdown table per case: step (ms), ÷ own plain step, ÷ the GroupNorm plain step."""
     import statistics
