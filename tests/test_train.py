@@ -11,7 +11,7 @@ from ensdiv.train import TrainConfig
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"dataset": "imagenet"}, "cifar10, digits, fashion-mnist, mnist, mnist5k"),
-    ({"arch": "vgg"}, "cnn, mlp, resnet20"),
+    ({"arch": "vgg"}, "cnn, cnn-nf, mlp, resnet20, resnet20-fixup"),
     ({"members": 0}, "members must be >= 1"),
     ({"epochs": 0}, "epochs must be >= 1"),
     ({"lr": 0.0}, "learning rate must be positive"),
