@@ -88,3 +88,19 @@ def test_cnn_nf_is_cnn_without_its_group_norms():
     again.load_state_dict(nf.state_dict())
     x = torch.rand(3, 1, 12, 12)
     torch.testing.assert_close(again(x), nf(x))
+
+
+@pytest.mark.parametrize("arch", ["cnn-nf", "resnet20-fixup"])
+def test_normalization_free_members_fit_a_small_batch(arch):
+    """Without normalization the members still train: 60 Adam steps memorize 16 images."""
+    torch.manual_seed(0)
+    net = build_model(arch, in_shape=(3, 8, 8), num_classes=4)
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    first = torch.nn.functional.cross_entropy(net(x), y).item()
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    last = torch.nn.functional.cross_entropy(net(x), y).item()
+    assert last < 0.5 * first and (net(x).argmax(1) == y).float().mean() >= 0.9
