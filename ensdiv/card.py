@@ -213,8 +213,9 @@ def card_whitebox(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
         "stand_in": "softmax" if aggregation == "vote" else None,
         "number_forward_passes": ensemble.num_members, "members_count": ensemble.num_members,
         "clean_acc": total / n if n else math.nan,
-        "robust_acc": robust, "robust_acc_se": _se(robust, n),
-        "averaged_output_robust_acc": averaged, "averaged_output_robust_acc_se": _se(averaged, n),
+        "robust_acc": robust, "robust_acc_se": binomial_se(robust, n),
+        "averaged_output_robust_acc": averaged,
+        "averaged_output_robust_acc_se": binomial_se(averaged, n),
         "attacks": {name: None if name not in attacks else {
             **wc.per_attack[name].to_dict(), "broke_first": first[name],
             "seconds": wc.seconds[name], "setup": {**setups[name], "eps": eps, "seed": seed}}
@@ -368,6 +369,12 @@ def _sanity(model: nn.Module, x: Tensor, y: Tensor, eps: float, budget: CardBudg
     return values, warnings
 
 
-def _se(p: float, n: int) -> float:
-    """Binomial standard error of a proportion over n inputs."""
+def binomial_se(p: float, n: int) -> float:
+    """Binomial standard error √(p(1 − p)/n) of a proportion ``p`` measured on ``n`` inputs;
+    NaN when ``n`` is 0 or ``p`` is undefined.
+
+    Example:
+        >>> round(binomial_se(0.5, 100), 3), binomial_se(0.5, 0)
+        (0.05, nan)
+    """
     return math.sqrt(p * (1 - p) / n) if n and math.isfinite(p) else math.nan

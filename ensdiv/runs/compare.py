@@ -30,14 +30,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ensdiv.card import CardBudget, card_transfer, card_whitebox
+from ensdiv.card import CardBudget, binomial_se, card_transfer, card_whitebox
 from ensdiv.errors import EnsdivError, check_int, check_real
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
@@ -117,10 +116,6 @@ class CompareConfig(JsonConfig):
                           seed=self.eval_seed)
 
 
-def _binomial_se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else math.nan
-
-
 def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, *,
                  device: torch.device | str = "cpu", data_root: str | None = None,
                  progress: bool = False,
@@ -163,7 +158,7 @@ def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, 
     rec["certified"] = {"sigma": config.sigma, "n0": config.cert_n0, "n": config.cert_n,
                         "alpha": config.alpha, "points": len(certs),
                         "radii": list(config.radii), "accuracy": acc,
-                        "accuracy_se": [_binomial_se(a, len(certs)) for a in acc],
+                        "accuracy_se": [binomial_se(a, len(certs)) for a in acc],
                         "acr": average_certified_radius(certs)}
     rec["time"] = utc_now()
     return rec

@@ -45,6 +45,7 @@ from ensdiv.aggregation import AGGREGATIONS
 from ensdiv.card import (
     CARD_ATTACKS,
     CardBudget,
+    binomial_se,
     card_gradients,
     card_members,
     card_surrogate,
@@ -311,7 +312,7 @@ def _certified(ens: Ensemble, test: Any, config: EvaluateConfig, parts: Path,
     return {"sigma": config.sigma, "n0": config.cert_n0, "n": config.cert_n,
             "alpha": config.alpha, "points": points, "base": "averaged softmax",
             "radii": list(config.radii), "accuracy": acc,
-            "accuracy_se": [_se(a, points) for a in acc],
+            "accuracy_se": [binomial_se(a, points) for a in acc],
             "acr": average_certified_radius(certs), "seed": config.seed}
 
 
@@ -366,8 +367,8 @@ def _assemble(config: EvaluateConfig, settings: dict[str, Any], ens: Ensemble, n
         "keep_rule": "per-input worst case over the cascade; success counted only on inputs "
                      "correct under the rule",
         "evaluations": evaluations,
-        "members": [{**m, "clean_acc_se": _se(m["clean_acc"], n),
-                     "robust_acc_se": _se(m["robust_acc"], n)} for m in members],
+        "members": [{**m, "clean_acc_se": binomial_se(m["clean_acc"], n),
+                     "robust_acc_se": binomial_se(m["robust_acc"], n)} for m in members],
         "transfer": transfer,
         "surrogate": surrogate_info,
         **{k: v for k, v in grads.items() if k != "zero_grad_fraction"},
@@ -376,10 +377,6 @@ def _assemble(config: EvaluateConfig, settings: dict[str, Any], ens: Ensemble, n
         "warnings": warnings,
         "seconds": {**seconds, "total": sum(seconds.values())},
     })
-
-
-def _se(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / n) if n and math.isfinite(p) else math.nan
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -572,13 +569,13 @@ def card_contrasts(cards: Sequence[dict[str, Any]]) -> str:
                 cells.append("—")
                 continue
             d = e["averaged_output_robust_acc"] - e["robust_acc"]
-            cells.append(f"{100 * d:.1f} ± {100 * _se(d, n):.1f}")
+            cells.append(f"{100 * d:.1f} ± {100 * binomial_se(d, n):.1f}")
         for r in ("vote", "logits"):
             if r not in by or "softmax" not in by:
                 cells.append("—")
                 continue
             a, b = by[r]["robust_acc"], by["softmax"]["robust_acc"]
-            se = math.sqrt(_se(a, n) ** 2 + _se(b, n) ** 2)
+            se = math.sqrt(binomial_se(a, n) ** 2 + binomial_se(b, n) ** 2)
             cells.append(f"{100 * (a - b):.1f} ± {100 * se:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
