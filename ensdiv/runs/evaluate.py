@@ -77,6 +77,7 @@ from ensdiv.runs.rundir import (
     check_fits,
     ensemble_path,
     load_run,
+    mean_se,
     prepare_run_dir,
     run_lock,
     train_cost,
@@ -447,17 +448,6 @@ def card_table(cards: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _mean_se(values: Sequence[float | None], digits: int = 3) -> str:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return "—"
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return f"{mean:.{digits}f}"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{mean:.{digits}f} ± {sd / math.sqrt(len(vals)):.{digits}f}"
-
-
 def method_table(cards: Sequence[dict[str, Any]],
                  step_cost: dict[str, float] | None = None) -> str:
     """One row per training method over its cards (several seeds): what ``ensdiv evaluate
@@ -502,13 +492,13 @@ def method_table(cards: Sequence[dict[str, Any]],
         minutes = [c["training"]["seconds"] / 60 if c["training"].get("seconds") else None
                    for c in group]
         lines.append("| " + " | ".join([
-            name, str(len(group)), _mean_se([e["clean_acc"] for e in heads]),
-            _mean_se([c.get("gdr") for c in group]),
-            _mean_se([c["transfer"]["mean"] for c in group]),
-            _mean_se([e["surrogate"]["rate"] if e.get("surrogate") else None for e in heads]),
-            _mean_se([e["robust_acc"] for e in heads]),
-            _mean_se([e["averaged_output_robust_acc"] for e in heads]),
-            f"{cost:.2f}" if cost is not None else "—", _mean_se(minutes, 1),
+            name, str(len(group)), mean_se([e["clean_acc"] for e in heads]),
+            mean_se([c.get("gdr") for c in group]),
+            mean_se([c["transfer"]["mean"] for c in group]),
+            mean_se([e["surrogate"]["rate"] if e.get("surrogate") else None for e in heads]),
+            mean_se([e["robust_acc"] for e in heads]),
+            mean_se([e["averaged_output_robust_acc"] for e in heads]),
+            f"{cost:.2f}" if cost is not None else "—", mean_se(minutes, 1),
             str(sum(len(c.get("warnings", [])) for c in group))]) + " |")
     return "\n".join(lines)
 

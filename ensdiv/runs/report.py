@@ -19,25 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ensdiv.runs.rundir import correlations, entry_success, number, regularizer
+from ensdiv.runs.rundir import correlations, entry_success, mean_se, number, regularizer
 
 Record = dict[str, Any]
-
-
-def mean_se(values: Sequence[float | None], digits: int = 3) -> str:
-    """``mean ± standard error`` (std with ddof 1 over √n) of the defined values; "—" if none.
-
-    Example:
-        >>> mean_se([0.5]), mean_se([None])
-        ('0.500', '—')
-    """
-    v = np.array([number(x) for x in values], dtype=float)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return "—"
-    if len(v) == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1) / math.sqrt(len(v)):.{digits}f}"
 
 
 def _entry(rec: Record, attack: str, eps: float) -> Record | None:

@@ -493,6 +493,22 @@ def number(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
+def mean_se(values: Sequence[float | None], digits: int = 3) -> str:
+    """``mean ± standard error`` (std with ddof 1 over √n) of the defined values; "—" if none.
+
+    Example:
+        >>> mean_se([0.5]), mean_se([None])
+        ('0.500', '—')
+    """
+    v = np.array([number(x) for x in values], dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return "—"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1) / math.sqrt(len(v)):.{digits}f}"
+
+
 def check_plot_options(records: Sequence[dict[str, Any]], *, attack: str | None,
                        eps: float | None) -> tuple[str, float]:
     """Check the heatmaps' ``attack`` and ``eps`` against what the records hold, before

@@ -5,7 +5,6 @@ import pytest
 from ensdiv.runs.report import (
     correlation_table,
     lam_table,
-    mean_se,
     sweep_tables,
     transfer_fall_table,
 )
@@ -34,13 +33,6 @@ RECORDS = [fake_record(0.0, 0, 0.25, 0.10, 0.50, 0.40, 0.45, 0.30),
            fake_record(0.0, 1, 0.27, 0.12, 0.52, 0.42, 0.47, 0.31),
            fake_record(3.0, 0, 0.02, 0.01, 0.70, 0.50, 0.66, 0.10),
            fake_record(3.0, 1, 0.03, 0.01, 0.74, 0.52, 0.70, 0.12)]
-
-
-def test_mean_se_matches_numpy_and_skips_undefined():
-    assert mean_se([0.25, 0.27]) == "0.260 ± 0.010"  # std(ddof=1) 0.01414 / √2
-    assert mean_se([0.1, None, float("nan")]) == "0.100"
-    assert mean_se([None]) == "—" and mean_se([]) == "—"
-    assert mean_se([1.0, 2.0, 3.0], digits=1) == "2.0 ± 0.6"
 
 
 def test_lam_table_rows_come_from_the_records():

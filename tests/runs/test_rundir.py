@@ -136,3 +136,12 @@ def test_missing_sweep_records_name_the_folder_given(tmp_path):
     from ensdiv.runs.rundir import read_sweep_records
     with pytest.raises(EnsdivError, match=f"--out {tmp_path / 'none'}` first"):
         read_sweep_records(tmp_path / "none")
+
+
+def test_mean_se_matches_numpy_and_skips_undefined():
+    from ensdiv.runs.rundir import mean_se
+
+    assert mean_se([0.25, 0.27]) == "0.260 ± 0.010"  # std(ddof=1) 0.01414 / √2
+    assert mean_se([0.1, None, float("nan")]) == "0.100"
+    assert mean_se([None]) == "—" and mean_se([]) == "—"
+    assert mean_se([1.0, 2.0, 3.0], digits=1) == "2.0 ± 0.6"
