@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -221,45 +221,6 @@ class BasicBlock(nn.Module):
         return self.n2(self.conv2(self.relu(self.first(x)))) + self.short(x)
 
 
-class ResNet20(Member):
-    """CIFAR-style ResNet-20 (He et al. 2016): 3 stages × 3 blocks, 16/32/64 channels."""
-
-    def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
-                 std: Sequence[float], width: int = 16) -> None:
-        super().__init__("resnet20", in_shape, num_classes, mean, std)
-        c = in_shape[0]
-        layers: list[nn.Module] = [Conv2d(c, width, 3, 1, 1, bias=False), _gn(width), ReLU()]
-        cin = width
-        for stage, cout in enumerate((width, 2 * width, 4 * width)):
-            for block in range(3):
-                layers.append(BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
-                cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, num_classes)
-
-    def embed(self, z: Tensor) -> Tensor:
-        """Globally pooled representation [B, 4·width]."""
-        return self.body(z)
-
-    def _cuts(self) -> list[Any]:
-        stem, blocks, pool = self.body[:2], list(self.body[3:12]), self.body[12:]
-        relu = self.body[2]
-
-        def run(z: Tensor, upto: int) -> Tensor:  # the input of block `upto`
-            z = relu(stem(z))
-            for block in blocks[:upto]:
-                z = block(z)
-            return z
-
-        cuts: list[Any] = [stem]
-        for i, block in enumerate(blocks):
-            cuts.append(lambda z, i=i, b=block: b.first(run(z, i)))
-            cuts.append(lambda z, i=i, b=block: b.pre_relu(run(z, i)))
-        cuts.append(lambda z: pool(run(z, len(blocks))))
-        return cuts
-
-
 class Bias(nn.Module):
     """A learned scalar added to its input (Fixup's bias; zero at initialization)."""
 
@@ -310,18 +271,18 @@ class FixupBlock(nn.Module):
         return self.b2(branch * self.scale) + self.short(self.a1(x))
 
 
-class ResNet20Fixup(ResNet20):
-    """ResNet-20 without normalization layers, trained from a Fixup initialization
-    (Zhang, Dauphin & Ma, ICLR 2019): architecture ``resnet20-fixup``.
+class ResNet20(Member):
+    """CIFAR-style ResNet-20 (He et al. 2016): 3 stages × 3 blocks, 16/32/64 channels.
 
-    Same stages, widths, strides and layer numbering as :class:`ResNet20`; every GroupNorm is
-    gone, which is what makes its double backward (GAL, cos, GDR, DRT, TRS) cheap. Follows the
-    authors' CIFAR ResNets in the scalar biases and multipliers and in the initialization of
-    the residual branches (:class:`FixupBlock`). Departs from them in two places: the shortcut
-    of a down-sampling block is a 1×1 convolution (theirs: average pooling and zero channels),
-    as in ensdiv's ``resnet20``; and the classifier keeps PyTorch's default initialization
-    (theirs: zero) — a zero classifier would give every member a zero input gradient at the
-    first step, where a diversity term has no direction.
+    ``fixup=True`` (architecture ``resnet20-fixup``): the same stages, widths, strides and layer
+    numbering without any normalization layer, trained from a Fixup initialization (Zhang,
+    Dauphin & Ma, ICLR 2019) — every GroupNorm is gone, which is what makes its double backward
+    (GAL, cos, GDR, DRT, TRS) cheap. Follows the authors' CIFAR ResNets in the scalar biases and
+    multipliers and in the initialization of the residual branches (:class:`FixupBlock`).
+    Departs from them in two places: the shortcut of a down-sampling block is a 1×1 convolution
+    (theirs: average pooling and zero channels), as in ensdiv's ``resnet20``; and the classifier
+    keeps PyTorch's default initialization (theirs: zero) — a zero classifier would give every
+    member a zero input gradient at the first step, where a diversity term has no direction.
 
     Example:
         >>> net = build_model("resnet20-fixup", in_shape=(3, 8, 8), num_classes=10)
@@ -330,26 +291,49 @@ class ResNet20Fixup(ResNet20):
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],
-                 std: Sequence[float], width: int = 16) -> None:
-        Member.__init__(self, "resnet20-fixup", in_shape, num_classes, mean, std)
-        c = in_shape[0]
-        stem = Conv2d(c, width, 3, 1, 1, bias=False)
-        nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
-        layers: list[nn.Module] = [stem, Bias(), ReLU()]
-        cin, branches = width, 9
+                 std: Sequence[float], width: int = 16, fixup: bool = False) -> None:
+        super().__init__("resnet20-fixup" if fixup else "resnet20", in_shape, num_classes, mean,
+                         std)
+        stem = Conv2d(in_shape[0], width, 3, 1, 1, bias=False)
+        if fixup:
+            nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
+        layers: list[nn.Module] = [stem, Bias() if fixup else _gn(width), ReLU()]
+        cin, branches = width, 9  # 3 stages × 3 residual branches
         for stage, cout in enumerate((width, 2 * width, 4 * width)):
             for block in range(3):
                 stride = 2 if stage > 0 and block == 0 else 1
-                layers.append(FixupBlock(cin, cout, stride, branches ** -0.5))
+                layers.append(FixupBlock(cin, cout, stride, branches ** -0.5) if fixup
+                              else BasicBlock(cin, cout, stride))
                 cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), Bias()]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()] + ([Bias()] if fixup else [])
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(cin, num_classes)
 
+    def embed(self, z: Tensor) -> Tensor:
+        """Globally pooled representation [B, 4·width]."""
+        return self.body(z)
 
-_ARCH_CLASSES: dict[str, type[Member]] = {
-    "mlp": MLP, "cnn": CNN, "cnn-nf": functools.partial(CNN, norm=False),  # type: ignore[dict-item]
-    "resnet20": ResNet20, "resnet20-fixup": ResNet20Fixup}
+    def _cuts(self) -> list[Any]:
+        stem, blocks, pool = self.body[:2], list(self.body[3:12]), self.body[12:]
+        relu = self.body[2]
+
+        def run(z: Tensor, upto: int) -> Tensor:  # the input of block `upto`
+            z = relu(stem(z))
+            for block in blocks[:upto]:
+                z = block(z)
+            return z
+
+        cuts: list[Any] = [stem]
+        for i, block in enumerate(blocks):
+            cuts.append(lambda z, i=i, b=block: b.first(run(z, i)))
+            cuts.append(lambda z, i=i, b=block: b.pre_relu(run(z, i)))
+        cuts.append(lambda z: pool(run(z, len(blocks))))
+        return cuts
+
+
+_ARCH_CLASSES: dict[str, Callable[..., Member]] = {
+    "mlp": MLP, "cnn": CNN, "cnn-nf": functools.partial(CNN, norm=False),
+    "resnet20": ResNet20, "resnet20-fixup": functools.partial(ResNet20, fixup=True)}
 
 
 def build_model(arch: str, *, in_shape: Sequence[int], num_classes: int,
