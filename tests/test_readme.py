@@ -155,12 +155,10 @@ def test_archs_prose_quotes_only_its_table_and_a_reproduced_run():
     bench = _benchmarks_module("bench_archs")
     first, second = (json.loads((BENCH_RESULTS / f"archs-cpu-2026-12-07{s}.json").read_text())
                      for s in ("", "-second"))
-    page = (ROOT / "docs" / "performance.md").read_text()
-    prose = page.split("<!-- archs-cpu:end -->", 1)[1].split("\n### ", 1)[0]
+    prose = _prose_quotes_only_cells(ROOT / "docs" / "performance.md", "archs-cpu",
+                                     r"(?<!within )\b\d\.\d\d\b", cell="| {} |")
     assert re.search(r"within\s+0\.21\s+of\s+these", prose)
     assert bench.agreement(first, second) <= 0.21
-    quoted = re.findall(r"(?<!within )\b\d\.\d\d\b", prose)
-    assert quoted and all(f"| {q} |" in block("archs-cpu") for q in quoted)
     gal = {(c["batch"], k.split()[0]): r[0] for c in first["cases"]
            for k, r in bench.ratios(c).items() if k.endswith(" gal")}
     assert gal[128, "cnn-nf"] <= 2.3 and gal[32, "resnet20-fixup"] <= 2.5
@@ -182,10 +180,10 @@ def test_fashion_mnist_sweep_tables_come_from_both_sweeps_records():
     assert block("fmnist-sweep-tables") == sweep_tables(records).strip()
 
 
-def _prose_quotes_only_cells(page: Path, name: str, pattern: str) -> None:
-    """Every number with its s.e. (``pattern``) in the prose after block ``name`` on ``page``,
-    up to the next heading or generated block, is a cell of that block; the prose quotes at
-    least one."""
+def _prose_quotes_only_cells(page: Path, name: str, pattern: str, cell: str = "{}") -> str:
+    """Every number (``pattern``) in the prose after block ``name`` on ``page``, up to the next
+    heading or generated block, is in that block as ``cell`` (a format of the number); the prose
+    quotes at least one. Returns the prose."""
     import re
 
     after = page.read_text().split(f"<!-- {name}:end -->", 1)[1]
@@ -194,7 +192,8 @@ def _prose_quotes_only_cells(page: Path, name: str, pattern: str) -> None:
     quoted = re.findall(pattern, prose)
     assert quoted, "the write-up quotes no table value"
     for q in quoted:
-        assert q in table, f"{q} is not in the generated tables"
+        assert cell.format(q) in table, f"{q} is not in the generated tables"
+    return prose
 
 
 def test_fashion_mnist_prose_quotes_only_numbers_of_its_tables():
