@@ -441,11 +441,17 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """Cross-correlation of ``x`` [N, C, H, W] with the weight, plus bias."""
+        return self.conv(x, self.weight, self.bias)
+
+    def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """This layer's convolution with another ``weight`` [C_out, C_in/groups, kH, kW] and
+        ``bias`` [C_out] (or None) — derived from its own, e.g. rescaled, so that a scalar
+        multiplier and bias after the convolution cost no pass over the activations."""
         large = x.numel() * self.out_channels >= MIN_ELEMENTS * self.in_channels  # output size
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4 \
                 or _native(x, large):
-            return super().forward(x)
-        bias_size = [self.out_channels] if self.bias is not None else None
+            return self._conv_forward(x, weight, bias)
+        bias_size = [self.out_channels] if bias is not None else None
         args = (list(self.stride), list(self.padding), list(self.dilation), self.groups,
                 bias_size)
-        return _ConvFn.apply(x, self.weight, self.bias, args)
+        return _ConvFn.apply(x, weight, bias, args)

@@ -233,13 +233,25 @@ class Bias(nn.Module):
         return x + self.bias
 
 
+def _conv_with(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv``'s convolution with another weight and bias — through ensdiv's double-backprop
+    path where ``conv`` is an :class:`ensdiv.layers.Conv2d`, else torch's (a model whose layers
+    were swapped for ``torch.nn``'s)."""
+    if isinstance(conv, Conv2d):
+        return conv.conv(x, weight, bias)
+    return conv._conv_forward(x, weight, bias)
+
+
 class FixupBlock(nn.Module):
     """Basic block without normalization, initialized as Fixup (Zhang, Dauphin & Ma 2019).
 
     ``relu(scale·conv2(relu(conv1(x + a1) + b1) + a2) + b2 + shortcut(x + a1))`` with learned
     scalars a1, b1, a2, b2 (zero) and ``scale`` (one); ``conv2`` starts at zero, so each block
     starts as its shortcut, and ``conv1`` starts at He's scale times ``branch_scale``
-    (L^(−1/2) for L residual branches of two layers each).
+    (L^(−1/2) for L residual branches of two layers each). The scalars after a convolution
+    (b1; scale and b2) are folded into that convolution's weight and bias, and ``x + a1`` is
+    computed once for branch and shortcut — the same function with three passes fewer over the
+    activations (a1 and a2 precede a zero-padded convolution, so they cannot be folded).
     """
 
     def __init__(self, cin: int, cout: int, stride: int, branch_scale: float) -> None:
@@ -263,12 +275,22 @@ class FixupBlock(nn.Module):
 
     def first(self, x: Tensor) -> Tensor:
         """The first conv (and its bias), before its ReLU."""
-        return self.b1(self.conv1(self.a1(x)))
+        return self._first(self.a1(x))
+
+    def _first(self, xa: Tensor) -> Tensor:
+        # b1 rides in the convolution's bias: one pass less over the activations each way
+        return _conv_with(self.conv1, xa, self.conv1.weight,
+                          self.b1.bias.expand(self.conv1.out_channels))
 
     def pre_relu(self, x: Tensor) -> Tensor:
         """The block's residual sum, before its final ReLU."""
-        branch = self.conv2(self.a2(self.relu(self.first(x))))
-        return self.b2(branch * self.scale) + self.short(self.a1(x))
+        xa = self.a1(x)
+        # scale·conv2(h) + b2 = conv2 with weight scale·W and bias b2: the scalars cost a pass
+        # over the (small) weight, not over the activations
+        branch = _conv_with(self.conv2, self.a2(self.relu(self._first(xa))),
+                            self.conv2.weight * self.scale,
+                            self.b2.bias.expand(self.conv2.out_channels))
+        return branch + self.short(xa)
 
 
 class ResNet20(Member):

@@ -47,15 +47,17 @@ def _away_from_init(ens):
 @pytest.mark.parametrize("path", ["stacked", "loop"])
 @pytest.mark.parametrize("mode", ["loss", "margin"])
 def test_matches_loop_reference(arch, shape, m, path, mode):
+    # float64: in float32 a ReLU input within rounding of zero (seen at 1.5e-6 on a 20-layer
+    # net without normalization) takes the other branch when the two paths round differently
     torch.manual_seed(m)
-    ens = Ensemble.build(arch, m, in_shape=shape, num_classes=6, seed=m, path=path)
+    ens = Ensemble.build(arch, m, in_shape=shape, num_classes=6, seed=m, path=path).double()
     _away_from_init(ens)
-    x, y = torch.rand(7, *shape), torch.randint(0, 6, (7,))
+    x, y = torch.rand(7, *shape, dtype=torch.float64), torch.randint(0, 6, (7,))
     got = input_gradients(ens, x, y, mode=mode)
     ref = loop_reference(ens, x, y, mode=mode)
     assert got.shape == (m, 7, *shape)
     assert not got.requires_grad
-    assert (got - ref).abs().max() <= 1e-5
+    assert (got - ref).abs().max() <= 1e-10 * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("arch,shape", CASES)

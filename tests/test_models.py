@@ -77,6 +77,42 @@ def test_fixup_initialization():
         assert std == pytest.approx((2 / fan_out) ** 0.5 / 3, rel=0.15)
 
 
+@pytest.mark.parametrize("stride,cin", [(1, 16), (2, 8)])
+def test_fixup_block_is_its_formula(stride, cin):
+    """The block, with its scalars folded into the convolutions, against Fixup's formula
+    relu(scale·conv2(relu(conv1(x + a1) + b1) + a2) + b2 + shortcut(x + a1)) written with
+    torch.nn.functional — values, input gradient and its double backward (float64)."""
+    from ensdiv.models import FixupBlock
+
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    b = FixupBlock(cin, 16, stride, 1 / 3).double()
+    with torch.no_grad():  # away from the initialization, where conv2 = 0 and scalars are 0/1
+        for p in b.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    s = b.scale
+
+    def formula(x):
+        xa = x + b.a1.bias
+        h = F.relu(F.conv2d(xa, b.conv1.weight, None, stride, 1) + b.b1.bias) + b.a2.bias
+        short = xa if stride == 1 and cin == 16 else F.conv2d(xa, b.short.weight, None, stride)
+        return F.relu(s * F.conv2d(h, b.conv2.weight, None, 1, 1) + b.b2.bias + short)
+
+    x = torch.randn(3, cin, 12, 12, dtype=torch.float64, requires_grad=True)
+    for f in (b, formula):
+        out = f(x)
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        params = torch.autograd.grad(g.square().sum(), list(b.parameters()))
+        if f is b:
+            want = (out, g, params)
+    torch.testing.assert_close(want[0], out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(want[1], g, rtol=1e-10, atol=1e-12)
+    for p, q in zip(want[2], params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.first(x), F.conv2d(x + b.a1.bias, b.conv1.weight, None, stride, 1)
+                               + b.b1.bias, rtol=1e-10, atol=1e-12)
+
+
 def test_cnn_nf_is_cnn_without_its_group_norms():
     torch.manual_seed(0)
     gn = build_model("cnn", in_shape=(1, 12, 12), num_classes=4)
