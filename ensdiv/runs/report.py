@@ -281,6 +281,60 @@ def train_time_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def _diff(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Difference of means b − a and its standard error (independent seeds)."""
+    def mse(v: Sequence[float]) -> tuple[float, float]:
+        return float(np.mean(v)), (float(np.std(v, ddof=1) / math.sqrt(len(v)))
+                                   if len(v) > 1 else math.nan)
+    (ma, sa), (mb, sb) = mse(a), mse(b)
+    return mb - ma, math.hypot(sa, sb)
+
+
+def arch_pair_table(pairs: Sequence[tuple[str, Sequence[Record], Sequence[Record]]],
+                    attack: str = "pgd", eps: float = 0.1, max_acc_gap: float = 0.005) -> str:
+    """Two architectures trained alike, side by side: for each ``(data set label, records of
+    the reference, records of the candidate)`` — sweeps with the same seeds, epochs and λs —
+    and each (regularizer, λ), the full test-set accuracy (``test_acc``), the GDR and the
+    member → member transfer (``attack`` at ``eps``, full budget), as mean ± s.e. over seeds,
+    and the candidate's difference with its standard error. A ✓ marks a difference within the
+    gate: at most ``max_acc_gap`` in accuracy, at most one standard error in GDR and transfer.
+
+    Example:
+        >>> r = lambda arch, seed, acc: {"arch": arch, "lam": 0.0, "seed": seed, "gdr": 0.2,
+        ...     "test_acc": acc, "attacks": [{"attack": "pgd", "eps": 0.1,
+        ...                                   "transfer_mean": 0.3}]}
+        >>> t = arch_pair_table([("digits", [r("cnn", 0, 0.90), r("cnn", 1, 0.92)],
+        ...                       [r("cnn-nf", 0, 0.88), r("cnn-nf", 1, 0.90)])])
+        >>> print(t.splitlines()[-1])
+        | | | difference | −0.020 ± 0.014 ✗ | +0.000 ± 0.000 ✓ | +0.000 ± 0.000 ✓ |
+    """
+    transfer = _attack_value(attack, eps, "transfer_mean")
+    measures: list[tuple[Callable[[Record], Any], float | None]] = [
+        (lambda r: r.get("test_acc"), max_acc_gap), (lambda r: r.get("gdr"), None),
+        (transfer, None)]
+    lines = ["| data set | ensembles | members | clean accuracy (test set) | GDR | member → "
+             f"member transfer ({attack.upper()}, ε = {eps:g}) |", "|---|---|---|---|---|---|"]
+    for label, ref, cand in pairs:
+        a_groups, b_groups = _by_lam(ref), _by_lam(cand)
+        for group in (g for g in a_groups if g in b_groups):
+            a, b = a_groups[group], b_groups[group]
+            name = "plain" if group[0] == "none" else f"{group[0]} λ = {group[1]:g}"
+            for i, (recs, arch) in enumerate(((a, a[0]["arch"]), (b, b[0]["arch"]))):
+                cells = [mean_se([get(r) for r in recs]) for get, _ in measures]
+                lead = f"{label} | {name}" if i == 0 else "|"
+                lines.append(f"| {lead} | {arch} | " + " | ".join(cells) + " |")
+            cells = []
+            for get, gap in measures:
+                av = [number(get(r)) for r in a]
+                bv = [number(get(r)) for r in b]
+                d, se = _diff(av, bv)
+                ok = abs(d) <= (gap if gap is not None else se)
+                sign = "−" if d < 0 else "+"
+                cells.append(f"{sign}{abs(d):.3f} ± {se:.3f} {'✓' if ok else '✗'}")
+            lines.append("| | | difference | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 ADVERSARY_LABELS: dict[str, str] = {
     "transfer": "transfer (PGD on member 0)", "whitebox": "white-box PGD, oblivious",
     "agreement": "adaptive: agreement", "penalized": "adaptive: score-penalized",

@@ -409,18 +409,42 @@ def figure_dir(out_dir: str | None, records_folder: Path) -> Path:
     return out
 
 
+def run_name(lam: float, seed: int) -> str:
+    """Folder name of one sweep point (inside the sweep's folder)."""
+    return f"lam{lam:g}-seed{seed}"
+
+
+def final_test_accuracy(final: dict[str, Any]) -> dict[str, Any]:
+    """A sweep record's full test-set accuracy, from its training's last metrics record:
+    ``test_acc`` (ensemble), ``test_member_acc`` and ``test_n`` (the record's ``ensemble_acc``
+    is on its ``n`` evaluation points only)."""
+    return {"test_acc": final["ensemble_acc"], "test_member_acc": final["member_acc"],
+            "test_n": final.get("n")}
+
+
 def read_sweep_records(path: str | os.PathLike, *, missing_ok: bool = False,
                        required: Sequence[str] = ("lam", "seed")) -> list[dict]:
     """A sweep's records (``records.jsonl`` of a sweep folder, or the file itself), each
-    holding the ``required`` keys; a missing file is an error unless ``missing_ok``."""
+    holding the ``required`` keys; a missing file is an error unless ``missing_ok``.
+
+    Records written before sweeps kept the full test-set accuracy get it
+    (:func:`final_test_accuracy`) from their run folder's metrics, where that folder is present."""
     path = Path(path)
     path = path / RECORDS if path.is_dir() or path.suffix != ".jsonl" else path
     if not missing_ok and not path.exists():
         raise EnsdivError(f"no sweep records at {path}; run `ensdiv sweep --out "
                           f"{path.parent}` first")
-    return read_jsonl(path, what="sweep records file", required=required,
-                      fix="restore it, or delete its damaged lines and resume (those "
-                          "ensembles are then evaluated again)")
+    records = read_jsonl(path, what="sweep records file", required=required,
+                         fix="restore it, or delete its damaged lines and resume (those "
+                             "ensembles are then evaluated again)")
+    for rec in records:
+        if "test_acc" in rec:
+            continue
+        final = [m for m in read_metrics(path.parent / run_name(rec["lam"], rec["seed"]))
+                 if m["epoch"] == rec.get("epochs")]
+        if final:
+            rec.update(final_test_accuracy(final[-1]))
+    return records
 
 
 def read_sweeps(paths: Sequence[str | os.PathLike], *,

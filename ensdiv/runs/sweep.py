@@ -47,6 +47,7 @@ from ensdiv.runs.rundir import (
     CHECKPOINT,
     RECORDS,
     SWEEP_CONFIG,
+    final_test_accuracy,
     merge_rank_parts,
     open_run_folder,
     prepare_run_dir,
@@ -55,6 +56,7 @@ from ensdiv.runs.rundir import (
     read_sweep_records,
     read_with_parts,
     run_lock,
+    run_name,
 )
 from ensdiv.runtime import resolve_device
 from ensdiv.train import DEFAULT_LR, DIVERSITY_CHOICES, TrainConfig, train
@@ -136,11 +138,6 @@ class SweepConfig(JsonConfig):
                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                            seed=seed, diversity="none" if plain else self.diversity,
                            lam=None if plain else lam, noise_sigma=self.noise_sigma).validate()
-
-
-def run_name(lam: float, seed: int) -> str:
-    """Folder name of one sweep point."""
-    return f"lam{lam:g}-seed{seed}"
 
 
 SWEEP_ATTACKS: tuple[str, ...] = TRANSFER_ATTACKS
@@ -300,6 +297,7 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
                    "arch": config.arch, "members": config.members, "epochs": config.epochs,
                    "n": n, "eval_seed": config.eval_seed, "surrogate_seed": config.surrogate_seed,
                    **evaluate_point(ens, x, y, config, surrogate_adv, surrogate),
+                   **final_test_accuracy(hist[-1]),
                    "train_seconds": sum(h["train_seconds"] for h in hist),
                    "eval_seconds": time.perf_counter() - t2, "time": utc_now()}
             rec = round_floats(rec)

@@ -39,6 +39,31 @@ def test_records_complete_and_round_trip(tiny_sweep):
     assert any("lam=2 seed=0" in line for line in lines)
 
 
+def test_records_hold_the_full_test_set_accuracy_of_the_last_epoch(tiny_sweep, tmp_path):
+    """``ensemble_acc`` is on the n evaluation points; ``test_acc`` is the training's own last
+    epoch on the whole test set — and a sweep written before it existed gets it from its run
+    folders' metrics when read."""
+    import shutil
+
+    from ensdiv.loop import read_metrics
+    from ensdiv.runs.rundir import read_sweep_records, run_name
+
+    out, records, _ = tiny_sweep
+    for rec in records:
+        final = read_metrics(out / run_name(rec["lam"], rec["seed"]))[-1]
+        assert final["epoch"] == rec["epochs"] and final["n"] == 360  # digits' test split
+        assert (rec["test_acc"], rec["test_member_acc"], rec["test_n"]) == (
+            final["ensemble_acc"], final["member_acc"], final["n"])
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / RECORDS).write_text("".join(
+        json.dumps({k: v for k, v in r.items() if not k.startswith("test_")}) + "\n"
+        for r in records))
+    assert read_sweep_records(old) == json.loads(json.dumps(records))
+    shutil.rmtree(old / run_name(2.0, 0))  # no run folder: nothing to fill in
+    assert "test_acc" not in read_sweep_records(old)[1]
+
+
 def test_finished_points_are_not_retrained(tiny_sweep):
     out, records, _ = tiny_sweep
     lines = []
