@@ -25,7 +25,8 @@ Record = dict[str, Any]
 
 
 def _entry(rec: Record, attack: str, eps: float) -> Record | None:
-    return next((a for a in rec["attacks"] if a["attack"] == attack and a["eps"] == eps), None)
+    return next((a for a in rec.get("attacks", ()) if a["attack"] == attack and a["eps"] == eps),
+                None)
 
 
 Group = tuple[str, float]
@@ -296,8 +297,10 @@ def arch_pair_table(pairs: Sequence[tuple[str, Sequence[Record], Sequence[Record
     the reference, records of the candidate)`` — sweeps with the same seeds, epochs and λs —
     and each (regularizer, λ), the full test-set accuracy (``test_acc``), the GDR and the
     member → member transfer (``attack`` at ``eps``, full budget), as mean ± s.e. over seeds,
-    and the candidate's difference with its standard error. A ✓ marks a difference within the
-    gate: at most ``max_acc_gap`` in accuracy, at most one standard error in GDR and transfer.
+    and the candidate's difference with its standard error ("—" where the records lack the
+    measure, e.g. :func:`ensdiv.runs.rundir.training_records` of plain training runs). A ✓
+    marks a difference within the gate: at most ``max_acc_gap`` in accuracy, at most one
+    standard error in GDR and transfer.
 
     Example:
         >>> r = lambda arch, seed, acc: {"arch": arch, "lam": 0.0, "seed": seed, "gdr": 0.2,
@@ -325,8 +328,11 @@ def arch_pair_table(pairs: Sequence[tuple[str, Sequence[Record], Sequence[Record
                 lines.append(f"| {lead} | {arch} | " + " | ".join(cells) + " |")
             cells = []
             for get, gap in measures:
-                av = [number(get(r)) for r in a]
-                bv = [number(get(r)) for r in b]
+                av = [v for v in (number(get(r)) for r in a) if math.isfinite(v)]
+                bv = [v for v in (number(get(r)) for r in b) if math.isfinite(v)]
+                if not av or not bv:  # e.g. training records only: accuracy, no GDR
+                    cells.append("—")
+                    continue
                 d, se = _diff(av, bv)
                 ok = abs(d) <= (gap if gap is not None else se)
                 sign = "−" if d < 0 else "+"

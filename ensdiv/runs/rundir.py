@@ -422,6 +422,25 @@ def final_test_accuracy(final: dict[str, Any]) -> dict[str, Any]:
             "test_n": final.get("n")}
 
 
+def training_records(runs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """One sweep-like record per ``ensdiv train`` run folder — its config's arch, data set, λ,
+    seed and regularizer and its last epoch's :func:`final_test_accuracy` — so runs trained
+    alone (no GDR or attacks) sit in the same tables as a sweep's ensembles."""
+    records = []
+    for run in map(Path, runs):
+        config = read_json(run / CONFIG, what="run config",
+                           fix="give the folder of an `ensdiv train` run")
+        metrics = read_metrics(run)
+        if not metrics:
+            raise EnsdivError(f"{run} has no finished epoch; finish it with `ensdiv train "
+                              f"--out {run} --resume`")
+        records.append({"arch": config["arch"], "dataset": config["dataset"],
+                        "lam": config["lam"] or 0.0, "seed": config["seed"],
+                        "trained_with": config["diversity"], "epochs": metrics[-1]["epoch"],
+                        **final_test_accuracy(metrics[-1])})
+    return records
+
+
 def read_sweep_records(path: str | os.PathLike, *, missing_ok: bool = False,
                        required: Sequence[str] = ("lam", "seed")) -> list[dict]:
     """A sweep's records (``records.jsonl`` of a sweep folder, or the file itself), each
