@@ -130,6 +130,7 @@ BENCH_RESULTS = ROOT / "benchmarks" / "results"
 BENCH_TABLES = [  # README block, benchmarks module, its function, committed JSON
     ("bench-cpu", "report", "report", "cpu-2026-12-02.json"),
     ("profile-cpu", "profile_step", "table", "profile-cpu-2026-12-02.json"),
+    ("profile-resnet20-cpu", "profile_step", "table", "profile-resnet20-cpu-2026-12-07.json"),
     ("distributed-cpu", "bench_distributed", "table", "distributed-cpu-2026-12-02.json"),
     ("smoothing-cpu", "bench_smoothing", "table", "smoothing-cpu-2026-12-02.json"),
     ("objectives-cpu", "bench_transfer", "table", "objectives-cpu-2026-12-02.json"),
@@ -178,6 +179,11 @@ FMNIST = [RESULTS / "sweep-fashion-mnist" / reg for reg in ("gdr", "gal")]
 def test_fashion_mnist_sweep_tables_come_from_both_sweeps_records():
     records = [r for run in FMNIST for r in read_jsonl(run / "records.jsonl")]
     assert block("fmnist-sweep-tables") == sweep_tables(records).strip()
+
+
+def test_resnet20_profile_prose_quotes_only_its_table():
+    _prose_quotes_only_cells(ROOT / "docs" / "performance.md", "profile-resnet20-cpu",
+                             r"(?<![\w.])\d{2,4}(?= ms| →| against|\)| in all)", cell="| {} |")
 
 
 def _prose_quotes_only_cells(page: Path, name: str, pattern: str, cell: str = "{}") -> str:
