@@ -106,8 +106,8 @@ def _setup(args: argparse.Namespace) -> torch.device:
     args.rank_stdout = sys.stdout  # where a rank's own lines go (a sweep's ensembles)
     if not distributed.is_main():  # one copy of every message: rank 0's (errors still show)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
-    if getattr(args, "compile", False):
-        use_compiled_kernels(True)
+    if hasattr(args, "compile"):  # train and sweep: auto (the default), on or off
+        use_compiled_kernels(args.compile)
     return device
 
 

@@ -24,11 +24,18 @@ from ensdiv.errors import EnsdivError
 from ensdiv.evaluation import TRANSFER_ATTACKS
 from ensdiv.fetch import SOURCES
 from ensdiv.gradients import GRAD_MODES
+from ensdiv.layers import COMPILE_MODES
 from ensdiv.models import ARCHS
 from ensdiv.objective import OBJECTIVES
 from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS
 from ensdiv.runtime import available_cores
-from ensdiv.train import ADVERSARIAL_ATTACKS, DEFAULT_AT_STEPS, DEFAULT_LAM, DIVERSITY_CHOICES
+from ensdiv.train import (
+    ADVERSARIAL_ATTACKS,
+    COMPILE_MIN_STEPS,
+    DEFAULT_AT_STEPS,
+    DEFAULT_LAM,
+    DIVERSITY_CHOICES,
+)
 
 Option = tuple[str, str, Callable[[str], Any], str | None, str]
 """(flag, config field, type, metavar, help) of an option that sets a config field."""
@@ -258,9 +265,12 @@ def add_common(p: argparse.ArgumentParser, *, data: bool = True, quiet: bool = T
 
 
 def add_training_speed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=COMPILE_MODES,
                    help="fuse GroupNorm's double backward with torch.compile (diversity "
-                        "training; compiles once per activation shape, tens of seconds on CPU)")
+                        "training; ~12 s of compiling per activation shape on CPU, reported "
+                        "per epoch). auto: on for CPU runs of GroupNorm members with a "
+                        f"double-backprop term and ≥ {COMPILE_MIN_STEPS:,} steps "
+                        "(default: auto; --compile alone: on)")
 
 
 def add_out_options(p: argparse.ArgumentParser, holds: str, resume_help: str, *,

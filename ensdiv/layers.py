@@ -45,33 +45,55 @@ Example:
 
 from __future__ import annotations
 
+import time
 import warnings
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-_COMPILED: dict[str, Any] = {"enabled": False, "fn": None}
+_COMPILED: dict[str, Any] = {"enabled": False, "fn": None, "auto": False, "seconds": 0.0,
+                             "shapes": set()}
+
+CompileMode = Literal["auto", "on", "off"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
-def use_compiled_kernels(enabled: bool = True) -> None:
+def use_compiled_kernels(enabled: bool | CompileMode = True) -> None:
     """Fuse GroupNorm's double backward into one kernel with ``torch.compile`` (or stop).
 
-    The first call per activation shape compiles (tens of seconds on CPU, cached on disk by
-    inductor), so this pays off for training runs, not short tests; numbers agree with the
-    eager path to float rounding. Off by default; ``ensdiv train --compile`` turns it on.
-    Falls back to eager (with one warning) where compilation fails.
+    The first call per activation shape compiles (about 12 s on this project's CPU, cached on
+    disk by inductor; :func:`compile_seconds` counts it), so this pays off for training runs,
+    not short tests; numbers agree with the eager path to float rounding. ``"auto"`` leaves the
+    choice to each :func:`ensdiv.train.train` run (:func:`ensdiv.train.compile_pays`); ``True``
+    or ``"on"`` compiles, ``False`` or ``"off"`` does not. Falls back to eager (with one
+    warning) where compilation fails.
 
     Example:
         >>> use_compiled_kernels(False)
     """
-    _COMPILED["enabled"] = bool(enabled)
+    if enabled not in (True, False) + COMPILE_MODES:
+        raise ValueError(f"use_compiled_kernels takes True, False or one of {COMPILE_MODES}, "
+                         f"not {enabled!r}")
+    _COMPILED["auto"] = enabled == "auto"
+    _COMPILED["enabled"] = enabled in (True, "on")
 
 
 def compiled_kernels_enabled() -> bool:
-    """Whether :func:`use_compiled_kernels` is on."""
+    """Whether the fused kernel is in use now (``"auto"``: what the current run decided)."""
     return bool(_COMPILED["enabled"])
+
+
+def compile_mode() -> CompileMode:
+    """The mode :func:`use_compiled_kernels` last set."""
+    return "auto" if _COMPILED["auto"] else "on" if _COMPILED["enabled"] else "off"
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in first calls of the fused kernel — compiling (or
+    loading from the disk cache) one activation shape each."""
+    return float(_COMPILED["seconds"])
 
 
 #: Use the custom autograd everywhere, not only inside torch.func transforms (for tests).
@@ -166,8 +188,16 @@ def _gn_double_backward_compiled(*args: Any) -> tuple[Tensor, Tensor, Tensor] | 
     if _COMPILED["fn"] is None:
         # static shapes: a symbolic-shape kernel measured several times slower on CPU
         _COMPILED["fn"] = torch.compile(_gn_double_backward, dynamic=False)
+    key = tuple((tuple(a.shape), a.dtype, a.device.type) if isinstance(a, Tensor) else a
+                for a in args)
     try:
-        return _COMPILED["fn"](*args)
+        if key in _COMPILED["shapes"]:
+            return _COMPILED["fn"](*args)
+        start = time.perf_counter()
+        out = _COMPILED["fn"](*args)
+        _COMPILED["seconds"] += time.perf_counter() - start
+        _COMPILED["shapes"].add(key)
+        return out
     except Exception as err:  # noqa: BLE001 - no compiler, unsupported device: stay eager
         warnings.warn(f"ensdiv: compiled GroupNorm kernel unavailable ({type(err).__name__}); "
                       f"using the eager double backward", stacklevel=2)

@@ -16,17 +16,20 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ensdiv import layers
 from ensdiv.adp import ADP_ALPHA, check_adp
 from ensdiv.data import DATASETS, DatasetInfo
 from ensdiv.dverge import DVERGE_EPS, DVERGE_LAM, DVERGE_STEPS, DvergeLoss, check_dverge
@@ -290,6 +293,51 @@ def make_loss(config: TrainConfig, ensemble: Ensemble | None = None,
     return functools.partial(ensemble_loss, diversity=config.diversity, lam=config.lam)
 
 
+COMPILE_MIN_STEPS = 5_000
+"""Training steps from which ``--compile auto`` fuses GroupNorm's double backward on CPU: the
+compile (about 12 s per run on this project's 2-core CPU, one more for the last, smaller batch)
+is repaid after 300–340 GAL steps of a cnn at batch 128 or a resnet20 at batch 32, but after
+~2,400 of a cnn at batch 32 (``benchmarks/bench_compile.py``); 5,000 repays the worst case twice."""
+
+DOUBLE_BACKPROP: tuple[str, ...] = ("cos", "gal", "gdr", "drt", "trs")
+"""Objectives that differentiate input gradients again: where a fused double backward helps."""
+
+
+def compile_pays(ensemble: nn.Module, diversity: str, steps: int,
+                 device: str | torch.device) -> bool:
+    """``--compile auto``'s rule: fuse GroupNorm's double backward for a run of ``steps``
+    optimizer steps on ``device`` when the members have GroupNorm, the objective is one of
+    :data:`DOUBLE_BACKPROP`, the device is a CPU (the only one measured) and ``steps`` ≥
+    :data:`COMPILE_MIN_STEPS`.
+
+    Example:
+        >>> from ensdiv.ensemble import Ensemble
+        >>> ens = Ensemble.build("cnn", 2, in_shape=(1, 8, 8), num_classes=10)
+        >>> compile_pays(ens, "gal", 10_000, "cpu"), compile_pays(ens, "gal", 100, "cpu")
+        (True, False)
+    """
+    return (torch.device(device).type == "cpu" and diversity in DOUBLE_BACKPROP
+            and steps >= COMPILE_MIN_STEPS
+            and any(isinstance(m, nn.GroupNorm) for m in ensemble.modules()))
+
+
+@contextlib.contextmanager
+def _compile_for_run(on: bool) -> Iterator[None]:
+    """Under ``use_compiled_kernels("auto")``: this run's decision, undone afterwards."""
+    if layers.compile_mode() != "auto":
+        yield
+        return
+    layers.use_compiled_kernels(True if on else False)
+    try:
+        yield
+    finally:
+        layers.use_compiled_kernels("auto")
+
+
+def _compile_hook(ensemble: Ensemble) -> dict[str, Any]:
+    return {"compiled_kernels": True, "compile_seconds": round(layers.compile_seconds(), 2)}
+
+
 def train(config: TrainConfig, data: tuple[Dataset, Dataset, DatasetInfo], *,
           device: str | torch.device | None = None, out_dir: str | os.PathLike | None = None,
           resume: bool = False, teacher: Teacher | None = None, progress: bool = True,
@@ -301,6 +349,9 @@ def train(config: TrainConfig, data: tuple[Dataset, Dataset, DatasetInfo], *,
     ``out_dir``/``resume`` are :func:`fit`'s: the folder receives metrics, checkpoint and
     ensemble (``ensdiv train`` adds the config, a lock and the resume rules:
     :func:`ensdiv.runs.train.train_run`). A transfer objective needs the frozen ``teacher``.
+    Under ``ensdiv.layers.use_compiled_kernels("auto")`` (the command line's default) the run
+    fuses GroupNorm's double backward where :func:`compile_pays`; whenever the fused kernel is
+    on, each epoch's record carries ``compiled_kernels`` and ``compile_seconds``.
 
     Example:
         >>> from ensdiv.data import load_dataset
@@ -319,12 +370,17 @@ def train(config: TrainConfig, data: tuple[Dataset, Dataset, DatasetInfo], *,
     loss_fn = make_loss(config, ensemble, teacher)
     if isinstance(loss_fn, nn.Module):
         loss_fn.to(device)
-    records = fit(ensemble, train_set, test_set, epochs=config.epochs,
-                  batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                  weight_decay=config.weight_decay, loss_fn=loss_fn, out_dir=out_dir,
-                  resume=resume, augment=gaussian_noise(config.noise_sigma),
-                  epoch_hooks=make_epoch_hooks(config, test_set),
-                  progress=progress, on_epoch_end=on_epoch_end, amp=config.amp)
+    steps = config.epochs * math.ceil(len(train_set) / config.batch_size)
+    with _compile_for_run(compile_pays(ensemble, config.diversity, steps, device)):
+        hooks = make_epoch_hooks(config, test_set)
+        if layers.compiled_kernels_enabled():
+            hooks.append(_compile_hook)
+        records = fit(ensemble, train_set, test_set, epochs=config.epochs,
+                      batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                      weight_decay=config.weight_decay, loss_fn=loss_fn, out_dir=out_dir,
+                      resume=resume, augment=gaussian_noise(config.noise_sigma),
+                      epoch_hooks=hooks, progress=progress, on_epoch_end=on_epoch_end,
+                      amp=config.amp)
     return ensemble.eval(), records
 
 

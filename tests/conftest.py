@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ensdiv import layers
 from ensdiv.data import load_dataset
 from ensdiv.models import build_model
 
@@ -14,6 +15,7 @@ def _seed_and_threads():
     torch.manual_seed(1234)
     yield
     torch.set_num_threads(threads)
+    layers.use_compiled_kernels(False)  # `ensdiv train` sets "auto"; each test starts off
 
 
 @pytest.fixture(scope="module")

@@ -420,3 +420,20 @@ def test_a_reader_that_leaves_stops_the_cli_quietly(tmp_path):
     proc.stdout.close()
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == ""
+
+
+def test_compile_option_is_auto_by_default_on_alone_and_closed(capsys):
+    from ensdiv import layers
+
+    parser = build_parser()
+    for cmd in ("train", "sweep"):
+        base = [cmd, "--out", "x"] + (["--diversity", "gal"] if cmd == "sweep" else [])
+        assert parser.parse_args(base).compile == "auto"
+        assert parser.parse_args(base + ["--compile"]).compile == "on"
+        assert parser.parse_args(base + ["--compile", "off"]).compile == "off"
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--out", "x", "--compile", "sometimes"])
+    assert err.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("ensdiv train: error: argument --compile") and "auto" in line
+    assert layers.compile_mode() == "off"  # refused before anything was set

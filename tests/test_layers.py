@@ -184,7 +184,35 @@ def test_small_activations_keep_torch_nn_layers_inside_torch_func(monkeypatch):
 def test_compiled_switch():
     layers.use_compiled_kernels(True)
     try:
+        assert layers.compiled_kernels_enabled() and layers.compile_mode() == "on"
+        layers.use_compiled_kernels("auto")  # each training run decides: off until one does
+        assert not layers.compiled_kernels_enabled() and layers.compile_mode() == "auto"
+        layers.use_compiled_kernels("on")
         assert layers.compiled_kernels_enabled()
+        with pytest.raises(ValueError, match="not 'yes'"):
+            layers.use_compiled_kernels("yes")
     finally:
         layers.use_compiled_kernels(False)
-    assert not layers.compiled_kernels_enabled()
+    assert not layers.compiled_kernels_enabled() and layers.compile_mode() == "off"
+
+
+def test_compile_seconds_counts_the_first_call_of_each_shape(monkeypatch):
+    """The compile time is the time of the fused kernel's first call per activation shape
+    (the kernel itself replaced by a slow eager one: no compiling in the test suite)."""
+    import time
+
+    def slow_first(*args):
+        time.sleep(0.05)
+        return layers._gn_double_backward(*args)
+
+    monkeypatch.setitem(layers._COMPILED, "fn", slow_first)
+    monkeypatch.setitem(layers._COMPILED, "seconds", 0.0)
+    monkeypatch.setitem(layers._COMPILED, "shapes", set())
+    monkeypatch.setitem(layers._COMPILED, "enabled", True)
+    gn = GroupNorm(2, 4).double()
+    for shape in [(2, 4, 5, 5), (2, 4, 5, 5), (3, 4, 5, 5)]:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(gn(x).square().sum(), x, create_graph=True)
+        g.sin().sum().backward()
+    assert len(layers._COMPILED["shapes"]) == 2  # the repeated shape is not timed again
+    assert 0.1 <= layers.compile_seconds() < 0.1 + 1.0

@@ -136,6 +136,7 @@ BENCH_TABLES = [  # README block, benchmarks module, its function, committed JSO
     ("objectives-cpu", "bench_transfer", "table", "objectives-cpu-2026-12-02.json"),
     ("baselines-cpu", "bench_baselines", "table", "baselines-cpu-2026-12-07.json"),
     ("archs-cpu", "bench_archs", "table", "archs-cpu-2026-12-07.json"),
+    ("compile-cpu", "bench_compile", "table", "compile-cpu-2026-12-07.json"),
 ]
 
 
@@ -179,6 +180,18 @@ FMNIST = [RESULTS / "sweep-fashion-mnist" / reg for reg in ("gdr", "gal")]
 def test_fashion_mnist_sweep_tables_come_from_both_sweeps_records():
     records = [r for run in FMNIST for r in read_jsonl(run / "records.jsonl")]
     assert block("fmnist-sweep-tables") == sweep_tables(records).strip()
+
+
+def test_compile_auto_threshold_repays_the_measured_worst_case_twice():
+    import json
+
+    from ensdiv.train import COMPILE_MIN_STEPS
+
+    bench = _benchmarks_module("bench_compile")
+    data = json.loads((BENCH_RESULTS / "compile-cpu-2026-12-07.json").read_text())
+    assert 2 * max(bench.break_even(c) for c in data["cases"]) <= COMPILE_MIN_STEPS
+    assert f"`ensdiv.train.COMPILE_MIN_STEPS` ({COMPILE_MIN_STEPS:,})" in " ".join(
+        (ROOT / "docs" / "performance.md").read_text().split())
 
 
 def test_resnet20_profile_prose_quotes_only_its_table():

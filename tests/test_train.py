@@ -234,3 +234,47 @@ def test_adp_reaches_plain_accuracy_on_digits_mlps():
     cfg = TrainConfig(dataset="digits", arch="mlp", members=3, epochs=3, diversity="adp")
     _, recs = train_run(cfg, progress=False)
     assert recs[-1]["ensemble_acc"] > 0.9 and recs[-1]["log_ed"] > -1
+
+
+def test_compile_pays_only_for_long_cpu_double_backprop_runs_of_groupnorm_members():
+    from ensdiv.ensemble import Ensemble
+    from ensdiv.train import COMPILE_MIN_STEPS, DOUBLE_BACKPROP, compile_pays
+
+    gn = Ensemble.build("cnn", 2, in_shape=(1, 8, 8), num_classes=10)
+    nf = Ensemble.build("cnn-nf", 2, in_shape=(1, 8, 8), num_classes=10)
+    long = COMPILE_MIN_STEPS
+    assert all(compile_pays(gn, d, long, "cpu") for d in DOUBLE_BACKPROP)
+    assert not compile_pays(gn, "gal", long - 1, "cpu")
+    assert not compile_pays(nf, "gal", long, "cpu")  # no GroupNorm: nothing to fuse
+    for d in ("none", "adp", "dverge"):  # no second derivative of an input gradient
+        assert not compile_pays(gn, d, long, "cpu")
+    assert not compile_pays(gn, "gal", long, "cuda")  # unmeasured there: left to --compile
+
+
+def test_auto_compile_is_decided_per_run_and_reported_per_epoch(monkeypatch):
+    """Under "auto", a run long enough fuses GroupNorm's double backward for its own duration
+    and records the compile time; a short one does not; the mode is "auto" again afterwards.
+    (The fused kernel replaced by the eager function: no compiling in the test suite.)"""
+    from ensdiv import layers
+    from ensdiv import train as train_module
+    from ensdiv.data import load_dataset
+
+    monkeypatch.setitem(layers._COMPILED, "fn", layers._gn_double_backward)
+    monkeypatch.setitem(layers._COMPILED, "seconds", 0.0)
+    monkeypatch.setitem(layers._COMPILED, "shapes", set())
+    data = load_dataset("digits")
+    cfg = TrainConfig(arch="cnn", members=2, epochs=1, diversity="gal", batch_size=256)
+    layers.use_compiled_kernels("auto")
+    _, short = train_module.train(cfg, data, progress=False)
+    assert "compiled_kernels" not in short[-1] and not layers._COMPILED["shapes"]
+    monkeypatch.setattr(train_module, "COMPILE_MIN_STEPS", 6)  # 1437 images / 256: 6 steps
+    seen = []
+    _, long = train_module.train(cfg, data, progress=False,
+                                 on_epoch_end=lambda r: seen.append(
+                                     layers.compiled_kernels_enabled()))
+    assert seen == [True] and long[-1]["compiled_kernels"] is True
+    assert long[-1]["compile_seconds"] >= 0 and layers._COMPILED["shapes"]
+    assert layers.compile_mode() == "auto" and not layers.compiled_kernels_enabled()
+    layers.use_compiled_kernels("off")
+    _, off = train_module.train(cfg, data, progress=False)
+    assert "compiled_kernels" not in off[-1]

@@ -90,5 +90,8 @@ def epoch_line(record: dict[str, Any]) -> str:
     extra = "".join(f" {k}={record[k]:.4f}" for k in ("mean_cos", "gdr")
                     if record.get(k) is not None)
     members = " ".join(f"{a:.3f}" for a in record["member_acc"])
+    compiled = (f", compiling {record['compile_seconds']:.1f}s so far"
+                if record.get("compiled_kernels") else "")
     return (f"epoch {record['epoch']:>3}  loss {record['loss']:.4f}  members {members}  "
-            f"ensemble {record['ensemble_acc']:.4f}{extra}  ({record['seconds']:.1f}s)")
+            f"ensemble {record['ensemble_acc']:.4f}{extra}  ({record['seconds']:.1f}s"
+            f"{compiled})")
