@@ -167,6 +167,52 @@ def test_archs_prose_quotes_only_its_table_and_a_reproduced_run():
     assert gal[128, "resnet20-fixup"] <= 2.5
 
 
+GATE = RESULTS / "arch-gate"
+
+
+def _gate_pairs(family: str) -> list:
+    """(label, reference records, candidate records) per data set of one architecture pair,
+    from the committed sweeps (``<data set>-<arch>``) or, where a data set has none, the plain
+    training runs (``<data set>-train/<arch>-s<seed>``)."""
+    from ensdiv.runs.rundir import read_sweep_records, training_records
+
+    nf = {"cnn": "cnn-nf", "resnet20": "resnet20-fixup"}[family]
+    pairs = []
+    for ds in ("mnist5k", "fashion-mnist"):
+        if (GATE / f"{ds}-{family}").is_dir():
+            ref, cand = (read_sweep_records(GATE / f"{ds}-{a}") for a in (family, nf))
+        elif (GATE / f"{ds}-train").is_dir():
+            ref, cand = (training_records(sorted((GATE / f"{ds}-train").glob(f"{a}-s*")))
+                         for a in (family, nf))
+        else:
+            continue
+        epochs = ref[0]["epochs"]
+        pairs.append((f"{ds}, {epochs} epoch{'s' if epochs > 1 else ''}", ref, cand))
+    return pairs
+
+
+@pytest.mark.parametrize("family", ["cnn"])
+def test_arch_gate_tables_come_from_the_committed_runs(family):
+    """The default-switch gate (issue 23): each pair trained alike — same data set, epochs,
+    seeds (two or more), λs and evaluation — and its table generated from those records."""
+    from ensdiv.runs.report import arch_pair_table
+
+    pairs = _gate_pairs(family)
+    assert [p[0].split(",")[0] for p in pairs] == ["mnist5k", "fashion-mnist"]
+    for _, ref, cand in pairs:
+        setup = {(r["lam"], r["seed"], r["epochs"], r.get("n"), r.get("test_n")) for r in ref}
+        assert setup == {(r["lam"], r["seed"], r["epochs"], r.get("n"), r.get("test_n"))
+                         for r in cand}
+        assert len({r["seed"] for r in ref}) >= 2 and all("test_acc" in r for r in ref + cand)
+        assert {r["arch"] for r in cand} != {r["arch"] for r in ref}
+    assert block(f"arch-gate-{family}") == arch_pair_table(pairs).strip()
+
+
+def test_arch_gate_prose_quotes_only_its_table():
+    _prose_quotes_only_cells(ROOT / "docs" / "performance.md", "arch-gate-cnn",
+                             r"[−+]\d\.\d{3} ± \d\.\d{3}")
+
+
 def test_fashion_mnist_training_time_comes_from_the_sweep_records():
     from ensdiv.runs.report import train_time_table
 
