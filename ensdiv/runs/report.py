@@ -298,23 +298,26 @@ def arch_pair_table(pairs: Sequence[tuple[str, Sequence[Record], Sequence[Record
     and each (regularizer, λ), the full test-set accuracy (``test_acc``), the GDR and the
     member → member transfer (``attack`` at ``eps``, full budget), as mean ± s.e. over seeds,
     and the candidate's difference with its standard error ("—" where the records lack the
-    measure, e.g. :func:`ensdiv.runs.rundir.training_records` of plain training runs). A ✓
-    marks a difference within the gate: at most ``max_acc_gap`` in accuracy, at most one
-    standard error in GDR and transfer.
+    measure, e.g. :func:`ensdiv.runs.rundir.training_records` of plain training runs).
+
+    The marks are the gate a candidate passes to replace the reference, read as "no worse":
+    ✓ where its accuracy is at most ``max_acc_gap`` lower, and — for ensembles trained with a
+    diversity term only — where its GDR and transfer (lower is more diverse) are at most one
+    standard error higher; ✗ otherwise. A plain ensemble's GDR and transfer carry no mark.
 
     Example:
-        >>> r = lambda arch, seed, acc: {"arch": arch, "lam": 0.0, "seed": seed, "gdr": 0.2,
-        ...     "test_acc": acc, "attacks": [{"attack": "pgd", "eps": 0.1,
-        ...                                   "transfer_mean": 0.3}]}
+        >>> r = lambda arch, seed, acc, lam=0.5: {"arch": arch, "lam": lam, "seed": seed,
+        ...     "gdr": 0.2, "trained_with": "gal", "test_acc": acc,
+        ...     "attacks": [{"attack": "pgd", "eps": 0.1, "transfer_mean": 0.3}]}
         >>> t = arch_pair_table([("digits", [r("cnn", 0, 0.90), r("cnn", 1, 0.92)],
         ...                       [r("cnn-nf", 0, 0.88), r("cnn-nf", 1, 0.90)])])
         >>> print(t.splitlines()[-1])
         | | | difference | −0.020 ± 0.014 ✗ | +0.000 ± 0.000 ✓ | +0.000 ± 0.000 ✓ |
     """
     transfer = _attack_value(attack, eps, "transfer_mean")
-    measures: list[tuple[Callable[[Record], Any], float | None]] = [
-        (lambda r: r.get("test_acc"), max_acc_gap), (lambda r: r.get("gdr"), None),
-        (transfer, None)]
+    measures: list[tuple[Callable[[Record], Any], bool]] = [  # (value, higher is better)
+        (lambda r: r.get("test_acc"), True), (lambda r: r.get("gdr"), False),
+        (transfer, False)]
     lines = ["| data set | ensembles | members | clean accuracy (test set) | GDR | member → "
              f"member transfer ({attack.upper()}, ε = {eps:g}) |", "|---|---|---|---|---|---|"]
     for label, ref, cand in pairs:
@@ -327,16 +330,19 @@ def arch_pair_table(pairs: Sequence[tuple[str, Sequence[Record], Sequence[Record
                 lead = f"{label} | {name}" if i == 0 else "|"
                 lines.append(f"| {lead} | {arch} | " + " | ".join(cells) + " |")
             cells = []
-            for get, gap in measures:
+            for get, accuracy in measures:
                 av = [v for v in (number(get(r)) for r in a) if math.isfinite(v)]
                 bv = [v for v in (number(get(r)) for r in b) if math.isfinite(v)]
                 if not av or not bv:  # e.g. training records only: accuracy, no GDR
                     cells.append("—")
                     continue
                 d, se = _diff(av, bv)
-                ok = abs(d) <= (gap if gap is not None else se)
-                sign = "−" if d < 0 else "+"
-                cells.append(f"{sign}{abs(d):.3f} ± {se:.3f} {'✓' if ok else '✗'}")
+                cell = f"{'−' if d < 0 else '+'}{abs(d):.3f} ± {se:.3f}"
+                if accuracy:
+                    cell += " ✓" if d >= -max_acc_gap else " ✗"
+                elif group[0] != "none":
+                    cell += " ✓" if d <= se else " ✗"
+                cells.append(cell)
             lines.append("| | | difference | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
