@@ -150,7 +150,7 @@ def test_performance_tables_come_from_the_committed_benchmark_runs(name, module,
 
 def test_archs_prose_quotes_only_its_table_and_a_reproduced_run():
     """The normalization-free write-up quotes ratios of its table only, meets the issue's goals,
-    and its claim that a second run agreed within 0.21 holds."""
+    and its claim that a second run agreed within 0.32 holds."""
     import json
     import re
 
@@ -159,8 +159,8 @@ def test_archs_prose_quotes_only_its_table_and_a_reproduced_run():
                      for s in ("", "-second"))
     prose = _prose_quotes_only_cells(ROOT / "docs" / "performance.md", "archs-cpu",
                                      r"(?<!within )\b\d\.\d\d\b", cell="| {} |")
-    assert re.search(r"within\s+0\.21\s+of\s+these", prose)
-    assert bench.agreement(first, second) <= 0.21
+    assert re.search(r"within\s+0\.32\s+of\s+these", prose)
+    assert bench.agreement(first, second) <= 0.32
     gal = {(c["batch"], k.split()[0]): r[0] for c in first["cases"]
            for k, r in bench.ratios(c).items() if k.endswith(" gal")}
     assert gal[128, "cnn-nf"] <= 2.3 and gal[32, "resnet20-fixup"] <= 2.5
