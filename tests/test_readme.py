@@ -191,7 +191,7 @@ def _gate_pairs(family: str) -> list:
     return pairs
 
 
-@pytest.mark.parametrize("family", ["cnn"])
+@pytest.mark.parametrize("family", ["cnn", "resnet20"])
 def test_arch_gate_tables_come_from_the_committed_runs(family):
     """The default-switch gate (issue 23): each pair trained alike — same data set, epochs,
     seeds (two or more), λs and evaluation — and its table generated from those records."""
@@ -208,8 +208,9 @@ def test_arch_gate_tables_come_from_the_committed_runs(family):
     assert block(f"arch-gate-{family}") == arch_pair_table(pairs).strip()
 
 
-def test_arch_gate_prose_quotes_only_its_table():
-    _prose_quotes_only_cells(ROOT / "docs" / "performance.md", "arch-gate-cnn",
+@pytest.mark.parametrize("family", ["cnn", "resnet20"])
+def test_arch_gate_prose_quotes_only_its_table(family):
+    _prose_quotes_only_cells(ROOT / "docs" / "performance.md", f"arch-gate-{family}",
                              r"[−+]\d\.\d{3} ± \d\.\d{3}")
 
 
