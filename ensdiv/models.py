@@ -250,7 +250,7 @@ class FixupBlock(nn.Module):
     starts as its shortcut, and ``conv1`` starts at He's scale times ``branch_scale``
     (L^(−1/2) for L residual branches of two layers each). The scalars after a convolution
     (b1; scale and b2) are folded into that convolution's weight and bias, and ``x + a1`` is
-    computed once for branch and shortcut — the same function with three passes fewer over the
+    computed once for branch and shortcut — the same function with four passes fewer over the
     activations (a1 and a2 precede a zero-padded convolution, so they cannot be folded).
     """
 
