@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from ensdiv.runs.rundir import correlations, entry_success, mean_se, number, regularizer
+from ensdiv.runs.rundir import (
+    correlations,
+    entry_success,
+    mean_and_se,
+    mean_se,
+    number,
+    regularizer,
+)
 
 Record = dict[str, Any]
 
@@ -284,10 +291,7 @@ def train_time_table(records: Sequence[Record]) -> str:
 
 def _diff(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     """Difference of means b − a and its standard error (independent seeds)."""
-    def mse(v: Sequence[float]) -> tuple[float, float]:
-        return float(np.mean(v)), (float(np.std(v, ddof=1) / math.sqrt(len(v)))
-                                   if len(v) > 1 else math.nan)
-    (ma, sa), (mb, sb) = mse(a), mse(b)
+    (ma, sa), (mb, sb) = mean_and_se(a), mean_and_se(b)
     return mb - ma, math.hypot(sa, sb)
 
 

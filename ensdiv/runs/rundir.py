@@ -536,20 +536,35 @@ def number(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
+def mean_and_se(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and standard error (std with ddof 1 over √n) of the defined values; NaN for what
+    they do not define (no value: both; one value: the standard error).
+
+    Example:
+        >>> [round(v, 3) for v in mean_and_se([0.25, 0.27, None])], mean_and_se([0.5])
+        ([0.26, 0.01], (0.5, nan))
+    """
+    v = np.array([number(x) for x in values], dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return math.nan, math.nan
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+    return float(v.mean()), se
+
+
 def mean_se(values: Sequence[float | None], digits: int = 3) -> str:
-    """``mean ± standard error`` (std with ddof 1 over √n) of the defined values; "—" if none.
+    """``mean ± standard error`` (:func:`mean_and_se`) of the defined values; "—" if none.
 
     Example:
         >>> mean_se([0.5]), mean_se([None])
         ('0.500', '—')
     """
-    v = np.array([number(x) for x in values], dtype=float)
-    v = v[np.isfinite(v)]
-    if not len(v):
+    mean, se = mean_and_se(values)
+    if math.isnan(mean):
         return "—"
-    if len(v) == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1) / math.sqrt(len(v)):.{digits}f}"
+    if math.isnan(se):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def check_plot_options(records: Sequence[dict[str, Any]], *, attack: str | None,
