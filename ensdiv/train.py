@@ -327,7 +327,7 @@ def _compile_for_run(on: bool) -> Iterator[None]:
     if layers.compile_mode() != "auto":
         yield
         return
-    layers.use_compiled_kernels(True if on else False)
+    layers.use_compiled_kernels(on)
     try:
         yield
     finally:
