@@ -58,11 +58,14 @@ from ensdiv.runs.describe import describe_run, gdr_line
 from ensdiv.runs.detect import DetectConfig, detect_into
 from ensdiv.runs.evaluate import EvaluateConfig, cards_report, evaluate_run, method_table, read_card
 from ensdiv.runs.plots import (
+    check_plot_options,
+    figure_dir,
     plot_certified,
     plot_detection,
     plot_gdr_vs_attack,
     plot_transfer_heatmaps,
 )
+from ensdiv.runs.records import read_certification, read_detection_records, read_sweeps
 from ensdiv.runs.report import (
     certified_table,
     compare_table,
@@ -79,11 +82,6 @@ from ensdiv.runs.rundir import (
     EVALUATE_CONFIG,
     RECORDS,
     SWEEP_CONFIG,
-    check_plot_options,
-    figure_dir,
-    read_certification,
-    read_detection_records,
-    read_sweeps,
     resolve_config,
 )
 from ensdiv.runs.sweep import SweepConfig, run_sweep

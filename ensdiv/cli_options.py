@@ -18,10 +18,10 @@ from typing import Any, NoReturn
 
 from ensdiv.adaptive import AGREEMENT_TARGETS
 from ensdiv.aggregation import AGGREGATIONS
+from ensdiv.attack_suite import TRANSFER_ATTACKS
 from ensdiv.data import DATASETS
-from ensdiv.detect import SCORE_NAMES
+from ensdiv.disagreement import SCORE_NAMES
 from ensdiv.errors import EnsdivError
-from ensdiv.evaluation import TRANSFER_ATTACKS
 from ensdiv.fetch import SOURCES
 from ensdiv.gradients import GRAD_MODES
 from ensdiv.layers import COMPILE_MODES
@@ -29,7 +29,7 @@ from ensdiv.models import ARCHS
 from ensdiv.objective import OBJECTIVES
 from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS
 from ensdiv.runtime import available_cores
-from ensdiv.train import (
+from ensdiv.training import (
     ADVERSARIAL_ATTACKS,
     COMPILE_MIN_STEPS,
     DEFAULT_AT_STEPS,
@@ -259,7 +259,8 @@ def add_common(p: argparse.ArgumentParser, *, data: bool = True, quiet: bool = T
     p.add_argument("--device", default=None, metavar="{cpu,cuda,cuda:N}",
                    help="where to compute (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help=f"CPU threads (default: the cores available, {available_cores()})")
+                   help="CPU threads (default: $OMP_NUM_THREADS if set, else the cores "
+                   f"available, {available_cores()})")
     if quiet:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -31,15 +31,30 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_threads() -> int:
+    """The intra-op threads a command uses when not told: ``$OMP_NUM_THREADS`` where it is set
+    to a whole number ≥ 1 (the variable every OpenMP program, torch included, reads), else
+    :func:`available_cores`.
+
+    Example:
+        >>> default_threads() >= 1
+        True
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    return available_cores()
+
+
 def set_threads(n: int | None) -> int:
-    """Use ``n`` CPU threads for torch's intra-op work (default: :func:`available_cores`).
+    """Use ``n`` CPU threads for torch's intra-op work (default: :func:`default_threads`).
 
     Example:
         >>> set_threads(1)
         1
     """
     if n is None:
-        n = available_cores()
+        n = default_threads()
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise EnsdivError(f"threads must be an integer >= 1; got {n!r}")
     torch.set_num_threads(n)

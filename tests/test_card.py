@@ -77,15 +77,3 @@ def test_a_single_network_is_not_an_ensemble(setup):
     ens, x, y = setup
     with pytest.raises(EnsdivError, match="at least 2 members"):
         robustness_card(Ensemble([ens.members[0]]), x, y, eps=0.1)
-
-
-def test_binomial_se_matches_scipy():
-    import math
-
-    from scipy.stats import binom
-
-    from ensdiv.card import binomial_se
-
-    for p, n in [(0.1, 250), (0.5, 500), (0.97, 40), (0.0, 10)]:
-        assert math.isclose(binomial_se(p, n), binom.std(n, p) / n, rel_tol=1e-12, abs_tol=0)
-    assert math.isnan(binomial_se(0.3, 0)) and math.isnan(binomial_se(math.nan, 10))

@@ -250,7 +250,7 @@ def _api_cases():
     from ensdiv.data import load_dataset
     from ensdiv.ensemble import Ensemble
     from ensdiv.gdr import ensemble_gdr
-    from ensdiv.runs.rundir import check_plot_options
+    from ensdiv.runs.plots import check_plot_options
     from ensdiv.runs.sweep import SweepConfig
     from ensdiv.runtime import resolve_device
     from ensdiv.train import read_checkpoint

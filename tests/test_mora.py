@@ -12,9 +12,9 @@ from ensdiv.models import build_model
 from ensdiv.mora import MORA_MIX, member_weights, mora_loss
 
 
-def _identical(m=3, seed=0):
+def _identical(m=3, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    member = build_model("cnn", in_shape=(1, 8, 8), num_classes=10).eval()
+    member = build_model("cnn", in_shape=(1, 8, 8), num_classes=10).to(dtype).eval()
     return member, Ensemble([member] + [copy.deepcopy(member) for _ in range(m - 1)]).eval()
 
 
@@ -33,8 +33,16 @@ class _MarginScaled(nn.Module):
 
 @pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.8)])
 def test_identical_members_make_mora_exactly_apgd(norm, eps):
-    member, ens = _identical()
-    x = torch.rand(48, 1, 8, 8)
+    # float64: the two losses are the same function written two ways, so their gradients differ
+    # by round-off (~1e-16 relative here, ~1e-7 in float32). An L∞ step takes the gradient's
+    # sign, which round-off flips only on a component within that relative distance of zero:
+    # of the ~10^5 components a run visits, one lands there with chance ~10^5 × 1e-7 = 1e-2 in
+    # float32 (on some CPU, a different path from then on) and ~10^5 × 1e-16 = 1e-11 in
+    # float64, so there the L∞ paths agree bit for bit. L2 steps follow the gradient's
+    # direction, so round-off shows in the iterates: 1e-10 is ~1e6 units of float64 round-off
+    # on pixels ≤ 1 over 15 steps, far below any real difference between two attacks (≥ 1e-3).
+    member, ens = _identical(dtype=torch.float64)
+    x = torch.rand(48, 1, 8, 8, dtype=torch.float64)
     y = ens.predict(x)
     # unnormalised: every mixing weight gives the averaged output's loss, so MORA is APGD-CE
     # with one restart per mixing weight
@@ -42,9 +50,8 @@ def test_identical_members_make_mora_exactly_apgd(norm, eps):
                           return_steps=True)
     ours, s_ours = mora(ens, x, y, eps=eps, norm=norm, steps=15, normalize=False,
                         return_steps=True)
-    # L∞ steps take the gradient's sign, so the paths agree bit for bit; L2 steps its direction,
-    # where the two losses' float32 round-off (same value, different formula) shows
-    same = torch.equal if norm == "linf" else lambda a, b: torch.allclose(a, b, atol=1e-4)
+    same = torch.equal if norm == "linf" else lambda a, b: torch.allclose(a, b, rtol=0,
+                                                                          atol=1e-10)
     assert same(plain, ours) and torch.equal(s_plain, s_ours)
     assert 0 < int((s_ours >= 0).sum()) < len(y)  # a regime where the trajectory matters
     # normalised: APGD-CE on the margin-scaled member

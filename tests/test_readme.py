@@ -174,7 +174,7 @@ def _gate_pairs(family: str) -> list:
     """(label, reference records, candidate records) per data set of one architecture pair,
     from the committed sweeps (``<data set>-<arch>``) or, where a data set has none, the plain
     training runs (``<data set>-train/<arch>-s<seed>``)."""
-    from ensdiv.runs.rundir import read_sweep_records, training_records
+    from ensdiv.runs.records import read_sweep_records, training_records
 
     nf = {"cnn": "cnn-nf", "resnet20": "resnet20-fixup"}[family]
     pairs = []

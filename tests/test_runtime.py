@@ -31,3 +31,15 @@ def test_threads():
                 set_threads(bad)
     finally:
         torch.set_num_threads(before)
+
+
+def test_default_threads_follow_omp_num_threads(monkeypatch):
+    from ensdiv.runtime import available_cores, default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    for ignored in ("0", "", "four", "-2"):
+        monkeypatch.setenv("OMP_NUM_THREADS", ignored)
+        assert default_threads() == available_cores()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == available_cores()

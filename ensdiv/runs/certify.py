@@ -2,7 +2,7 @@
 or one member, one record per test example, resumable, sharded over torchrun's ranks.
 
 :func:`certify_run` checks the settings (:class:`CertifyConfig`) and the folder, then certifies
-with :func:`ensdiv.runs.rundir.certify_dataset` (which ``ensdiv compare`` uses too).
+with :func:`ensdiv.certification.certify_dataset` (which ``ensdiv compare`` uses too).
 
 Example:
     >>> CertifyConfig(sigma=0.5, radius=0.25).saved()["stages"]
@@ -21,18 +21,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ensdiv.certification import certify_dataset
 from ensdiv.detect import weights_fingerprint
 from ensdiv.distributed import broadcast_outcome
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_int, check_real
 from ensdiv.io import JsonConfig, atomic_write_json
+from ensdiv.rank_parts import rank_parts
 from ensdiv.runs.rundir import (
     CERTIFY_CONFIG,
     RECORDS,
-    certify_dataset,
     load_run,
     prepare_run_dir,
-    rank_parts,
     run_lock,
     saved_setting,
 )

@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ensdiv.card import CardBudget, binomial_se, card_transfer, card_whitebox
+from ensdiv.card import CardBudget, card_transfer, card_whitebox
+from ensdiv.certification import certify_dataset
 from ensdiv.errors import EnsdivError, check_int, check_real
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
@@ -48,18 +49,18 @@ from ensdiv.io import (
     read_jsonl,
     utc_now,
 )
+from ensdiv.runs.records import train_cost
 from ensdiv.runs.rundir import (
     COMPARE_CONFIG,
     CONFIG,
     RECORDS,
-    certify_dataset,
     ensemble_path,
     load_run,
     prepare_run_dir,
     run_lock,
-    train_cost,
 )
 from ensdiv.smoothing import average_certified_radius, certified_accuracy
+from ensdiv.stats import binomial_se
 
 
 @dataclasses.dataclass(frozen=True)

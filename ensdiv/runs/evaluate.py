@@ -45,7 +45,6 @@ from ensdiv.aggregation import AGGREGATIONS
 from ensdiv.card import (
     CARD_ATTACKS,
     CardBudget,
-    binomial_se,
     card_gradients,
     card_members,
     card_surrogate,
@@ -54,6 +53,7 @@ from ensdiv.card import (
     check_card_inputs,
     zero_grad_warning,
 )
+from ensdiv.certification import certify_dataset
 from ensdiv.data import load_dataset
 from ensdiv.detect import weights_fingerprint
 from ensdiv.ensemble import Ensemble
@@ -68,21 +68,20 @@ from ensdiv.io import (
 )
 from ensdiv.loop import CHECKPOINT, ENSEMBLE
 from ensdiv.objective import DIVERSITIES
+from ensdiv.runs.records import train_cost
 from ensdiv.runs.rundir import (
     CARD,
     CARD_MARKDOWN,
     CONFIG,
     EVALUATE_CONFIG,
-    certify_dataset,
     check_fits,
     ensemble_path,
     load_run,
-    mean_se,
     prepare_run_dir,
     run_lock,
-    train_cost,
 )
 from ensdiv.smoothing import average_certified_radius, certified_accuracy
+from ensdiv.stats import binomial_se, mean_se
 from ensdiv.train import TrainConfig, train
 
 CARD_FORMAT = "ensdiv.card/1"
@@ -293,7 +292,7 @@ def evaluate_run(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: 
 
 
 def training_seconds(folder: Path) -> float | None:
-    """The run's training time in seconds (:func:`~ensdiv.runs.rundir.train_cost`), None if
+    """The run's training time in seconds (:func:`~ensdiv.runs.records.train_cost`), None if
     the folder keeps no metrics (an ensemble file given alone)."""
     try:
         cost = train_cost(folder)

@@ -15,7 +15,7 @@ inputs) is ``null`` and is read as NaN, i.e. left out of fits and correlations.
 
 Example:
     >>> records = []  # from ensdiv.io.read_jsonl("runs/sweep/records.jsonl")
-    >>> correlations(records)  # Spearman's ρ per attack, eps and measure (from rundir)
+    >>> correlations(records)  # Spearman's ρ per attack, eps and measure (from records)
     []
 """
 
@@ -24,20 +24,58 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ensdiv.errors import EnsdivError
-from ensdiv.io import atomic_write
-from ensdiv.runs.rundir import (
+from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.io import atomic_write, os_error
+from ensdiv.runs.records import (
     MEASURES,
     correlations,
-    number,
     regularizer,
     sweep_grid,
     sweep_series,
 )
+from ensdiv.stats import number
+
+
+def figure_dir(out_dir: str | None, records_folder: Path) -> Path:
+    """Where a plot command writes: ``--out-dir``, else ``figures/`` beside the records."""
+    out = Path(out_dir) if out_dir is not None else records_folder / "figures"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error("write", out, e) from None
+    return out
+
+
+def check_plot_options(records: Sequence[dict[str, Any]], *, attack: str | None,
+                       eps: float | None) -> tuple[str, float]:
+    """Check the heatmaps' ``attack`` and ``eps`` against what the records hold, before
+    anything is drawn; return the (attack, eps) to draw (defaults: PGD if the records hold
+    it, else their first attack; the largest eps).
+
+    Example:
+        >>> recs = [{"gdr": 0.1, "attacks": [{"attack": "pgd", "eps": 0.1}]}]
+        >>> check_plot_options(recs, attack=None, eps=None)
+        ('pgd', 0.1)
+    """
+    attacks, eps_values = sweep_grid(records)
+    if not attacks:
+        raise EnsdivError("the records hold no attack results to draw")
+    if attack is None:
+        attack = "pgd" if "pgd" in attacks else attacks[0]
+    check_choice("attack (in these records)", attack, attacks)
+    if not any(math.isfinite(number(r["gdr"])) for r in records):
+        raise EnsdivError("no record has a defined GDR to draw")
+    if eps is None:
+        return attack, eps_values[-1]
+    if eps not in eps_values:
+        raise EnsdivError(f"the records hold no eps {eps:g}; choose one of: "
+                          f"{', '.join(f'{e:g}' for e in eps_values)}")
+    return attack, eps
 
 
 def plot_gdr_vs_attack(records: Sequence[dict[str, Any]], path: str | os.PathLike,

@@ -19,14 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ensdiv.runs.rundir import (
-    correlations,
-    entry_success,
-    mean_and_se,
-    mean_se,
-    number,
-    regularizer,
-)
+from ensdiv.runs.records import correlations, entry_success, regularizer
+from ensdiv.stats import mean_and_se, mean_se, number
 
 Record = dict[str, Any]
 
@@ -302,7 +296,7 @@ def arch_pair_table(pairs: Sequence[tuple[str, Sequence[Record], Sequence[Record
     and each (regularizer, λ), the full test-set accuracy (``test_acc``), the GDR and the
     member → member transfer (``attack`` at ``eps``, full budget), as mean ± s.e. over seeds,
     and the candidate's difference with its standard error ("—" where the records lack the
-    measure, e.g. :func:`ensdiv.runs.rundir.training_records` of plain training runs).
+    measure, e.g. :func:`ensdiv.runs.records.training_records` of plain training runs).
 
     The marks are the gate a candidate passes to replace the reference, read as "no worse":
     ✓ where its accuracy is at most ``max_acc_gap`` lower, and — for ensembles trained with a
@@ -513,7 +507,7 @@ def compare_ratios(records: Sequence[Record], pairs: Sequence[tuple[str, str]]) 
 def sweep_summary(records: Sequence[Record], corr: Sequence[Record], high: Record, low: Record,
                   out: str | os.PathLike) -> str:
     """What ``ensdiv plot gdr-vs-attack`` prints: the GDR range, Spearman's ρ of every attack,
-    eps and measure (:func:`ensdiv.runs.rundir.correlations`), and the two heatmaps' ensembles.
+    eps and measure (:func:`ensdiv.runs.records.correlations`), and the two heatmaps' ensembles.
     """
     gdrs = [r["gdr"] for r in records if r["gdr"] is not None]
     lines = [f"{len(records)} ensembles, GDR {min(gdrs):.4f} .. {max(gdrs):.4f}; figures in {out}",

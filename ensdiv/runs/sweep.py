@@ -43,20 +43,15 @@ from ensdiv.evaluation import (
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import JsonConfig, atomic_write_json, atomic_write_jsonl, round_floats, utc_now
+from ensdiv.rank_parts import merge_rank_parts, rank_part, rank_parts, read_with_parts
+from ensdiv.runs.records import final_test_accuracy, read_sweep_records, run_name
 from ensdiv.runs.rundir import (
     CHECKPOINT,
     RECORDS,
     SWEEP_CONFIG,
-    final_test_accuracy,
-    merge_rank_parts,
     open_run_folder,
     prepare_run_dir,
-    rank_part,
-    rank_parts,
-    read_sweep_records,
-    read_with_parts,
     run_lock,
-    run_name,
 )
 from ensdiv.runtime import resolve_device
 from ensdiv.train import DEFAULT_LR, DIVERSITY_CHOICES, TrainConfig, train

@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from ensdiv.runs.plots import plot_gdr_vs_attack, plot_transfer_heatmaps
-from ensdiv.runs.rundir import correlations
+from ensdiv.runs.records import correlations
 
 
 def fake_records(n=6, seed=0):
@@ -62,7 +62,7 @@ def test_null_values_from_strict_json_are_left_out(tmp_path):
 
     from ensdiv.errors import EnsdivError
     from ensdiv.io import atomic_write_jsonl, read_jsonl
-    from ensdiv.runs.rundir import check_plot_options
+    from ensdiv.runs.plots import check_plot_options
 
     recs = fake_records()
     recs[0]["gdr"] = float("nan")  # every sample excluded

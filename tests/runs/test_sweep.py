@@ -46,7 +46,7 @@ def test_records_hold_the_full_test_set_accuracy_of_the_last_epoch(tiny_sweep, t
     import shutil
 
     from ensdiv.loop import read_metrics
-    from ensdiv.runs.rundir import read_sweep_records, run_name
+    from ensdiv.runs.records import read_sweep_records, run_name
 
     out, records, _ = tiny_sweep
     for rec in records:

@@ -6,7 +6,7 @@ from ensdiv.card import CARD_ATTACKS
 from ensdiv.cli import main
 from ensdiv.errors import EnsdivError
 from ensdiv.runs.compare import CompareConfig
-from ensdiv.runs.rundir import train_cost
+from ensdiv.runs.records import train_cost
 from ensdiv.runs.train import train_run
 from ensdiv.train import TrainConfig
 
