@@ -4,7 +4,7 @@
 
 import pytest
 
-from ensdiv.detect import SCORE_NAMES, DisagreementDetector
+from ensdiv.disagreement import SCORE_NAMES, DisagreementDetector
 
 from _common import DEVICES, SMOKE, batch, machine, make_ensemble, sync
 

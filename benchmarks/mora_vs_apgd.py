@@ -27,7 +27,7 @@ import torch
 
 from ensdiv.aggregation import Aggregated
 from ensdiv.attacks import MORA_MIX, apgd, mora
-from ensdiv.detect import weights_fingerprint
+from ensdiv.ensemble import weights_fingerprint
 from ensdiv.io import atomic_write_json, read_json, utc_now
 from ensdiv.runs.rundir import load_run
 from ensdiv.transferability import success_counts

@@ -10,9 +10,10 @@ Data and models
     build_model [models]         one member: mlp, cnn, cnn-nf, resnet20, resnet20-fixup
     Ensemble [ensemble]          M members; mean softmax, votes, save/load
 Training
-    TrainConfig [train]          everything that defines a run; ensdiv.train.train builds
+    TrainConfig [training]       everything that defines a run; ensdiv.training.train builds
                                  the ensemble it describes and fits it
-    fit [loop]                   the training loop (any loss, checkpoints, exact resume)
+    fit [loop]                   the training loop (any loss, checkpoints, exact resume);
+                                 ensdiv.loop.accuracies: members', mean softmax's, vote's
     ensemble_loss [objective]    CE + λ · diversity term (cos, gal, gdr, drt; adp), double backprop;
                                  the baselines TRS and DVERGE: ensdiv.trs, ensdiv.dverge
     TransferLoss [objective]     a robust teacher's students (RRM, CRT)
@@ -22,20 +23,25 @@ Gradients and diversity
                                  its standard error (ensdiv.gdr.gdr: of a batch of gradients)
 Attacks and transfer
     fgsm, pgd, mifgsm, apgd [attacks]
+    mora, square [attacks]       member-aware (MORA) and score-based (Square) attacks
     transfer_matrix [transferability]   member → member attack transfer
-    whitebox_entry [evaluation]  worst case over PGD, APGD-CE, APGD-DLR with a convergence check
+    whitebox_entry [attack_suite]       worst case over PGD, APGD-CE, APGD-DLR with a
+                                        convergence check
+    robustness_card [card]       every robustness number of an ensemble in one typed Card:
+                                 the APGD/MORA/Square cascade per rule, members, transfer, GDR
 Detection and certification
-    DisagreementDetector [detect]       flag inputs the members disagree on
+    DisagreementDetector [disagreement] flag inputs the members disagree on
     agreement_pgd, penalized_pgd [adaptive]   adaptive attacks on that detector
     Smooth [smoothing]           randomized smoothing: predict, certify (Cohen et al. 2019)
 Errors
     EnsdivError [errors]         every bad input, one line
 
-No top-level name shadows a module: ``ensdiv.train`` and ``ensdiv.gdr`` are the modules (their
+No top-level name shadows a module: ``ensdiv.training`` and ``ensdiv.gdr`` are the modules (their
 functions ``train`` and ``gdr`` are inside them).
 
-Commands and everything that owns a run folder (train, sweep, detect, certify, compare, demo,
-tables, figures) live in :mod:`ensdiv.runs`; ``ensdiv --help`` lists the commands.
+Commands and everything that owns a run folder (train, sweep, detect, certify, compare,
+evaluate, demo, tables, figures) live in :mod:`ensdiv.runs`; ``ensdiv --help`` lists the
+commands.
 
 Example:
     >>> import ensdiv, torch
@@ -47,29 +53,30 @@ Example:
 
 from __future__ import annotations
 
-from ensdiv import _moved
 from ensdiv._version import __version__
 from ensdiv.adaptive import agreement_pgd, penalized_pgd
-from ensdiv.attacks import apgd, fgsm, mifgsm, pgd
+from ensdiv.attack_suite import whitebox_entry
+from ensdiv.attacks import apgd, fgsm, mifgsm, mora, pgd, square
+from ensdiv.card import Card
+from ensdiv.card_stages import robustness_card
 from ensdiv.data import load_dataset
-from ensdiv.detect import DisagreementDetector
+from ensdiv.disagreement import DisagreementDetector
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
-from ensdiv.evaluation import whitebox_entry
 from ensdiv.gdr import ensemble_gdr
 from ensdiv.gradients import input_gradients
 from ensdiv.loop import fit
 from ensdiv.models import build_model
 from ensdiv.objective import TransferLoss, ensemble_loss
 from ensdiv.smoothing import Smooth
-from ensdiv.train import TrainConfig
+from ensdiv.training import TrainConfig
 from ensdiv.transferability import transfer_matrix
 
 __all__ = [
     "__version__", "load_dataset", "build_model", "Ensemble", "TrainConfig", "fit",
     "ensemble_loss", "TransferLoss", "input_gradients", "ensemble_gdr", "fgsm", "pgd",
-    "mifgsm", "apgd", "transfer_matrix", "whitebox_entry", "DisagreementDetector",
+    "mifgsm", "apgd", "mora", "square", "transfer_matrix", "whitebox_entry", "robustness_card",
+    "Card", "DisagreementDetector",
     "agreement_pgd", "penalized_pgd", "Smooth", "EnsdivError",
 ]
 
-_moved.install()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ensdiv.attacks import pgd_objective
-from ensdiv.detect import DIFFERENTIABLE_SCORES, SCORES, DisagreementDetector
+from ensdiv.disagreement import DIFFERENTIABLE_SCORES, SCORES, DisagreementDetector
 from ensdiv.ensemble import Ensemble, mean_log_softmax
 from ensdiv.errors import EnsdivError, check_choice, check_input, check_real
 from ensdiv.gradients import runner_up

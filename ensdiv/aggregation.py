@@ -11,7 +11,7 @@ Tramèr et al. 2020 §6 for voting):
   softmax of the mean logits) while success is judged on the vote itself. The scores are
   ``votes + ½·stand-in probability``: the vote counts are integers and the stand-in adds less
   than 1, so their argmax *is* the vote (a tie goes to the stand-in's favourite, as in
-  :func:`~ensdiv.ensemble.majority_vote` for the softmax stand-in), and their gradient is the
+  :func:`majority_vote` for the softmax stand-in), and their gradient is the
   stand-in's. Any attack that judges success by the argmax of its model's output — all of
   :mod:`ensdiv.attacks` — therefore attacks the stand-in and is judged on the vote.
 

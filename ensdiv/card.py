@@ -1,65 +1,40 @@
-"""One robustness card per ensemble and aggregation rule: every number that says how robust it is,
-from one evaluation, with the attack setup beside each.
+"""The robustness card: one typed record of every number that says how robust one ensemble is
+at one L∞ radius, with the attack setup beside each (:class:`Card`), and how one is put
+together from its stages (:func:`assemble_card`).
 
-The white-box part is AutoAttack's cascade (Croce & Hein 2020) made ensemble-aware (Yu et al.
-2022): APGD-CE, APGD-DLR, MORA and Square run in that order on the inputs the ensemble still
-classifies correctly under the rule and no earlier attack broke, so the robust accuracy is the
-per-input worst case over all four, and the card can say which attack broke each input first.
-Because the averaged-output attacks run first, the same cascade gives both the robust accuracy
-an averaged-output evaluation reports (APGD-CE + APGD-DLR) and the member-aware one (all four):
-their gap is what MORA and Square add. Square is score-based: whatever it breaks after the
-gradient attacks is the gradient-masking flag.
-
-Around it: clean accuracy (ensemble under the rule, each member), each member's robust accuracy
-under APGD-CE alone, the member → member transfer matrix (full-budget PGD), transfer from an
-independent surrogate when one is given, GDR and the mean gradient cosine, and AutoAttack's
-sanity checks (zero input gradients, PGD at ε = 1 → ~100%, Square beating the white-box
-attacks, APGD-CE at half vs full budget).
+The stages themselves — AutoAttack's cascade made ensemble-aware (APGD-CE, APGD-DLR, MORA,
+Square), the members, the transfer matrix, the surrogate's transfer, the gradients — are the
+functions of :mod:`ensdiv.card_stages`; :func:`ensdiv.card_stages.robustness_card` runs them all
+and returns a :class:`Card`, ``ensdiv evaluate`` runs them one by one (saving each) and writes
+:meth:`Card.to_dict` as ``card.json``, and every table of cards reads them back with
+:meth:`Card.from_dict`.
 
 Example:
-    >>> import torch
-    >>> from ensdiv.ensemble import Ensemble
-    >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
-    >>> x = torch.rand(8, 1, 8, 8); y = ens.predict(x)
-    >>> card = robustness_card(ens, x, y, eps=0.1, budget=CardBudget(apgd_steps=4, mora_steps=2,
-    ...                        square_queries=10, transfer_steps=2))
-    >>> card["clean_acc"], card["robust_acc"] <= card["averaged_output_robust_acc"]
-    (1.0, True)
+    >>> card = Card(name="gal", dataset="mnist5k", eps=0.1, n=500, aggregation="softmax",
+    ...             clean_acc=0.9, robust_acc=0.2, robust_acc_se=0.02, evaluations=[])
+    >>> card.to_dict()["threat_model"], card.evaluation("vote") is None
+    ('Linf', True)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ensdiv.aggregation import AGGREGATIONS, Aggregated
-from ensdiv.attacks import MORA_MIX, apgd, mora, pgd, square
-from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError, check_choice, check_input
-from ensdiv.evaluation import HUGE_EPS
-from ensdiv.gdr import gradient_diversity
-from ensdiv.gradients import input_gradients
-from ensdiv.io import strict_json
-from ensdiv.transferability import (
-    Success,
-    convergence_warning,
-    surrogate_transfer,
-    transfer_matrix,
-    worst_case_success,
-)
+from ensdiv._version import __version__
+from ensdiv.ensemble import Ensemble, weights_fingerprint
+from ensdiv.errors import EnsdivError
+from ensdiv.io import strict_json, utc_now
+from ensdiv.stats import binomial_se
 
 CARD_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "mora", "square")
 """The cascade, in order; the first two are the averaged-output attacks."""
 
 AVERAGED_OUTPUT_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr")
+
 
 @dataclass(frozen=True)
 class CardBudget:
@@ -83,240 +58,168 @@ class CardBudget:
         return self
 
 
-def robustness_card(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
-                    aggregation: str = "softmax", budget: CardBudget = CardBudget(),
-                    surrogate: nn.Module | None = None) -> dict[str, Any]:
-    """Evaluate one ensemble under one aggregation rule at L∞ radius ``eps``: the stages
-    :func:`card_whitebox`, :func:`card_members`, :func:`card_transfer`,
-    :func:`card_surrogate` and :func:`card_gradients` in one dict (``ensdiv evaluate`` runs
-    the same stages one by one, saving each, and shares the rule-free ones between rules).
+CARD_FORMAT = "ensdiv.card/1"
+"""The ``format`` of a card's JSON (:meth:`Card.to_dict`)."""
 
-    Args:
-        ensemble: M ≥ 2 members, in eval mode.
-        x: test inputs [n, C, H, W] in [0, 1]; y: labels [n].
-        eps: L∞ radius, > 0.
-        aggregation: ``"softmax"``, ``"logits"`` or ``"vote"`` (attacked through the mean
-            softmax, judged on the vote).
-        budget: attack budgets and seed (:class:`CardBudget`).
-        surrogate: an independently trained model to craft black-box transfer examples on.
-
-    Returns:
-        A strict-JSON dict (an undefined rate, e.g. transfer between members that share no
-        correctly classified input, is None): ``n``, ``eps``, ``aggregation``, ``clean_acc``,
-        ``robust_acc`` (the per-input worst case over :data:`CARD_ATTACKS`, over all n inputs,
-        with ``robust_acc_se``), ``averaged_output_robust_acc`` (APGD-CE + APGD-DLR only),
-        ``attacks`` (each attack's ``fooled``/``total`` over the inputs it ran on,
-        ``broke_first``, ``seconds``, ``setup``), ``members`` (clean and APGD-CE robust accuracy
-        of each), ``transfer`` (member → member matrix), ``surrogate`` (or None),
-        ``gdr``/``mean_cos`` and friends, ``sanity`` (values)
-        and ``warnings`` (messages).
-
-    Raises:
-        EnsdivError: fewer than 2 members, ``eps`` ≤ 0, an unknown rule, a bad budget or bad
-            inputs — before any attack runs.
-    """
-    check_card_inputs(ensemble, x, y, eps=eps, aggregations=(aggregation,), budget=budget)
-    card = card_whitebox(ensemble, x, y, eps=eps, aggregation=aggregation, budget=budget)
-    card["members"] = card_members(ensemble, x, y, eps=eps, budget=budget)
-    card["transfer"] = card_transfer(ensemble, x, y, eps=eps, budget=budget)
-    card["surrogate"] = (None if surrogate is None else card_surrogate(
-        surrogate, ensemble, x, y, eps=eps, aggregations=(aggregation,),
-        budget=budget)[aggregation])
-    grads = card_gradients(ensemble, x, y)
-    zero = grads.pop("zero_grad_fraction")
-    card.update(grads)
-    card["sanity"]["zero_grad_fraction"] = zero
-    card["warnings"] = [*zero_grad_warning(zero), *card["warnings"]]
-    return strict_json(card)
+TRAINING_KEYS: tuple[str, ...] = ("diversity", "lam", "epochs", "seed", "objective",
+                                  "noise_sigma", "eps", "teacher", "transfer", "batch_size", "lr")
+"""The settings of an ensemble's training a card repeats (from the ensemble's config)."""
 
 
-def check_card_inputs(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
-                      aggregations: tuple[str, ...], budget: CardBudget,
-                      min_members: int = 2) -> None:
-    """Everything a card checks before any attack runs; one :class:`EnsdivError` for the first
-    bad argument (an ensemble of fewer than ``min_members``, ``eps`` outside (0, 1], an unknown
-    aggregation rule, a bad budget, inputs that are not [n, C, H, W] with labels [n])."""
-    if not isinstance(ensemble, Ensemble) or ensemble.num_members < min_members:
-        raise EnsdivError(f"a robustness card needs an ensemble of at least {min_members} "
-                          "members; got " + (f"{ensemble.num_members} member"
-                                             if isinstance(ensemble, Ensemble)
-                                             else type(ensemble).__name__))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-            math.isfinite(eps) and 0 < eps <= 1):
-        raise EnsdivError(f"eps must be a number in (0, 1] (pixels are in [0, 1]); got {eps!r}")
-    if not aggregations:
-        raise EnsdivError(f"give at least one aggregation rule of {', '.join(AGGREGATIONS)}")
-    for rule in aggregations:
-        check_choice("aggregation rule", rule, AGGREGATIONS)
-    budget.validate()
-    check_input(ensemble, x, y)
-    if x.ndim != 4:
-        raise EnsdivError(f"a robustness card attacks images [n, C, H, W]; got {tuple(x.shape)}")
+@dataclass(frozen=True)
+class Card:
+    """One robustness card: everything one evaluation says about one ensemble at one L∞ radius.
 
+    RobustBench's model-card fields come first (``name``, ``dataset``, ``eps``,
+    ``architecture``, ``number_forward_passes``, ``clean_acc``, ``robust_acc`` and its s.e.,
+    ``reported``; ``threat_model`` is always ``"Linf"``); the headline numbers are those of the
+    first rule (``aggregation``). Then what an ensemble needs:
 
-def card_whitebox(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
-                  aggregation: str = "softmax",
-                  budget: CardBudget = CardBudget()) -> dict[str, Any]:
-    """The white-box part of a card for one aggregation rule: the cascade of
-    :data:`CARD_ATTACKS` on the aggregated ensemble, and its sanity checks (PGD at
-    ε = :data:`~ensdiv.evaluation.HUGE_EPS`, APGD-CE at half vs full budget, Square breaking
-    what the gradient attacks could not).
+    - ``evaluations``: one dict per aggregation rule, ``card_whitebox``'s (the cascade
+      APGD-CE → APGD-DLR → MORA → Square, which attack broke each input first, the
+      averaged-output robust accuracy, the sanity values and warnings) plus ``surrogate``: the
+      transfer from the surrogate to the ensemble under that rule (or None);
+    - ``members`` (``card_members`` with binomial s.e.), ``transfer`` (``card_transfer``),
+      ``gdr``, ``gdr_sem``, ``gdr_n``, ``gdr_excluded``, ``mean_cos`` and
+      ``zero_grad_fraction`` (``card_gradients``) — the stages of :mod:`ensdiv.card_stages`;
+    - ``surrogate``: *which model* crafted the black-box examples (given as, weights'
+      fingerprint, architecture, size, training) — the transfer numbers are in the evaluations;
+    - ``certified``: Cohen et al.'s certified accuracy and ACR
+      (:func:`ensdiv.certification.certified_summary`), if asked for;
+    - ``warnings`` (gradient masking, attacks that did not converge), ``seconds`` per stage;
+    - provenance: ``run``, ``weights_fingerprint``, ``training`` (its settings and seconds),
+      ``seed``, ``budget``, ``ensdiv_version``.
 
-    A single network (M = 1, e.g. a teacher in ``ensdiv compare``) is allowed here: MORA is then
-    APGD-CE with restarts, so it is left out (its entry is None).
-
-    Returns:
-        ``n, eps, norm, aggregation, stand_in, number_forward_passes, members_count,
-        clean_acc, robust_acc(_se), averaged_output_robust_acc(_se), attacks, cascade, seed,
-        sanity, warnings`` (strict JSON).
+    Build one with :func:`~ensdiv.card_stages.robustness_card` (or :func:`assemble_card` from
+    saved stages); write it with :meth:`to_dict` (strict JSON), read it with :meth:`from_dict`.
 
     Example:
-        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
-        >>> x = torch.rand(6, 1, 8, 8); y = ens.predict(x)
-        >>> w = card_whitebox(ens, x, y, eps=0.1, budget=CardBudget(apgd_steps=2, mora_steps=1,
-        ...                   square_queries=5, transfer_steps=1))
-        >>> w["clean_acc"], sorted(w["attacks"]) == sorted(CARD_ATTACKS)
-        (1.0, True)
+        >>> card = Card(name="gal", dataset="mnist5k", eps=0.1, n=500, aggregation="softmax",
+        ...             clean_acc=0.9, robust_acc=0.2, robust_acc_se=0.02, evaluations=[])
+        >>> Card.from_dict(card.to_dict()) == card, card.to_dict()["format"]
+        (True, 'ensdiv.card/1')
     """
-    check_card_inputs(ensemble, x, y, eps=eps, aggregations=(aggregation,), budget=budget,
-                      min_members=1)
-    model = Aggregated(ensemble, aggregation)
-    x, y = x.detach(), y.detach()
-    n = x.shape[0]
-    seed = budget.seed
-    setups = {
-        "apgd-ce": {"attack": "apgd", "loss": "ce", "steps": budget.apgd_steps, "restarts": 1},
-        "apgd-dlr": {"attack": "apgd", "loss": "dlr", "steps": budget.apgd_steps,
-                     "restarts": 1},
-        "mora": {"attack": "mora", "steps_per_mix": budget.mora_steps,
-                 "mix": list(MORA_MIX)},
-        "square": {"attack": "square", "queries": budget.square_queries, "p_init": 0.8},
-    }
-    attacks = {
-        "apgd-ce": functools.partial(apgd, eps=eps, loss="ce", steps=budget.apgd_steps,
-                                     seed=seed),
-        "apgd-dlr": functools.partial(apgd, eps=eps, loss="dlr", steps=budget.apgd_steps,
-                                      seed=seed),
-        "mora": lambda _model, xx, yy: mora(ensemble, xx, yy, eps=eps, aggregation=aggregation,
-                                            steps=budget.mora_steps, seed=seed),
-        "square": functools.partial(square, eps=eps, queries=budget.square_queries, seed=seed),
-    }
-    if ensemble.num_members < 2:
-        del attacks["mora"]
-    wc = worst_case_success(model, x, y, attacks=attacks, cascade=True)
-    total = wc.union.total  # correct clean under the rule
-    first = wc.broken_first_by()
-    robust = (total - wc.union.fooled) / n if n else float("nan")
-    averaged = (total - sum(first[a] for a in AVERAGED_OUTPUT_ATTACKS)) / n if n else math.nan
-    card: dict[str, Any] = {
-        "n": n, "eps": eps, "norm": "linf", "aggregation": aggregation,
-        "stand_in": "softmax" if aggregation == "vote" else None,
-        "number_forward_passes": ensemble.num_members, "members_count": ensemble.num_members,
-        "clean_acc": total / n if n else math.nan,
-        "robust_acc": robust, "robust_acc_se": binomial_se(robust, n),
-        "averaged_output_robust_acc": averaged,
-        "averaged_output_robust_acc_se": binomial_se(averaged, n),
-        "attacks": {name: None if name not in attacks else {
-            **wc.per_attack[name].to_dict(), "broke_first": first[name],
-            "seconds": wc.seconds[name], "setup": {**setups[name], "eps": eps, "seed": seed}}
-            for name in CARD_ATTACKS},
-        "cascade": "each attack runs on the inputs correct under the rule that no earlier "
-                   "attack broke; success counted over those inputs",
-        "seed": seed,
-    }
-    card["sanity"], card["warnings"] = _sanity(model, x, y, eps, budget, wc.per_attack,
-                                               list(attacks)[:-1])
-    return strict_json(card)
+
+    name: str
+    dataset: str | None
+    eps: float
+    n: int
+    aggregation: str
+    clean_acc: float | None
+    robust_acc: float | None
+    robust_acc_se: float | None
+    evaluations: list[dict[str, Any]]
+    architecture: str = "?"
+    members_count: int = 0
+    number_forward_passes: int = 0
+    seed: int = 0
+    budget: dict[str, int] = field(default_factory=dict)
+    members: list[dict[str, Any]] = field(default_factory=list)
+    transfer: dict[str, Any] | None = None
+    gdr: float | None = None
+    gdr_sem: float | None = None
+    gdr_n: int | None = None
+    gdr_excluded: int | None = None
+    mean_cos: float | None = None
+    zero_grad_fraction: float | None = None
+    surrogate: dict[str, Any] | None = None
+    certified: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    run: str | None = None
+    weights_fingerprint: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    reported: str | None = None
+    ensdiv_version: str | None = None
+
+    THREAT_MODEL: ClassVar[str] = "Linf"
+    KEEP_RULE: ClassVar[str] = ("per-input worst case over the cascade; success counted only on "
+                                "inputs correct under the rule")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card as strict JSON (an undefined number is None), with its ``format``,
+        ``threat_model`` and ``keep_rule``."""
+        return strict_json({"format": CARD_FORMAT, "threat_model": self.THREAT_MODEL,
+                            "keep_rule": self.KEEP_RULE, **dataclasses.asdict(self)})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Card:
+        """The card a :meth:`to_dict` (a ``card.json``) holds; anything else is one
+        :class:`EnsdivError` saying what is missing."""
+        if not isinstance(d, dict) or d.get("format") != CARD_FORMAT:
+            raise EnsdivError(f"not an ensdiv robustness card (no format {CARD_FORMAT!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise EnsdivError(f"not an ensdiv robustness card (it lacks {', '.join(missing)})")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def evaluation(self, rule: str) -> dict[str, Any] | None:
+        """The evaluation under aggregation rule ``rule``, None if the card has none."""
+        return next((e for e in self.evaluations if e["aggregation"] == rule), None)
 
 
-def card_members(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
-                 budget: CardBudget = CardBudget()) -> list[dict[str, Any]]:
-    """Each member's clean accuracy and robust accuracy under APGD-CE alone, over all n.
+def describe_surrogate(surrogate: nn.Module, given: str | None = None) -> dict[str, Any]:
+    """What a card says about the model that crafted its black-box examples: how it was
+    ``given`` (a run folder, ``"plain"``...), its weights' fingerprint and, for an ensemble,
+    its architecture, size, regularizer, seed and epochs.
 
     Example:
-        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
-        >>> x = torch.rand(4, 1, 8, 8); y = ens.predict(x)
-        >>> [m["member"] for m in card_members(ens, x, y, eps=0.1, budget=CardBudget(
-        ...     apgd_steps=2))]
-        [0, 1]
-    """
-    out = []
-    for i, member in enumerate(ensemble.members):
-        with torch.no_grad():
-            correct = member(x).argmax(1) == y
-        rows = correct.nonzero().squeeze(1)
-        fooled = 0
-        if rows.numel():
-            adv = apgd(member, x[rows], y[rows], eps=eps, loss="ce", steps=budget.apgd_steps,
-                       seed=budget.seed)
-            with torch.no_grad():
-                fooled = int((member(adv).argmax(1) != y[rows]).sum())
-        n = x.shape[0]
-        out.append({"member": i, "clean_acc": int(correct.sum()) / n if n else math.nan,
-                    "robust_acc": (int(correct.sum()) - fooled) / n if n else math.nan,
-                    "attack": "apgd-ce", "steps": budget.apgd_steps, "eps": eps,
-                    "seed": budget.seed})
-    return strict_json(out)
-
-
-def card_transfer(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
-                  budget: CardBudget = CardBudget()) -> dict[str, Any]:
-    """The member → member transfer matrix of full-budget PGD examples (``keep="last"``,
-    ``budget.transfer_steps``), with its mean and wall time.
-
-    Example:
-        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
-        >>> x = torch.rand(4, 1, 8, 8); y = ens.predict(x)
-        >>> len(card_transfer(ens, x, y, eps=0.1, budget=CardBudget(transfer_steps=1))["fooled"])
+        >>> other = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=1)
+        >>> describe_surrogate(other)["members"]
         2
     """
-    started = time.perf_counter()
-    tm = transfer_matrix(ensemble, x, y, whitebox=False, attack=_transfer_attack(eps, budget))
-    return strict_json({**tm.to_dict(), "mean": tm.mean_transfer,
-                        "crafted_with": _transfer_setup(eps, budget),
-                        "seconds": time.perf_counter() - started})
+    c = getattr(surrogate, "config", None) or {}
+    return {"given": given, "weights": weights_fingerprint(surrogate), "arch": c.get("arch"),
+            "members": getattr(surrogate, "num_members", 1), "diversity": c.get("diversity"),
+            "seed": c.get("seed"), "epochs": c.get("epochs")}
 
 
-def card_surrogate(surrogate: nn.Module, ensemble: Ensemble, x: Tensor, y: Tensor, *,
-                   eps: float, aggregations: tuple[str, ...] = ("softmax",),
-                   budget: CardBudget = CardBudget()) -> dict[str, dict[str, Any]]:
-    """Black-box transfer: full-budget PGD examples crafted once on ``surrogate`` (an
-    independently trained model), success on the ensemble under each rule (over the inputs
-    it classifies correctly under that rule).
-
-    Example:
-        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
-        >>> other = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=1).eval()
-        >>> x = torch.rand(4, 1, 8, 8); y = ens.predict(x)
-        >>> sorted(card_surrogate(other, ens, x, y, eps=0.1, aggregations=("softmax", "vote"),
-        ...                       budget=CardBudget(transfer_steps=1)))
-        ['softmax', 'vote']
+def assemble_card(ensemble: Ensemble, *, eps: float, n: int, budget: CardBudget,
+                  whitebox: dict[str, dict[str, Any]], members: list[dict[str, Any]],
+                  transfer: dict[str, Any], gradients: dict[str, Any],
+                  surrogate_transfer: dict[str, dict[str, Any]] | None = None,
+                  surrogate: dict[str, Any] | None = None,
+                  certified: dict[str, Any] | None = None,
+                  seconds: dict[str, float] | None = None, name: str = "ensemble",
+                  run: str | None = None, dataset: str | None = None,
+                  train_seconds: float | None = None) -> Card:
+    """The :class:`Card` made of finished stages (of :mod:`ensdiv.card_stages`): ``whitebox``
+    maps each rule, the headline first, to its ``card_whitebox``; ``members``, ``transfer``,
+    ``gradients`` and ``surrogate_transfer`` (rule → transfer) are ``card_members``,
+    ``card_transfer``, ``card_gradients`` and ``card_surrogate``; ``surrogate`` is
+    :func:`describe_surrogate`; ``seconds`` each stage's wall time. ``dataset`` defaults to the
+    one in the ensemble's config. What ``ensdiv evaluate`` calls once its stages are saved.
     """
-    started = time.perf_counter()
-    adv = _transfer_attack(eps, budget)(surrogate, x, y)
-    seconds = time.perf_counter() - started
-    setup = {**_transfer_setup(eps, budget), "on": "surrogate"}
-    return strict_json({rule: {**surrogate_transfer(surrogate, Aggregated(ensemble, rule), x, y,
-                                                    x_adv=adv).to_dict(),
-                               "crafted_with": setup, "seconds": seconds}
-                        for rule in aggregations})
-
-
-def card_gradients(ensemble: Ensemble, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """GDR, mean gradient cosine and friends (:func:`ensdiv.gdr.gradient_diversity`) of the
-    members' input gradients at the clean inputs, and ``zero_grad_fraction``: the share of
-    inputs where some member's input gradient is exactly zero (AutoAttack's masking check).
-
-    Example:
-        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
-        >>> x = torch.rand(4, 1, 8, 8)
-        >>> card_gradients(ens, x, ens.predict(x))["zero_grad_fraction"]
-        0.0
-    """
-    grads = input_gradients(ensemble, x, y)
-    n = x.shape[0]
-    zero = float((grads.flatten(2).abs().amax(-1) == 0).any(0).float().mean()) if n else 0.0
-    return strict_json({**gradient_diversity(grads), "zero_grad_fraction": zero})
+    evaluations = [{**w, "surrogate": None if surrogate_transfer is None
+                    else surrogate_transfer[rule]} for rule, w in whitebox.items()]
+    head = evaluations[0]
+    zero = gradients["zero_grad_fraction"]
+    config = getattr(ensemble, "config", None) or {}
+    seconds = dict(seconds or {})
+    return Card(
+        name=name, dataset=dataset or config.get("dataset"), eps=eps, n=n,
+        aggregation=head["aggregation"], clean_acc=head["clean_acc"],
+        robust_acc=head["robust_acc"], robust_acc_se=head["robust_acc_se"],
+        evaluations=evaluations,
+        architecture=f"{ensemble.num_members} × {config.get('arch', '?')}",
+        members_count=ensemble.num_members, number_forward_passes=ensemble.num_members,
+        seed=budget.seed, budget=dataclasses.asdict(budget),
+        members=[{**m, "clean_acc_se": binomial_se(m["clean_acc"], n),
+                  "robust_acc_se": binomial_se(m["robust_acc"], n)} for m in members],
+        transfer=transfer,
+        **{k: v for k, v in gradients.items() if k != "zero_grad_fraction"},
+        zero_grad_fraction=zero, surrogate=surrogate, certified=certified,
+        warnings=zero_grad_warning(zero) + [f"{e['aggregation']}: {w}" for e in evaluations
+                                            for w in e["warnings"]],
+        seconds={**seconds, "total": sum(seconds.values())},
+        run=run, weights_fingerprint=weights_fingerprint(ensemble),
+        training={**{k: config.get(k) for k in TRAINING_KEYS if k in config},
+                  "seconds": train_seconds},
+        reported=utc_now(), ensdiv_version=__version__)
 
 
 def zero_grad_warning(zero: float) -> list[str]:
@@ -325,56 +228,3 @@ def zero_grad_warning(zero: float) -> list[str]:
         return [f"{zero:.1%} of inputs have a zero input gradient for some member "
                 "(gradient masking?)"]
     return []
-
-
-def _transfer_attack(eps: float, budget: CardBudget) -> Callable[..., Tensor]:
-    return functools.partial(pgd, eps=eps, steps=budget.transfer_steps, keep="last",
-                             generator=torch.Generator().manual_seed(budget.seed))
-
-
-def _transfer_setup(eps: float, budget: CardBudget) -> dict[str, Any]:
-    return {"attack": "pgd", "eps": eps, "keep": "last", "steps": budget.transfer_steps,
-            "seed": budget.seed}
-
-
-def _sanity(model: nn.Module, x: Tensor, y: Tensor, eps: float, budget: CardBudget,
-            per_attack: dict[str, Success],
-            gradient_attacks: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """AutoAttack's habits as values and messages."""
-    huge = worst_case_success(model, x, y, attacks={"pgd": functools.partial(
-        pgd, eps=HUGE_EPS, steps=budget.transfer_steps,
-        generator=torch.Generator().manual_seed(budget.seed))}).union
-    half_steps = max(budget.apgd_steps // 2, 1)
-    half = worst_case_success(model, x, y, attacks={"apgd-ce": functools.partial(
-        apgd, eps=eps, loss="ce", steps=half_steps, seed=budget.seed)}).union
-    full = per_attack["apgd-ce"]  # the cascade's first attack ran on every correct input
-    square_after = per_attack["square"].fooled
-    values = {"huge_eps_pgd": huge.to_dict(),
-              "apgd_ce_half_budget": half.to_dict(), "apgd_ce_full_budget": full.to_dict(),
-              "square_broke_after_gradient_attacks": square_after}
-    warnings = []
-    if huge.total and huge.rate < 0.99:
-        warnings.append(f"L∞ PGD at eps={HUGE_EPS:g} fooled only {huge.rate:.1%} of the correct "
-                        "inputs (should be ~100%: gradient masking or a bug)")
-    if square_after:
-        names = [{"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "mora": "MORA"}[a]
-                 for a in gradient_attacks]
-        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        warnings.append(f"Square (no gradients) broke {square_after} input(s) that {listed} "
-                        "could not: the gradients may be masked")
-    stalled = convergence_warning(full, half, what=f"APGD-CE ({half_steps} → "
-                                  f"{budget.apgd_steps} steps) at eps={eps:g}")
-    if stalled:
-        warnings.append(stalled)
-    return values, warnings
-
-
-def binomial_se(p: float, n: int) -> float:
-    """Binomial standard error √(p(1 − p)/n) of a proportion ``p`` measured on ``n`` inputs;
-    NaN when ``n`` is 0 or ``p`` is undefined.
-
-    Example:
-        >>> round(binomial_se(0.5, 100), 3), binomial_se(0.5, 0)
-        (0.05, nan)
-    """
-    return math.sqrt(p * (1 - p) / n) if n and math.isfinite(p) else math.nan

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ from ensdiv import distributed
 from ensdiv.errors import EnsdivError, check_int, check_real
 from ensdiv.io import atomic_write_jsonl, os_error, read_jsonl
 from ensdiv.rank_parts import merge_rank_parts, rank_part, rank_parts, read_with_parts
-from ensdiv.smoothing import ABSTAIN, Smooth
+from ensdiv.smoothing import ABSTAIN, Smooth, average_certified_radius, certified_accuracy
+from ensdiv.stats import binomial_se
 
 RECORD_KEYS: tuple[str, ...] = ("idx", "label", "predict", "radius", "correct", "samples",
                                 "seconds")
@@ -171,3 +172,24 @@ def certify_dataset(base: nn.Module, dataset: Dataset, *, sigma: float, n0: int,
     if world > 1 or rank_parts(path):
         records = merge_rank_parts(path, _done_records, key=lambda r: r["idx"])
     return sorted(records, key=lambda r: r["idx"])
+
+
+def certified_summary(records: Sequence[dict[str, Any]], *, radii: Sequence[float],
+                      sigma: float, n0: int, n: int, alpha: float) -> dict[str, Any]:
+    """Certified accuracy at each of ``radii`` (with its binomial s.e. over the certified
+    points) and the average certified radius of :func:`certify_dataset`'s ``records``, with the
+    CERTIFY settings that made them: what a card's and a comparison's ``certified`` entry holds.
+
+    Example:
+        >>> recs = [{"radius": 0.5, "correct": True}, {"radius": 0.0, "correct": False}]
+        >>> s = certified_summary(recs, radii=(0.0, 0.25), sigma=0.25, n0=100, n=1000,
+        ...                       alpha=0.001)
+        >>> s["accuracy"], s["acr"], s["points"]
+        ([0.5, 0.5], 0.25, 2)
+    """
+    acc = certified_accuracy(records, radii)
+    points = len(records)
+    return {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "points": points,
+            "radii": [float(r) for r in radii], "accuracy": acc,
+            "accuracy_se": [binomial_se(a, points) for a in acc],
+            "acr": average_certified_radius(records)}

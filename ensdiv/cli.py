@@ -56,7 +56,7 @@ from ensdiv.runs.compare import CompareConfig, compare_into
 from ensdiv.runs.demo import demo_report
 from ensdiv.runs.describe import describe_run, gdr_line
 from ensdiv.runs.detect import DetectConfig, detect_into
-from ensdiv.runs.evaluate import EvaluateConfig, cards_report, evaluate_run, method_table, read_card
+from ensdiv.runs.evaluate import EvaluateConfig, write_card
 from ensdiv.runs.plots import (
     check_plot_options,
     figure_dir,
@@ -65,12 +65,14 @@ from ensdiv.runs.plots import (
     plot_gdr_vs_attack,
     plot_transfer_heatmaps,
 )
-from ensdiv.runs.records import read_certification, read_detection_records, read_sweeps
+from ensdiv.runs.records import read_card, read_certification, read_detection_records, read_sweeps
 from ensdiv.runs.report import (
+    cards_report,
     certified_table,
     compare_table,
     detection_summary,
     detection_table,
+    method_table,
     sweep_summary,
     sweep_tables,
 )
@@ -87,7 +89,7 @@ from ensdiv.runs.rundir import (
 from ensdiv.runs.sweep import SweepConfig, run_sweep
 from ensdiv.runs.train import epoch_line, train_run
 from ensdiv.runtime import available_cores, resolve_device, set_threads
-from ensdiv.train import (
+from ensdiv.training import (
     TrainConfig,
 )
 
@@ -272,13 +274,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = resolve_config(EvaluateConfig, {**given, **({"run": args.run} if args.run else {})},
                             args.out, resume=args.resume, config_name=EVALUATE_CONFIG,
                             command="ensdiv evaluate RUN").validate()
-    card = evaluate_run(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                        device=_setup(args), data_root=args.data_root,
-                        progress=not args.quiet, log=lambda line: print(line, flush=True))
+    card = write_card(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                      device=_setup(args), data_root=args.data_root,
+                      progress=not args.quiet, log=lambda line: print(line, flush=True))
     print(f"\n{cards_report([card])}")
-    print("".join(f"warning: {w}\n" for w in card["warnings"])
+    print("".join(f"warning: {w}\n" for w in card.warnings)
           + f"card in {Path(args.out) / 'card.json'} and card.md "
-          f"({card['seconds']['total'] / 60:.1f} min of evaluation)")
+          f"({card.seconds['total'] / 60:.1f} min of evaluation)")
     return 0
 
 

@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ensdiv.ensemble import Ensemble, mean_log_softmax
+from ensdiv.ensemble import Ensemble, mean_log_softmax, weights_fingerprint
 from ensdiv.errors import EnsdivError, check_choice, check_input, check_int, check_real
 from ensdiv.io import atomic_torch_save, read_torch
 
@@ -188,16 +187,6 @@ def calibrate_threshold(clean_scores: Tensor, fpr: float) -> float:
     above = len(s) - torch.searchsorted(s.sort().values, u, right=True)  # count > u[i]
     ok = above <= fpr * len(s) + 1e-9
     return float(u[int(ok.nonzero()[0])])
-
-
-def weights_fingerprint(ensemble: Ensemble) -> str:
-    """A short hash (16 hex digits) of the ensemble's weights: a threshold belongs to one
-    ensemble."""
-    h = hashlib.sha256()
-    for k, v in sorted(ensemble.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 DETECTOR_FORMAT = "ensdiv.detector/1"

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -330,3 +331,19 @@ def _common_spec(members: Sequence[nn.Module]) -> tuple[tuple[int, ...] | None, 
 def _sync(x: Tensor) -> None:
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
+
+
+def weights_fingerprint(ensemble: nn.Module) -> str:
+    """A short hash (16 hex digits) of the ensemble's weights (names and bytes of its state
+    dict): what a detector's threshold, a card or a certificate belongs to.
+
+    Example:
+        >>> ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0)
+        >>> len(weights_fingerprint(ens))
+        16
+    """
+    h = hashlib.sha256()
+    for k, v in sorted(ensemble.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,5 +1,9 @@
-"""Every file ensdiv writes and reads goes through here: atomic writes, one reader per format,
-and the JSON round trip of settings.
+"""Atomic writes, one reader per format, and the JSON round trip of settings: how ensdiv writes
+and reads its files. Three writers go their own way on purpose: the run-folder lock
+(:mod:`ensdiv.runs.rundir`, an ``flock``ed file rewritten in place), certification records
+(:mod:`ensdiv.certification`, appended and synced one line at a time, so a killed run loses at
+most the example in progress) and ``ensdiv data fetch`` (:mod:`ensdiv.fetch`, a staging folder
+renamed into place once verified).
 
 - **Writes** are atomic: the bytes are built in memory, written to a temporary file in the same
   folder, fsynced and renamed over the target, so an interrupted run leaves the previous good
@@ -12,8 +16,8 @@ and the JSON round trip of settings.
   truncated or foreign file into one :class:`EnsdivError` naming the file and what to do.
 - **Configs** (:class:`JsonConfig`): a frozen dataclass of settings round-trips through JSON.
 
-Run folders (locks, resume rules, rank part files) belong to the drivers:
-:mod:`ensdiv.runs.rundir`.
+Run folders (locks, resume rules) belong to the drivers: :mod:`ensdiv.runs.rundir`; records
+files of several torchrun ranks: :mod:`ensdiv.rank_parts`.
 
 Example:
     >>> import tempfile, pathlib

@@ -66,8 +66,8 @@ def use_compiled_kernels(enabled: bool | CompileMode = True) -> None:
     The first call per activation shape compiles (about 12 s on this project's CPU, cached on
     disk by inductor; :func:`compile_seconds` counts it), so this pays off for training runs,
     not short tests; numbers agree with the eager path to float rounding. ``"auto"`` leaves the
-    choice to each :func:`ensdiv.train.train` run (:func:`ensdiv.train.compile_pays`); ``True``
-    or ``"on"`` compiles, ``False`` or ``"off"`` does not. Falls back to eager (with one
+    choice to each :func:`ensdiv.training.train` run (:func:`ensdiv.training.compile_pays`);
+    ``True`` or ``"on"`` compiles, ``False`` or ``"off"`` does not. Falls back to eager (with one
     warning) where compilation fails.
 
     Example:

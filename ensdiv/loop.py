@@ -3,8 +3,8 @@
 :func:`fit` knows nothing about the objective: it calls a :data:`LossFn`
 ``(ensemble, x, y) -> (loss, stats)`` on each batch. Plain training sums the members'
 cross-entropies (:func:`ensdiv.objective.ce_loss`); diversity, noise and teacher terms plug in
-as other loss functions, never as copies of the loop (:func:`ensdiv.train.make_loss` picks one
-from a :class:`~ensdiv.train.TrainConfig`).
+as other loss functions, never as copies of the loop (:func:`ensdiv.training.make_loss` picks one
+from a :class:`~ensdiv.training.TrainConfig`).
 
 Given a folder, per epoch it writes, atomically and on rank 0 only, one JSON line of metrics
 (``metrics.jsonl``: loss, the loss's stats, each member's and the ensemble's test accuracy,
@@ -110,7 +110,7 @@ class TrainingDiverged(EnsdivError):
 
 
 @torch.no_grad()
-def evaluate(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
+def accuracies(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
              device: torch.device | str | None = None,
              distributed: bool = False) -> dict[str, Any]:
     """Test accuracies: each member's, the ensemble's (mean softmax) and the majority vote's.
@@ -126,7 +126,7 @@ def evaluate(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
         >>> from ensdiv.data import load_dataset
         >>> _, te, info = load_dataset("digits")
         >>> ens = Ensemble.build("mlp", 2, in_shape=info.in_shape, num_classes=10)
-        >>> sorted(evaluate(ens, te))
+        >>> sorted(accuracies(ens, te))
         ['ensemble_acc', 'member_acc', 'n', 'vote_acc']
     """
     check_int("batch size", batch_size)
@@ -158,7 +158,7 @@ def evaluate(ensemble: Ensemble, dataset: Dataset, *, batch_size: int = 512,
     counts = correct.tolist()
     correct_members, correct_ens, correct_vote = counts[:m], counts[m], counts[m + 1]
     if n == 0:
-        raise EnsdivError("evaluate needs a non-empty dataset")
+        raise EnsdivError("accuracies need a non-empty dataset")
     return round_floats({"member_acc": [c / n for c in correct_members],
                          "ensemble_acc": correct_ens / n, "vote_acc": correct_vote / n, "n": n})
 
@@ -355,7 +355,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             total, n, sums = vec[0], int(vec[1]), dict(zip(keys, vec[2:], strict=True))
         record: dict[str, Any] = {"epoch": epoch, "loss": float(total) / n,
                                   **{k: float(v) / n for k, v in sums.items()}}
-        record.update(evaluate(ensemble, test_set, device=device, distributed=world > 1))
+        record.update(accuracies(ensemble, test_set, device=device, distributed=world > 1))
         for hook in epoch_hooks:
             record.update(hook(ensemble))
         record["train_seconds"] = train_seconds

@@ -163,9 +163,10 @@ class CNN(Member):
     """A small LeNet-like net: two conv-GN-ReLU-maxpool blocks, adaptive pooling, one FC layer.
 
     Adaptive pooling to 4×4 makes it work from 8×8 inputs (digits) up to 32×32 (CIFAR).
-    ``norm=False`` (architecture ``cnn-nf``) drops the two GroupNorms and gives the
-    convolutions biases — the plain conv nets of the GAL paper's MNIST experiments (Kariyappa &
-    Qureshi 2019) — whose double backward skips GroupNorm's, the dearest part of the GAL step.
+    ``norm=False`` (architecture ``cnn-nf``) drops the two GroupNorms (the convolutions keep
+    the biases they have in ``cnn``) — the plain conv nets of the GAL paper's MNIST experiments
+    (Kariyappa & Qureshi 2019) — whose double backward skips GroupNorm's, the dearest part of
+    the GAL step.
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, mean: Sequence[float],

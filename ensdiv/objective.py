@@ -71,7 +71,7 @@ def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = 
         ``(loss, stats)``: a scalar to backpropagate, and detached 0-dim tensors ``ce_i``
         (each member's batch-mean CE), ``reg`` (the regularizer) and ``train_cos`` (mean
         pairwise cosine on the batch), left on the device: reading them is a GPU sync, which
-        :func:`ensdiv.train.fit` does once per epoch.
+        :func:`ensdiv.training.fit` does once per epoch.
 
     Example:
         >>> from ensdiv.ensemble import Ensemble
@@ -187,7 +187,7 @@ def adversarial_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float, st
     through the weights; the loss is ``Σₘ mean CE(fₘ(x'ₘ), y)`` — M independently robust
     members — plus ``lam``·R on the clean batch when ``diversity`` is not ``"none"``. A step
     costs about ``steps + 3`` forward passes and ``steps + 1`` backward passes per member.
-    The random starts use the global RNG (:func:`ensdiv.train.fit` seeds it per batch).
+    The random starts use the global RNG (:func:`ensdiv.training.fit` seeds it per batch).
 
     Returns:
         ``(loss, stats)`` with ``ce_i`` (adversarial CE per member) and ``adv_acc_i`` (each
@@ -221,7 +221,7 @@ def adversarial_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float, st
 
 class TransferLoss(nn.Module):
     """The student objective of an ensemble trained from one teacher (a :data:`LossFn` of
-    :func:`ensdiv.train.fit`): per member, the transfer distance plus ``weight``·CE, summed
+    :func:`ensdiv.training.fit`): per member, the transfer distance plus ``weight``·CE, summed
     over members, plus ``lam``·(diversity regularizer) from :func:`ensemble_loss`.
 
     - ``rrm``: ``Σₘ weight·CE(Sₘ(x), y) + rrm_loss(Pₘ gₘ(x), g_T(x))`` on the batch as given

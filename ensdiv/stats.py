@@ -77,7 +77,7 @@ def spearman(a: Sequence[float] | np.ndarray,
     ``spearmanr``); both NaN with fewer than 3 pairs or a constant series.
 
     Example:
-        >>> spearman([1, 2, 3, 4], [1, 3, 2, 4])[0]
+        >>> round(spearman([1, 2, 3, 4], [1, 3, 2, 4])[0], 12)
         0.8
         >>> spearman([1, 2], [2, 1])
         (nan, nan)

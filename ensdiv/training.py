@@ -6,7 +6,7 @@ training, a teacher's students); :func:`train` builds the members and fits them,
 per-epoch diversity metrics of :func:`make_epoch_hooks`. The run folder around a training
 (``config.json``, a lock, the resume rules) is the driver's: :mod:`ensdiv.runs.train`.
 
-The loop itself and its files are re-exported here (``from ensdiv.train import fit``).
+The loop itself and its files are re-exported here (``from ensdiv.training import fit``).
 
 Example:
     >>> cfg = TrainConfig(dataset="digits", arch="mlp", members=2, epochs=1)
@@ -45,7 +45,7 @@ from ensdiv.loop import (  # noqa: F401 - the loop's public names, re-exported
     EpochHook,
     LossFn,
     TrainingDiverged,
-    evaluate,
+    accuracies,
     finished_epochs,
     fit,
     gaussian_noise,

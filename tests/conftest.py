@@ -59,7 +59,7 @@ def digits_gal_ensemble():
     """Three GAL-trained (λ = 3) MLPs on sklearn digits, the test images the
     ensemble classifies correctly, and their labels: a diverse ensemble whose averaged output
     hides its members' gradients."""
-    from ensdiv.train import TrainConfig, train
+    from ensdiv.training import TrainConfig, train
 
     data = load_dataset("digits", seed=0)
     config = TrainConfig(dataset="digits", arch="mlp", members=3, epochs=15, diversity="gal",

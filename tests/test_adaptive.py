@@ -5,11 +5,11 @@ from torch import nn
 from ensdiv.adaptive import agreement_pgd, penalized_pgd, select_worst
 from ensdiv.attacks import pgd, pgd_objective
 from ensdiv.data import load_dataset
-from ensdiv.detect import DisagreementDetector
+from ensdiv.disagreement import DisagreementDetector
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
 from ensdiv.runs.train import train_run
-from ensdiv.train import TrainConfig
+from ensdiv.training import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

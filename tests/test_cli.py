@@ -16,7 +16,7 @@ from ensdiv.errors import EnsdivError
 from ensdiv.loop import CHECKPOINT, ENSEMBLE, METRICS
 from ensdiv.runs.rundir import CONFIG
 from ensdiv.runs.train import train_run
-from ensdiv.train import TrainConfig
+from ensdiv.training import TrainConfig
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -74,7 +74,7 @@ def test_help_shows_every_default_and_every_closed_vocabulary():
 
 def test_one_default_learning_rate():
     from ensdiv.runs.sweep import SweepConfig
-    from ensdiv.train import DEFAULT_LR
+    from ensdiv.training import DEFAULT_LR
 
     assert TrainConfig().lr == SweepConfig().lr == DEFAULT_LR
     import inspect
@@ -253,7 +253,7 @@ def _api_cases():
     from ensdiv.runs.plots import check_plot_options
     from ensdiv.runs.sweep import SweepConfig
     from ensdiv.runtime import resolve_device
-    from ensdiv.train import read_checkpoint
+    from ensdiv.training import read_checkpoint
 
     ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10)
     data = TensorDataset(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))

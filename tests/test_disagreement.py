@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from ensdiv.detect import (
+from ensdiv.disagreement import (
     SCORE_NAMES,
     SCORES,
     DisagreementDetector,

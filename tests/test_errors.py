@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from ensdiv.adaptive import agreement_pgd, penalized_pgd
 from ensdiv.attacks import apgd, fgsm, mifgsm, pgd
-from ensdiv.detect import DisagreementDetector, evaluate_detector
+from ensdiv.disagreement import DisagreementDetector, evaluate_detector
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import (
     EnsdivError,
@@ -21,8 +21,8 @@ from ensdiv.errors import (
 )
 from ensdiv.gdr import ensemble_gdr
 from ensdiv.gradients import input_gradients
+from ensdiv.loop import accuracies
 from ensdiv.models import build_model
-from ensdiv.train import evaluate
 from ensdiv.transferability import (
     success_counts,
     surrogate_transfer,
@@ -84,7 +84,7 @@ ENTRY_POINTS = {
     "fgsm on a member": lambda ens, x: fgsm(ens.members[0], x, Y, eps=0.1),
     "input_gradients": lambda ens, x: input_gradients(ens, x, Y),
     "ensemble_gdr": lambda ens, x: ensemble_gdr(ens, TensorDataset(x, Y[: len(x)])),
-    "evaluate": lambda ens, x: evaluate(ens, TensorDataset(x, Y[: len(x)])),
+    "accuracies": lambda ens, x: accuracies(ens, TensorDataset(x, Y[: len(x)])),
     "transfer_matrix": lambda ens, x: transfer_matrix(
         ens, x, Y, attack=functools.partial(fgsm, eps=0.1)),
     "success_counts": lambda ens, x: success_counts(ens, x, Y, x),

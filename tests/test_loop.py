@@ -24,7 +24,7 @@ def test_gaussian_noise_augment():
 def test_non_finite_loss_stops_with_the_epoch_and_parts(tmp_path):
     from ensdiv.data import load_dataset
     from ensdiv.objective import ce_loss
-    from ensdiv.train import TrainingDiverged, fit
+    from ensdiv.training import TrainingDiverged, fit
 
     train, test, info = load_dataset("digits")
     ens = Ensemble.build("mlp", 2, in_shape=info.in_shape, num_classes=10)

@@ -232,12 +232,12 @@ def test_fashion_mnist_sweep_tables_come_from_both_sweeps_records():
 def test_compile_auto_threshold_repays_the_measured_worst_case_twice():
     import json
 
-    from ensdiv.train import COMPILE_MIN_STEPS
+    from ensdiv.training import COMPILE_MIN_STEPS
 
     bench = _benchmarks_module("bench_compile")
     data = json.loads((BENCH_RESULTS / "compile-cpu-2026-12-07.json").read_text())
     assert 2 * max(bench.break_even(c) for c in data["cases"]) <= COMPILE_MIN_STEPS
-    assert f"`ensdiv.train.COMPILE_MIN_STEPS` ({COMPILE_MIN_STEPS:,})" in " ".join(
+    assert f"`ensdiv.training.COMPILE_MIN_STEPS` ({COMPILE_MIN_STEPS:,})" in " ".join(
         (ROOT / "docs" / "performance.md").read_text().split())
 
 
@@ -277,22 +277,24 @@ def test_mora_vs_apgd_table_comes_from_its_record():
 
 
 def test_cards_table_comes_from_the_committed_cards():
-    from ensdiv.runs.evaluate import cards_report, read_card
+    from ensdiv.runs.records import read_card
+    from ensdiv.runs.report import cards_report
 
     cards = [read_card(p) for p in sorted((RESULTS / "cards").iterdir())]
     assert len(cards) >= 8
     assert block("cards-table") == cards_report(cards).strip()
     for c in cards:  # every card states its setup
-        assert c["n"] == 500 and c["budget"]["apgd_steps"] == 100 and c["seed"] == 0
-        assert [e["aggregation"] for e in c["evaluations"]] == ["softmax", "logits", "vote"]
+        assert c.n == 500 and c.budget["apgd_steps"] == 100 and c.seed == 0
+        assert [e["aggregation"] for e in c.evaluations] == ["softmax", "logits", "vote"]
 
 
 def test_card_time_comes_from_the_timing_card():
-    from ensdiv.runs.evaluate import card_time, read_card
+    from ensdiv.runs.records import read_card
+    from ensdiv.runs.report import card_time
 
     card = read_card(RESULTS / "card-timing")
     assert block("card-time") == card_time(card).strip()
-    assert card["seconds"]["total"] <= 600  # the budget: 10 minutes
+    assert card.seconds["total"] <= 600  # the budget: 10 minutes
 
 
 def test_cards_prose_quotes_only_numbers_of_its_tables():
@@ -305,17 +307,18 @@ def test_cards_prose_quotes_only_numbers_of_its_tables():
 def test_baselines_table_comes_from_the_committed_cards_and_benchmark(dataset, epochs, name):
     import json
 
-    from ensdiv.runs.evaluate import method_table, read_card
+    from ensdiv.runs.records import read_card
+    from ensdiv.runs.report import method_table
 
     cards = [read_card(p) for p in sorted((RESULTS / "baselines" / dataset).iterdir())]
-    methods = {c["training"]["diversity"] for c in cards}
+    methods = {c.training["diversity"] for c in cards}
     assert methods == {"none", "cos", "gal", "gdr", "drt", "adp", "trs", "dverge"}
     for m in methods:  # at least two seeds each
-        assert len({c["training"]["seed"] for c in cards if c["training"]["diversity"] == m}) >= 2
+        assert len({c.training["seed"] for c in cards if c.training["diversity"] == m}) >= 2
     for c in cards:
-        assert c["n"] == 250 and c["eps"] == 0.1 and c["budget"]["apgd_steps"] == 100
-        assert c["dataset"] == dataset and c["training"]["epochs"] == epochs
-        assert c["architecture"] == "3 × cnn" and c["members_count"] == 3
+        assert c.n == 250 and c.eps == 0.1 and c.budget["apgd_steps"] == 100
+        assert c.dataset == dataset and c.training["epochs"] == epochs
+        assert c.architecture == "3 × cnn" and c.members_count == 3
     bench = json.loads((BENCH_RESULTS / "baselines-cpu-2026-12-07.json").read_text())
     costs = _benchmarks_module("bench_baselines").step_costs(bench)
     assert block(name) == method_table(cards, costs).strip()

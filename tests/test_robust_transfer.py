@@ -113,7 +113,7 @@ def test_teacher_mismatches_are_clear_errors():
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory, one_thread):
     from ensdiv.runs.train import train_run
-    from ensdiv.train import TrainConfig
+    from ensdiv.training import TrainConfig
 
     root = tmp_path_factory.mktemp("transfer")
 

@@ -6,7 +6,7 @@ import pytest
 
 from ensdiv.errors import EnsdivError
 from ensdiv.runs.train import train_run
-from ensdiv.train import TrainConfig
+from ensdiv.training import TrainConfig
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -151,7 +151,7 @@ def test_adp_trains_any_m_with_its_defaults_recorded(members):
 
     from ensdiv.adp import adp_loss
     from ensdiv.ensemble import Ensemble
-    from ensdiv.train import make_loss
+    from ensdiv.training import make_loss
 
     cfg = TrainConfig(dataset="digits", arch="cnn", members=members, epochs=1,
                       diversity="adp").validate()
@@ -207,7 +207,7 @@ def test_trs_and_dverge_train_any_m_and_arch(diversity, arch, members):
 
     from ensdiv.dverge import DvergeLoss
     from ensdiv.ensemble import Ensemble
-    from ensdiv.train import fit, make_loss
+    from ensdiv.training import fit, make_loss
     from ensdiv.trs import TrsLoss
 
     shape = (1, 8, 8) if arch == "cnn" else (3, 8, 8)
@@ -238,7 +238,7 @@ def test_adp_reaches_plain_accuracy_on_digits_mlps():
 
 def test_compile_pays_only_for_long_cpu_double_backprop_runs_of_groupnorm_members():
     from ensdiv.ensemble import Ensemble
-    from ensdiv.train import COMPILE_MIN_STEPS, DOUBLE_BACKPROP, compile_pays
+    from ensdiv.training import COMPILE_MIN_STEPS, DOUBLE_BACKPROP, compile_pays
 
     gn = Ensemble.build("cnn", 2, in_shape=(1, 8, 8), num_classes=10)
     nf = Ensemble.build("cnn-nf", 2, in_shape=(1, 8, 8), num_classes=10)
@@ -256,7 +256,7 @@ def test_auto_compile_is_decided_per_run_and_reported_per_epoch(monkeypatch):
     and records the compile time; a short one does not; the mode is "auto" again afterwards.
     (The fused kernel replaced by the eager function: no compiling in the test suite.)"""
     from ensdiv import layers
-    from ensdiv import train as train_module
+    from ensdiv import training as train_module
     from ensdiv.data import load_dataset
 
     monkeypatch.setitem(layers._COMPILED, "fn", layers._gn_double_backward)

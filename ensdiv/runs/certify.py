@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from ensdiv.certification import certify_dataset
-from ensdiv.detect import weights_fingerprint
 from ensdiv.distributed import broadcast_outcome
-from ensdiv.ensemble import Ensemble
+from ensdiv.ensemble import Ensemble, weights_fingerprint
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_int, check_real
 from ensdiv.io import JsonConfig, atomic_write_json
 from ensdiv.rank_parts import rank_parts

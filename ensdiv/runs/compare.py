@@ -11,10 +11,10 @@ the same seeds:
 - **white-box robust accuracy** on the ensemble (averaged softmax): the share of *all* images
   still classified correctly after the robustness card's cascade — APGD-CE, APGD-DLR, the
   member-aware MORA (M ≥ 2) and Square — with the card's sanity checks
-  (:func:`ensdiv.card.card_whitebox`, the code ``ensdiv evaluate`` runs; records made before
+  (:func:`ensdiv.card_stages.card_whitebox`, the code ``ensdiv evaluate`` runs; records made before
   it hold the worst case over PGD, APGD-CE and APGD-DLR, with their setups);
 - **transfer** between members: full-budget PGD examples crafted on member i, success on
-  member j (:func:`ensdiv.card.card_transfer`), and the **GDR** (M ≥ 2);
+  member j (:func:`ensdiv.card_stages.card_transfer`), and the **GDR** (M ≥ 2);
 - **certified accuracy** of the Gaussian-smoothed ensemble at ``radii`` and its ACR (Cohen's
   CERTIFY on the first ``cert_points`` images, per-image noise seeds shared by all runs).
 
@@ -36,8 +36,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ensdiv.card import CardBudget, card_transfer, card_whitebox
-from ensdiv.certification import certify_dataset
+from ensdiv.card import CardBudget
+from ensdiv.card_stages import card_transfer, card_whitebox
+from ensdiv.certification import certified_summary, certify_dataset
 from ensdiv.errors import EnsdivError, check_int, check_real
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
@@ -59,8 +60,6 @@ from ensdiv.runs.rundir import (
     prepare_run_dir,
     run_lock,
 )
-from ensdiv.smoothing import average_certified_radius, certified_accuracy
-from ensdiv.stats import binomial_se
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +116,7 @@ class CompareConfig(JsonConfig):
                           seed=self.eval_seed)
 
 
-def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, *,
+def comparison_row(label: str, run: str | Path, config: CompareConfig, out: Path, *,
                  device: torch.device | str = "cpu", data_root: str | None = None,
                  progress: bool = False,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -155,12 +154,8 @@ def evaluate_run(label: str, run: str | Path, config: CompareConfig, out: Path, 
                             alpha=config.alpha, batch_size=100, max=config.cert_points,
                             out=out / f"certify-{label}.jsonl", seed=config.eval_seed,
                             progress=progress)
-    acc = certified_accuracy(certs, config.radii)
-    rec["certified"] = {"sigma": config.sigma, "n0": config.cert_n0, "n": config.cert_n,
-                        "alpha": config.alpha, "points": len(certs),
-                        "radii": list(config.radii), "accuracy": acc,
-                        "accuracy_se": [binomial_se(a, len(certs)) for a in acc],
-                        "acr": average_certified_radius(certs)}
+    rec["certified"] = certified_summary(certs, radii=config.radii, sigma=config.sigma,
+                                         n0=config.cert_n0, n=config.cert_n, alpha=config.alpha)
     rec["time"] = utc_now()
     return rec
 
@@ -183,8 +178,8 @@ def compare_runs(runs: Sequence[tuple[str, str | Path]], config: CompareConfig,
                 raise EnsdivError(f"{path} holds {label!r} for {done[label]['run']}, not {run}; "
                                   "give this run another label or another --out")
             continue
-        done[label] = evaluate_run(label, run, config, out, device=device, data_root=data_root,
-                                   progress=progress, log=log)
+        done[label] = comparison_row(label, run, config, out, device=device,
+                                     data_root=data_root, progress=progress, log=log)
         atomic_write_jsonl(path, list(done.values()))
     return [done[label] for label, _ in runs]
 

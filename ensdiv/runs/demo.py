@@ -18,11 +18,11 @@ import torch
 from ensdiv.adaptive import agreement_pgd
 from ensdiv.attacks import pgd
 from ensdiv.data import load_dataset
-from ensdiv.detect import DisagreementDetector, evaluate_detector
+from ensdiv.disagreement import DisagreementDetector, evaluate_detector
 from ensdiv.ensemble import Ensemble
 from ensdiv.gdr import ensemble_gdr
 from ensdiv.smoothing import Smooth, max_certifiable_radius
-from ensdiv.train import TrainConfig, train
+from ensdiv.training import TrainConfig, train
 
 
 def fmt_acc(values: Sequence[float]) -> str:

@@ -23,7 +23,7 @@ from ensdiv.errors import EnsdivError, check_choice, check_int
 from ensdiv.gdr import ensemble_gdr
 from ensdiv.gradients import GRAD_MODES
 from ensdiv.io import read_jsonl
-from ensdiv.loop import METRICS, evaluate
+from ensdiv.loop import METRICS, accuracies
 from ensdiv.runs.rundir import check_fits, ensemble_path, load_run
 
 
@@ -58,7 +58,7 @@ def describe_run(run: str | os.PathLike, *, data_root: str | None = None,
     if dataset:
         _, test, info = load_dataset(dataset, root=data_root)
         check_fits(ens, dataset, info, run)
-        acc = evaluate(ens, test)
+        acc = accuracies(ens, test)
         lines.append(f"test accuracy on {dataset} (n={acc['n']}): members "
                      f"{_accuracies(acc['member_acc'])}, ensemble {acc['ensemble_acc']:.4f}, "
                      f"vote {acc['vote_acc']:.4f}")

@@ -1,6 +1,6 @@
 """The detection experiment behind ``ensdiv detect``: every score against every adversary.
 
-For one trained ensemble: a :class:`~ensdiv.detect.DisagreementDetector` per score, each with
+For one trained ensemble: a :class:`~ensdiv.disagreement.DisagreementDetector` per score, each with
 **one** threshold set on clean held-out test images (the last ``n_calib`` of the test split)
 at a target false-positive rate, judged on the first ``n_eval`` test images against
 
@@ -39,8 +39,12 @@ from torch import Tensor
 
 from ensdiv.adaptive import AGREEMENT_TARGETS, KAPPAS, agreement_pgd, penalized_pgd, select_worst
 from ensdiv.attacks import default_step_size, pgd
-from ensdiv.detect import SCORE_NAMES, DisagreementDetector, evaluate_detector, weights_fingerprint
-from ensdiv.ensemble import Ensemble
+from ensdiv.disagreement import (
+    SCORE_NAMES,
+    DisagreementDetector,
+    evaluate_detector,
+)
+from ensdiv.ensemble import Ensemble, weights_fingerprint
 from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
 from ensdiv.io import (
     JsonConfig,

@@ -1,17 +1,14 @@
 """``ensdiv evaluate``: one robustness card per ensemble — the driver around :mod:`ensdiv.card`.
 
 ``ensdiv evaluate RUN --out DIR`` evaluates a trained ensemble on the first ``n`` test images
-and writes ``DIR/card.json`` (strict JSON) and ``DIR/card.md`` (the same, for people). The card
-follows RobustBench's model cards (``name``, ``dataset``, ``threat_model``, ``eps``,
-``architecture``, ``clean_acc``, ``robust_acc``, ``number_forward_passes``, ``reported``) and adds
-what an ensemble needs: one evaluation per aggregation rule (``evaluations``: the cascade
-APGD-CE → APGD-DLR → MORA → Square, which attack broke each input first, the averaged-output
-robust accuracy beside the member-aware one, the sanity checks), the members' clean and robust
-accuracy, the member → member transfer matrix, transfer from an independent surrogate, GDR and
-the mean gradient cosine, and, with ``sigma``, certified accuracy and ACR. Every number carries
-its attack setup, n and seed; the card names the weights' fingerprint and ensdiv's version, and
-the wall time of every stage. The top-level ``clean_acc``/``robust_acc`` are those of the first
-rule given (``aggregation``).
+and writes ``DIR/card.json`` (:meth:`ensdiv.card.Card.to_dict`, strict JSON) and ``DIR/card.md``
+(the same, for people: :func:`ensdiv.runs.report.card_markdown`). This driver only runs the
+stages, saves them and writes the files; the card itself is the library's
+:class:`~ensdiv.card.Card` (RobustBench's model-card fields, then one evaluation per
+aggregation rule, the members, the member → member transfer matrix, transfer from an
+independent surrogate, GDR and, with ``sigma``, certified accuracy and ACR; every number with
+its attack setup, n and seed, the weights' fingerprint, ensdiv's version and each stage's wall
+time).
 
 Resuming: every stage (gradients, members, transfer, one white-box cascade per rule, surrogate,
 certificates — these per image) is saved under ``DIR/parts/`` as it finishes, so a killed run
@@ -34,41 +31,35 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ensdiv._version import __version__
 from ensdiv.aggregation import AGGREGATIONS
-from ensdiv.card import (
-    CARD_ATTACKS,
-    CardBudget,
+from ensdiv.card import Card, CardBudget, assemble_card, describe_surrogate
+from ensdiv.card_stages import (
     card_gradients,
     card_members,
     card_surrogate,
     card_transfer,
     card_whitebox,
     check_card_inputs,
-    zero_grad_warning,
 )
-from ensdiv.certification import certify_dataset
+from ensdiv.certification import certified_summary, certify_dataset
 from ensdiv.data import load_dataset
-from ensdiv.detect import weights_fingerprint
-from ensdiv.ensemble import Ensemble
+from ensdiv.ensemble import Ensemble, weights_fingerprint
 from ensdiv.errors import EnsdivError, check_choice, check_int, check_real
 from ensdiv.io import (
     JsonConfig,
     atomic_write_json,
     atomic_write_text,
     read_json,
-    strict_json,
-    utc_now,
 )
 from ensdiv.loop import CHECKPOINT, ENSEMBLE
-from ensdiv.objective import DIVERSITIES
 from ensdiv.runs.records import train_cost
+from ensdiv.runs.report import card_markdown
 from ensdiv.runs.rundir import (
     CARD,
     CARD_MARKDOWN,
@@ -80,11 +71,8 @@ from ensdiv.runs.rundir import (
     prepare_run_dir,
     run_lock,
 )
-from ensdiv.smoothing import average_certified_radius, certified_accuracy
-from ensdiv.stats import binomial_se, mean_se
-from ensdiv.train import TrainConfig, train
+from ensdiv.training import TrainConfig, train
 
-CARD_FORMAT = "ensdiv.card/1"
 PARTS = "parts"
 """Sub-folder of an evaluation holding each finished stage (what resuming reuses)."""
 SURROGATE_SEED = 10_000
@@ -198,13 +186,14 @@ def plain_surrogate(config: TrainConfig, *, cache: Path, data_root: str | None =
     return folder
 
 
-def evaluate_run(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+def write_card(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                  overwrite: bool = False, device: str | torch.device = "cpu",
                  data_root: str | None = None, cache: Path | None = None,
                  progress: bool = False,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print) -> Card:
     """Write the card of ``config.run`` into ``out_dir`` (``card.json``, ``card.md``) and return
-    it: the driver behind ``ensdiv evaluate`` (see the module docstring).
+    it: the driver behind ``ensdiv evaluate`` (see the module docstring). The card is
+    :func:`ensdiv.card.assemble_card` of the saved stages.
 
     Everything — settings, the run, the surrogate, the folder — is checked before any attack
     runs; a run of one model, a surrogate trained on another data set or with another input
@@ -283,10 +272,15 @@ def evaluate_run(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: 
         if config.sigma is not None:
             certified = stage("certified", lambda: _certified(ens, test, config, parts,
                                                               progress))
-        card = _assemble(config, settings, loaded.ensemble, n, grads, members, transfer, white,
-                         black, certified, seconds, surrogate,
-                         training_seconds(loaded.path.parent))
-        atomic_write_json(out / CARD, card)
+        card = assemble_card(
+            ens, eps=eps, n=n, budget=budget, whitebox=white, members=members,
+            transfer=transfer, gradients=grads, surrogate_transfer=black,
+            surrogate=None if surrogate is None else describe_surrogate(surrogate,
+                                                                        config.surrogate),
+            certified=certified, seconds=seconds, name=config.name or Path(config.run).name,
+            run=config.run, dataset=dataset,
+            train_seconds=training_seconds(loaded.path.parent))
+        atomic_write_json(out / CARD, card.to_dict())
         atomic_write_text(out / CARD_MARKDOWN, card_markdown(card))
     return card
 
@@ -307,341 +301,6 @@ def _certified(ens: Ensemble, test: Any, config: EvaluateConfig, parts: Path,
     certs = certify_dataset(ens, test, sigma=config.sigma, n0=config.cert_n0, n=config.cert_n,
                             alpha=config.alpha, batch_size=100, max=config.cert_points,
                             out=parts / "certify.jsonl", seed=config.seed, progress=progress)
-    acc = certified_accuracy(certs, config.radii)
-    points = len(certs)
-    return {"sigma": config.sigma, "n0": config.cert_n0, "n": config.cert_n,
-            "alpha": config.alpha, "points": points, "base": "averaged softmax",
-            "radii": list(config.radii), "accuracy": acc,
-            "accuracy_se": [binomial_se(a, points) for a in acc],
-            "acr": average_certified_radius(certs), "seed": config.seed}
-
-
-def _assemble(config: EvaluateConfig, settings: dict[str, Any], ens: Ensemble, n: int,
-              grads: dict[str, Any], members: list[dict[str, Any]], transfer: dict[str, Any],
-              white: dict[str, dict[str, Any]], black: dict[str, Any] | None,
-              certified: dict[str, Any] | None, seconds: dict[str, float],
-              surrogate: Ensemble | None, train_time: float | None = None) -> dict[str, Any]:
-    """The card: RobustBench's fields first, then the ensemble's own."""
-    assert config.run is not None
-    arch = ens.config.get("arch", "?")
-    evaluations = []
-    for rule in config.aggregations:
-        e = dict(white[rule])
-        e["surrogate"] = None if black is None else black[rule]
-        evaluations.append(e)
-    head = evaluations[0]
-    zero = grads["zero_grad_fraction"]
-    warnings = zero_grad_warning(zero) + [f"{e['aggregation']}: {w}" for e in evaluations
-                                          for w in e["warnings"]]
-    surrogate_info = None
-    if surrogate is not None:
-        c = surrogate.config
-        surrogate_info = {"given": config.surrogate, "weights": weights_fingerprint(surrogate),
-                          "arch": c.get("arch"), "members": surrogate.num_members,
-                          "diversity": c.get("diversity"), "seed": c.get("seed"),
-                          "epochs": c.get("epochs")}
-    train_keys = ("diversity", "lam", "epochs", "seed", "objective", "noise_sigma", "eps",
-                  "teacher", "transfer", "batch_size", "lr")
-    return strict_json({
-        "format": CARD_FORMAT,
-        "name": config.name or Path(config.run).name,
-        "run": config.run,
-        "dataset": settings["dataset"],
-        "threat_model": "Linf",
-        "eps": config.eps,
-        "architecture": f"{ens.num_members} × {arch}",
-        "number_forward_passes": ens.num_members,
-        "n": n,
-        "aggregation": head["aggregation"],
-        "clean_acc": head["clean_acc"],
-        "robust_acc": head["robust_acc"],
-        "robust_acc_se": head["robust_acc_se"],
-        "reported": utc_now(),
-        "ensdiv_version": __version__,
-        "weights_fingerprint": settings["weights"],
-        "training": {**{k: ens.config.get(k) for k in train_keys if k in ens.config},
-                     "seconds": train_time},
-        "members_count": ens.num_members,
-        "seed": config.seed,
-        "budget": dataclasses.asdict(config.budget()),
-        "keep_rule": "per-input worst case over the cascade; success counted only on inputs "
-                     "correct under the rule",
-        "evaluations": evaluations,
-        "members": [{**m, "clean_acc_se": binomial_se(m["clean_acc"], n),
-                     "robust_acc_se": binomial_se(m["robust_acc"], n)} for m in members],
-        "transfer": transfer,
-        "surrogate": surrogate_info,
-        **{k: v for k, v in grads.items() if k != "zero_grad_fraction"},
-        "zero_grad_fraction": zero,
-        "certified": certified,
-        "warnings": warnings,
-        "seconds": {**seconds, "total": sum(seconds.values())},
-    })
-
-
-# ------------------------------------------------------------------------------------ reading
-
-
-def read_card(path: str | os.PathLike) -> dict[str, Any]:
-    """The card in ``path`` (a card file or an evaluation folder); a missing or foreign file is
-    one :class:`EnsdivError` naming what to do."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / CARD
-    card = read_json(p, what="robustness card",
-                     fix="make it with `ensdiv evaluate RUN --out DIR`")
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise EnsdivError(f"{p} is not an ensdiv robustness card (no format {CARD_FORMAT!r}); "
-                          "make one with `ensdiv evaluate RUN --out DIR`")
-    return card
-
-
-# ---------------------------------------------------------------------------------- rendering
-
-
-def _pct(p: float | None, se: float | None = None) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "—"
-    return f"{p:.3f}" + (f" ± {se:.3f}" if se is not None and math.isfinite(se) else "")
-
-
-def _rate(entry: dict[str, Any] | None) -> str:
-    if not entry or entry.get("rate") is None:
-        return "—"
-    return f"{entry['rate']:.3f} ({entry['fooled']}/{entry['total']})"
-
-
-def card_table(cards: Sequence[dict[str, Any]]) -> str:
-    """The leaderboard of ``ensdiv evaluate --table``: one row per card and aggregation rule —
-    clean accuracy, the card's robust accuracy (worst case incl. MORA and Square) and the
-    averaged-output one (APGD-CE + APGD-DLR), both ± binomial s.e., the inputs MORA and Square
-    broke after them, mean member → member transfer, surrogate transfer, GDR, warnings.
-
-    Example:
-        >>> ev = {"aggregation": "softmax", "clean_acc": 0.9, "robust_acc": 0.2,
-        ...       "robust_acc_se": 0.02, "averaged_output_robust_acc": 0.3,
-        ...       "averaged_output_robust_acc_se": 0.02, "warnings": [], "surrogate": None,
-        ...       "attacks": {"mora": {"broke_first": 40}, "square": {"broke_first": 10}}}
-        >>> card = {"name": "gal", "dataset": "mnist5k", "eps": 0.1, "n": 500, "gdr": 0.05,
-        ...         "transfer": {"mean": 0.4}, "evaluations": [ev]}
-        >>> print(card_table([card]).splitlines()[-1])
-        | gal | mnist5k | 0.1 | softmax | 0.900 | 0.200 ± 0.020 | 0.300 ± 0.020 | 40 + 10 | \
-0.400 | — | 0.050 | 0 |
-    """
-    lines = ["| ensemble | data set | ε | rule | clean acc | robust acc (card) | "
-             "robust acc (averaged output) | broken by MORA + Square | member → member "
-             "transfer | surrogate transfer | GDR | warnings |",
-             "|---" * 12 + "|"]
-    for c in cards:
-        for e in c["evaluations"]:
-            att = e["attacks"]
-            after = " + ".join(str(att[a]["broke_first"]) if att.get(a) else "—"
-                               for a in ("mora", "square"))
-            sur = e.get("surrogate")
-            lines.append("| " + " | ".join([
-                c["name"], c["dataset"], f"{c['eps']:g}", e["aggregation"],
-                _pct(e["clean_acc"]), _pct(e["robust_acc"], e["robust_acc_se"]),
-                _pct(e["averaged_output_robust_acc"], e["averaged_output_robust_acc_se"]),
-                after, _pct(c["transfer"]["mean"]), _pct(sur["rate"]) if sur else "—",
-                _pct(c.get("gdr")), str(len(e["warnings"]))]) + " |")
-    return "\n".join(lines)
-
-
-def method_table(cards: Sequence[dict[str, Any]],
-                 step_cost: dict[str, float] | None = None) -> str:
-    """One row per training method over its cards (several seeds): what ``ensdiv evaluate
-    --table DIR... --by-method`` prints. Every cell is the mean over the method's cards ± the
-    standard error over them (sample s.d. / √seeds; one card: no s.e.), from each card's first
-    rule: clean accuracy, GDR, mean member → member transfer (full-budget PGD), transfer from
-    the surrogate, the card's robust accuracy (worst case incl. MORA and Square) and the
-    averaged-output one (APGD-CE + APGD-DLR), the training minutes the card records, and how
-    many warnings (gradient masking, non-converged attacks) its cards carry. ``step_cost`` maps
-    a method to its step ÷ plain step (a benchmark's; "—" when missing).
-
-    Example:
-        >>> ev = {"aggregation": "softmax", "clean_acc": 0.9, "robust_acc": 0.2,
-        ...       "averaged_output_robust_acc": 0.3, "surrogate": {"rate": 0.5}}
-        >>> cards = [{"training": {"diversity": "gal", "lam": 0.5, "seed": s, "seconds": 60},
-        ...           "gdr": g, "transfer": {"mean": 0.1}, "evaluations": [ev], "warnings": []}
-        ...          for s, g in ((0, 0.04), (1, 0.06))]
-        >>> print(method_table(cards, {"gal": 2.5}).splitlines()[-1])
-        | gal λ = 0.5 | 2 | 0.900 ± 0.000 | 0.050 ± 0.010 | 0.100 ± 0.000 | 0.500 ± 0.000 | \
-0.200 ± 0.000 | 0.300 ± 0.000 | 2.50 | 1.0 ± 0.0 | 0 |
-    """
-    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
-    for c in cards:
-        tr = c.get("training", {})
-        div = tr.get("diversity") or "none"
-        groups.setdefault((div, tr.get("lam") if div != "none" else None), []).append(c)
-
-    def order(key: tuple[str, Any]) -> tuple[int, str, float]:
-        div, lam = key
-        rank = DIVERSITIES.index(div) if div in DIVERSITIES else len(DIVERSITIES)
-        return rank, div, lam or 0.0
-
-    lines = ["| method | seeds | clean acc | GDR | member → member transfer | surrogate "
-             "transfer | robust acc (card) | robust acc (averaged output) | step / plain "
-             "step | training min | warnings |", "|---" * 11 + "|"]
-    for key in sorted(groups, key=order):
-        div, lam = key
-        group = groups[key]
-        heads = [c["evaluations"][0] for c in group]
-        name = "plain" if div == "none" else f"{div} λ = {lam:g}"
-        cost = (step_cost or {}).get("plain" if div == "none" else div)
-        minutes = [c["training"]["seconds"] / 60 if c["training"].get("seconds") else None
-                   for c in group]
-        lines.append("| " + " | ".join([
-            name, str(len(group)), mean_se([e["clean_acc"] for e in heads]),
-            mean_se([c.get("gdr") for c in group]),
-            mean_se([c["transfer"]["mean"] for c in group]),
-            mean_se([e["surrogate"]["rate"] if e.get("surrogate") else None for e in heads]),
-            mean_se([e["robust_acc"] for e in heads]),
-            mean_se([e["averaged_output_robust_acc"] for e in heads]),
-            f"{cost:.2f}" if cost is not None else "—", mean_se(minutes, 1),
-            str(sum(len(c.get("warnings", [])) for c in group))]) + " |")
-    return "\n".join(lines)
-
-
-def card_time(card: dict[str, Any]) -> str:
-    """One sentence: how long the card took, stage by stage (the README states it).
-
-    Example:
-        >>> card = {"name": "g", "dataset": "mnist5k", "eps": 0.1, "n": 500,
-        ...         "architecture": "3 × cnn", "seconds": {"members": 60, "whitebox-softmax": 240,
-        ...         "total": 300}, "evaluations": [{"aggregation": "softmax", "attacks": {
-        ...         "apgd-ce": {"seconds": 50}, "square": {"seconds": 150}}}]}
-        >>> card_time(card)  # doctest: +NORMALIZE_WHITESPACE
-        'g (mnist5k, 3 × cnn, n = 500, L∞ ε = 0.1, rule softmax): 5.0 min in all — members 60 s,
-         whitebox-softmax 240 s (apgd-ce 50 s, square 150 s)'
-    """
-    rule = card["evaluations"][0]["aggregation"]
-    attacks = card["evaluations"][0]["attacks"]
-    inner = ", ".join(f"{a} {v['seconds']:.0f} s" for a, v in attacks.items() if v)
-    stages = ", ".join(f"{k} {v:.0f} s" + (f" ({inner})" if k == f"whitebox-{rule}" else "")
-                      for k, v in card["seconds"].items() if k != "total")
-    return (f"{card['name']} ({card['dataset']}, {card['architecture']}, n = {card['n']}, "
-            f"L∞ ε = {card['eps']:g}, rule {rule}): {card['seconds']['total'] / 60:.1f} min in "
-            f"all — {stages}")
-
-
-def card_contrasts(cards: Sequence[dict[str, Any]]) -> str:
-    """The two questions of the cards, answered in points of robust accuracy (100 × fraction):
-
-    - **what the member-aware evaluation adds**: per card and rule, the averaged-output robust
-      accuracy (APGD-CE + APGD-DLR) minus the card's (with MORA and Square) — the share of
-      inputs only MORA or Square broke, ± its binomial standard error over n;
-    - **vote against averaged softmax** (and mean logits), each attacked properly: the card's
-      robust accuracy under ``vote`` minus under ``softmax`` (and ``logits`` minus
-      ``softmax``), ± the standard error of a difference of two independent proportions (the
-      same inputs, so this s.e. is conservative).
-
-    Example:
-        >>> def ev(rule, rob, avg):
-        ...     return {"aggregation": rule, "robust_acc": rob, "averaged_output_robust_acc": avg}
-        >>> card = {"name": "g", "dataset": "mnist5k", "eps": 0.1, "n": 100, "evaluations": [
-        ...     ev("softmax", 0.2, 0.3), ev("vote", 0.1, 0.1)]}
-        >>> print(card_contrasts([card]).splitlines()[2])
-        | g | mnist5k | 0.1 | 10.0 ± 3.0 | — | 0.0 ± 0.0 | -10.0 ± 5.0 | — |
-    """
-    rules = ("softmax", "logits", "vote")
-    lines = ["| ensemble | data set | ε | "
-             + " | ".join(f"{r}: averaged-output − card" for r in rules)
-             + " | vote − softmax (card) | logits − softmax (card) |",
-             "|---" * (3 + len(rules) + 2) + "|"]
-    for c in cards:
-        n = c["n"]
-        by = {e["aggregation"]: e for e in c["evaluations"]}
-        cells = [c["name"], c["dataset"], f"{c['eps']:g}"]
-        for r in rules:
-            e = by.get(r)
-            if e is None:
-                cells.append("—")
-                continue
-            d = e["averaged_output_robust_acc"] - e["robust_acc"]
-            cells.append(f"{100 * d:.1f} ± {100 * binomial_se(d, n):.1f}")
-        for r in ("vote", "logits"):
-            if r not in by or "softmax" not in by:
-                cells.append("—")
-                continue
-            a, b = by[r]["robust_acc"], by["softmax"]["robust_acc"]
-            se = math.sqrt(binomial_se(a, n) ** 2 + binomial_se(b, n) ** 2)
-            cells.append(f"{100 * (a - b):.1f} ± {100 * se:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def cards_report(cards: Sequence[dict[str, Any]]) -> str:
-    """What ``ensdiv evaluate --table`` prints: :func:`card_table` and
-    :func:`card_contrasts`."""
-    return (card_table(cards) + "\n\nIn points of robust accuracy (± s.e.):\n\n"
-            + card_contrasts(cards))
-
-
-def card_markdown(card: dict[str, Any]) -> str:
-    """The card for people (``card.md``): every number of ``card.json`` with its setup.
-
-    Example:
-        >>> "robustness card" in card_markdown.__doc__
-        True
-    """
-    b = card["budget"]
-    out = [f"# {card['name']} — robustness card",
-           "",
-           f"{card['dataset']}, L∞ ε = {card['eps']:g}, {card['architecture']} "
-           f"({card['number_forward_passes']} forward passes), n = {card['n']} (the first test "
-           f"images), seed {card['seed']}; weights {card['weights_fingerprint']}, ensdiv "
-           f"{card['ensdiv_version']}, {card['reported']}. Training: "
-           + ", ".join(f"{k} {v}" for k, v in card["training"].items() if v is not None) + ".",
-           "",
-           f"Attacks: APGD-CE and APGD-DLR {b['apgd_steps']} steps, MORA {b['mora_steps']} "
-           f"steps per mixing weight, Square {b['square_queries']} queries, transfer PGD "
-           f"{b['transfer_steps']} steps (last iterate). Robust accuracy is over all n inputs; "
-           "each attack's success is over the inputs it ran on (those correct under the rule "
-           "that no earlier attack broke); ± is the binomial standard error.",
-           "",
-           "| rule | clean acc | robust acc (card) | robust acc (averaged output) | "
-           + " | ".join(f"{a}: fooled (broke first, s)" for a in CARD_ATTACKS)
-           + " | surrogate transfer |",
-           "|---" * (5 + len(CARD_ATTACKS)) + "|"]
-    for e in card["evaluations"]:
-        cells = [e["aggregation"] + (f" (via {e['stand_in']})" if e.get("stand_in") else ""),
-                 _pct(e["clean_acc"]), _pct(e["robust_acc"], e["robust_acc_se"]),
-                 _pct(e["averaged_output_robust_acc"], e["averaged_output_robust_acc_se"])]
-        for a in CARD_ATTACKS:
-            entry = e["attacks"].get(a)
-            cells.append("—" if entry is None else
-                         f"{_rate(entry)} ({entry['broke_first']}, {entry['seconds']:.0f})")
-        cells.append(_rate(e.get("surrogate")))
-        out.append("| " + " | ".join(cells) + " |")
-    out += ["", "| member | clean acc | robust acc (APGD-CE) |", "|---|---|---|"]
-    out += [f"| {m['member']} | {_pct(m['clean_acc'], m.get('clean_acc_se'))} | "
-            f"{_pct(m['robust_acc'], m.get('robust_acc_se'))} |" for m in card["members"]]
-    t = card["transfer"]
-    m = len(t["fooled"])
-    out += ["", f"Member → member transfer (row crafts, column is fooled; PGD "
-                f"{t['crafted_with']['steps']} steps, mean {_pct(t['mean'])}):", "",
-            "| from \\ to | " + " | ".join(str(j) for j in range(m)) + " |",
-            "|---" * (m + 1) + "|"]
-    for i in range(m):
-        row = [("—" if i == j or t["total"][i][j] == 0 else
-                f"{t['fooled'][i][j] / t['total'][i][j]:.3f}") for j in range(m)]
-        out.append(f"| {i} | " + " | ".join(row) + " |")
-    out += ["", f"GDR {_pct(card.get('gdr'))}, mean gradient cosine "
-                f"{_pct(card.get('mean_cos'))}, inputs with a zero member gradient "
-                f"{card['zero_grad_fraction']:.1%}."]
-    s = card.get("surrogate")
-    if s:
-        out.append(f"Surrogate: {s['given']} ({s['members']} × {s['arch']}, "
-                   f"{s['diversity']}, seed {s['seed']}, weights {s['weights']}).")
-    c = card.get("certified")
-    if c:
-        out += ["", f"Certified (Cohen et al., σ = {c['sigma']:g}, n0 = {c['n0']}, n = {c['n']},"
-                    f" α = {c['alpha']:g}, first {c['points']} images, base: {c['base']}): "
-                + ", ".join(f"r = {r:g}: {_pct(a, se)}" for r, a, se in
-                            zip(c["radii"], c["accuracy"], c["accuracy_se"], strict=True))
-                + f"; ACR {_pct(c['acr'])}."]
-    out += ["", "Warnings: " + ("none." if not card["warnings"] else "")]
-    out += [f"- {w}" for w in card["warnings"]]
-    out += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in card["seconds"].items())
-            + "."]
-    return "\n".join(out) + "\n"
+    return {**certified_summary(certs, radii=config.radii, sigma=config.sigma,
+                                n0=config.cert_n0, n=config.cert_n, alpha=config.alpha),
+            "base": "averaged softmax", "seed": config.seed}

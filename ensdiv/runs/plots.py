@@ -31,14 +31,8 @@ import numpy as np
 
 from ensdiv.errors import EnsdivError, check_choice
 from ensdiv.io import atomic_write, os_error
-from ensdiv.runs.records import (
-    MEASURES,
-    correlations,
-    regularizer,
-    sweep_grid,
-    sweep_series,
-)
 from ensdiv.stats import number
+from ensdiv.sweep_stats import MEASURES, correlations, regularizer, sweep_grid, sweep_series
 
 
 def figure_dir(out_dir: str | None, records_folder: Path) -> Path:

@@ -1,29 +1,27 @@
-"""Reading the records that runs leave: each kind of records file with the check that it is
-there and whole, a training run's cost and final accuracy, and the sweep records' (GDR,
-success) series with their correlations, which tables and figures both draw on.
+"""Reading the records that runs leave: each kind of records file (sweeps, detections,
+certifications, robustness cards) with the check that it is there and whole, and a training
+run's cost and final accuracy. The sweep records' (GDR, success) series and correlations are
+the library's (:mod:`ensdiv.sweep_stats`).
 
 Drivers read each other's records through here, never through each other.
 
 Example:
-    >>> run_name(0.5, 1), regularizer({"lam": 0.0})
-    ('lam0.5-seed1', 'none')
+    >>> run_name(0.5, 1)
+    'lam0.5-seed1'
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from ensdiv.card import Card
 from ensdiv.errors import EnsdivError
 from ensdiv.io import read_json, read_jsonl
 from ensdiv.loop import METRICS, read_metrics
-from ensdiv.runs.rundir import CERTIFY_CONFIG, CONFIG, RECORDS
-from ensdiv.stats import number, spearman
+from ensdiv.runs.rundir import CARD, CERTIFY_CONFIG, CONFIG, RECORDS
 
 
 def run_name(lam: float, seed: int) -> str:
@@ -139,79 +137,22 @@ def train_cost(run: str | os.PathLike) -> dict[str, Any]:
 
 
 
-# ------------------------------------------------------- sweep records: (GDR, success) series
-MEASURES: dict[str, str] = {"whitebox": "white-box on ensemble",
-                            "transfer": "member → member transfer",
-                            "blackbox": "black-box from surrogate"}
-
-
-def entry_success(entry: dict[str, Any], measure: str) -> tuple[float, float]:
-    """(rate, floor) of one attack entry of a sweep record for a measure (:data:`MEASURES`): a
-    zero rate is drawn (and fitted) at half a count, 0.5 / total."""
-    if measure == "transfer":
-        t = entry["transfer"]
-        off = [(f, n) for i, (fr, nr) in enumerate(zip(t["fooled"], t["total"], strict=True))
-               for j, (f, n) in enumerate(zip(fr, nr, strict=True)) if i != j]
-        total = sum(n for _, n in off)
-        return number(entry["transfer_mean"]), 0.5 / max(total, 1)
-    s = entry[measure]
-    return number(s["rate"]), 0.5 / max(s["total"], 1)
-
-
-def sweep_series(records: Sequence[dict[str, Any]], attack: str, eps: float,
-                 measure: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(GDR, success rate, drawing floor) of every record with a defined GDR and rate, for one
-    attack, eps and measure (:data:`MEASURES`)."""
-    g, rate, floor = [], [], []
-    for r in records:
-        for a in r["attacks"]:
-            if a["attack"] == attack and a["eps"] == eps and math.isfinite(number(r["gdr"])):
-                s, f = entry_success(a, measure)
-                if math.isfinite(s):
-                    g.append(number(r["gdr"]))
-                    rate.append(s)
-                    floor.append(f)
-    return np.array(g), np.array(rate), np.array(floor)
-
-
-def regularizer(rec: dict[str, Any]) -> str:
-    """What a sweep record's ensemble was trained with: ``"none"`` (plain, λ = 0) or its
-    regularizer.
+def read_card(path: str | os.PathLike) -> Card:
+    """The card in ``path`` (a card file or an evaluation folder); a missing or foreign file is
+    one :class:`EnsdivError` naming what to do.
 
     Example:
-        >>> regularizer({"lam": 0.0}), regularizer({"lam": 1.0, "trained_with": "gdr"})
-        ('none', 'gdr')
+        >>> import tempfile
+        >>> read_card(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ensdiv.errors.EnsdivError: ...card.json...make it with `ensdiv evaluate RUN --out DIR`...
     """
-    return "none" if rec["lam"] == 0 else rec.get("trained_with") or rec.get("diversity", "?")
-
-
-def sweep_grid(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[float]]:
-    """The attacks (in record order) and the sorted eps values the records hold."""
-    attacks: list[str] = []
-    eps: list[float] = []
-    for r in records:
-        for a in r["attacks"]:
-            if a["attack"] not in attacks:
-                attacks.append(a["attack"])
-            if a["eps"] not in eps:
-                eps.append(a["eps"])
-    return attacks, sorted(eps)
-
-
-def correlations(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Spearman's ρ (scipy) between ensemble GDR and each success measure, per attack × eps.
-
-    Returns rows ``{"attack", "eps", "measure", "rho", "p", "n"}``.
-    """
-    attacks, eps_values = sweep_grid(records)
-    rows = []
-    for attack in attacks:
-        for eps in eps_values:
-            for measure in MEASURES:
-                g, s, _ = sweep_series(records, attack, eps, measure)
-                rho, p = spearman(g, s)
-                rows.append({"attack": attack, "eps": eps, "measure": measure, "rho": rho,
-                             "p": p, "n": int(len(g))})
-    return rows
-
-
+    p = Path(path)
+    if p.is_dir():
+        p = p / CARD
+    d = read_json(p, what="robustness card", fix="make it with `ensdiv evaluate RUN --out DIR`")
+    try:
+        return Card.from_dict(d)
+    except EnsdivError as e:
+        raise EnsdivError(f"{p} is {e}; make one with `ensdiv evaluate RUN --out DIR`") from None

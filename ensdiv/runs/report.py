@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ensdiv.runs.records import correlations, entry_success, regularizer
-from ensdiv.stats import mean_and_se, mean_se, number
+from ensdiv.card import CARD_ATTACKS, Card
+from ensdiv.objective import DIVERSITIES
+from ensdiv.stats import binomial_se, mean_and_se, mean_se, number
+from ensdiv.sweep_stats import correlations, entry_success, regularizer
 
 Record = dict[str, Any]
 
@@ -507,7 +509,7 @@ def compare_ratios(records: Sequence[Record], pairs: Sequence[tuple[str, str]]) 
 def sweep_summary(records: Sequence[Record], corr: Sequence[Record], high: Record, low: Record,
                   out: str | os.PathLike) -> str:
     """What ``ensdiv plot gdr-vs-attack`` prints: the GDR range, Spearman's ρ of every attack,
-    eps and measure (:func:`ensdiv.runs.records.correlations`), and the two heatmaps' ensembles.
+    eps and measure (:func:`ensdiv.sweep_stats.correlations`), and the two heatmaps' ensembles.
     """
     gdrs = [r["gdr"] for r in records if r["gdr"] is not None]
     lines = [f"{len(records)} ensembles, GDR {min(gdrs):.4f} .. {max(gdrs):.4f}; figures in {out}",
@@ -517,3 +519,262 @@ def sweep_summary(records: Sequence[Record], corr: Sequence[Record], high: Recor
     lines.append(f"heatmaps: plain-most λ={high['lam']:g} (GDR {high['gdr']:.4f}) vs "
                  f"diverse-most λ={low['lam']:g} (GDR {low['gdr']:.4f})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- robustness cards
+
+
+def _pct(p: float | None, se: float | None = None) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "—"
+    return f"{p:.3f}" + (f" ± {se:.3f}" if se is not None and math.isfinite(se) else "")
+
+
+def _rate(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("rate") is None:
+        return "—"
+    return f"{entry['rate']:.3f} ({entry['fooled']}/{entry['total']})"
+
+
+def card_table(cards: Sequence[Card]) -> str:
+    """The leaderboard of ``ensdiv evaluate --table``: one row per card and aggregation rule —
+    clean accuracy, the card's robust accuracy (worst case incl. MORA and Square) and the
+    averaged-output one (APGD-CE + APGD-DLR), both ± binomial s.e., the inputs MORA and Square
+    broke after them, mean member → member transfer, surrogate transfer, GDR, warnings.
+
+    Example:
+        >>> ev = {"aggregation": "softmax", "clean_acc": 0.9, "robust_acc": 0.2,
+        ...       "robust_acc_se": 0.02, "averaged_output_robust_acc": 0.3,
+        ...       "averaged_output_robust_acc_se": 0.02, "warnings": [], "surrogate": None,
+        ...       "attacks": {"mora": {"broke_first": 40}, "square": {"broke_first": 10}}}
+        >>> card = Card(name="gal", dataset="mnist5k", eps=0.1, n=500, aggregation="softmax",
+        ...             clean_acc=0.9, robust_acc=0.2, robust_acc_se=0.02, evaluations=[ev],
+        ...             gdr=0.05, transfer={"mean": 0.4})
+        >>> print(card_table([card]).splitlines()[-1])
+        | gal | mnist5k | 0.1 | softmax | 0.900 | 0.200 ± 0.020 | 0.300 ± 0.020 | 40 + 10 | \
+0.400 | — | 0.050 | 0 |
+    """
+    lines = ["| ensemble | data set | ε | rule | clean acc | robust acc (card) | "
+             "robust acc (averaged output) | broken by MORA + Square | member → member "
+             "transfer | surrogate transfer | GDR | warnings |",
+             "|---" * 12 + "|"]
+    for c in cards:
+        for e in c.evaluations:
+            att = e["attacks"]
+            after = " + ".join(str(att[a]["broke_first"]) if att.get(a) else "—"
+                               for a in ("mora", "square"))
+            sur = e.get("surrogate")
+            lines.append("| " + " | ".join([
+                c.name, str(c.dataset), f"{c.eps:g}", e["aggregation"],
+                _pct(e["clean_acc"]), _pct(e["robust_acc"], e["robust_acc_se"]),
+                _pct(e["averaged_output_robust_acc"], e["averaged_output_robust_acc_se"]),
+                after, _pct(c.transfer["mean"] if c.transfer else None),
+                _pct(sur["rate"]) if sur else "—", _pct(c.gdr), str(len(e["warnings"]))]) + " |")
+    return "\n".join(lines)
+
+
+def method_table(cards: Sequence[Card], step_cost: dict[str, float] | None = None) -> str:
+    """One row per training method over its cards (several seeds): what ``ensdiv evaluate
+    --table DIR... --by-method`` prints. Every cell is the mean over the method's cards ± the
+    standard error over them (sample s.d. / √seeds; one card: no s.e.), from each card's first
+    rule: clean accuracy, GDR, mean member → member transfer (full-budget PGD), transfer from
+    the surrogate, the card's robust accuracy (worst case incl. MORA and Square) and the
+    averaged-output one (APGD-CE + APGD-DLR), the training minutes the card records, and how
+    many warnings (gradient masking, non-converged attacks) its cards carry. ``step_cost`` maps
+    a method to its step ÷ plain step (a benchmark's; "—" when missing).
+
+    Example:
+        >>> ev = {"aggregation": "softmax", "clean_acc": 0.9, "robust_acc": 0.2,
+        ...       "averaged_output_robust_acc": 0.3, "surrogate": {"rate": 0.5}}
+        >>> cards = [Card(name=f"gal{s}", dataset="mnist5k", eps=0.1, n=500,
+        ...               aggregation="softmax", clean_acc=0.9, robust_acc=0.2,
+        ...               robust_acc_se=0.02, evaluations=[ev], gdr=g, transfer={"mean": 0.1},
+        ...               training={"diversity": "gal", "lam": 0.5, "seed": s, "seconds": 60})
+        ...          for s, g in ((0, 0.04), (1, 0.06))]
+        >>> print(method_table(cards, {"gal": 2.5}).splitlines()[-1])
+        | gal λ = 0.5 | 2 | 0.900 ± 0.000 | 0.050 ± 0.010 | 0.100 ± 0.000 | 0.500 ± 0.000 | \
+0.200 ± 0.000 | 0.300 ± 0.000 | 2.50 | 1.0 ± 0.0 | 0 |
+    """
+    groups: dict[tuple[str, Any], list[Card]] = {}
+    for c in cards:
+        tr = c.training
+        div = tr.get("diversity") or "none"
+        groups.setdefault((div, tr.get("lam") if div != "none" else None), []).append(c)
+
+    def order(key: tuple[str, Any]) -> tuple[int, str, float]:
+        div, lam = key
+        rank = DIVERSITIES.index(div) if div in DIVERSITIES else len(DIVERSITIES)
+        return rank, div, lam or 0.0
+
+    lines = ["| method | seeds | clean acc | GDR | member → member transfer | surrogate "
+             "transfer | robust acc (card) | robust acc (averaged output) | step / plain "
+             "step | training min | warnings |", "|---" * 11 + "|"]
+    for key in sorted(groups, key=order):
+        div, lam = key
+        group = groups[key]
+        heads = [c.evaluations[0] for c in group]
+        name = "plain" if div == "none" else f"{div} λ = {lam:g}"
+        cost = (step_cost or {}).get("plain" if div == "none" else div)
+        minutes = [c.training["seconds"] / 60 if c.training.get("seconds") else None
+                   for c in group]
+        lines.append("| " + " | ".join([
+            name, str(len(group)), mean_se([e["clean_acc"] for e in heads]),
+            mean_se([c.gdr for c in group]),
+            mean_se([c.transfer["mean"] if c.transfer else None for c in group]),
+            mean_se([e["surrogate"]["rate"] if e.get("surrogate") else None for e in heads]),
+            mean_se([e["robust_acc"] for e in heads]),
+            mean_se([e["averaged_output_robust_acc"] for e in heads]),
+            f"{cost:.2f}" if cost is not None else "—", mean_se(minutes, 1),
+            str(sum(len(c.warnings) for c in group))]) + " |")
+    return "\n".join(lines)
+
+
+def card_time(card: Card) -> str:
+    """One sentence: how long the card took, stage by stage (the README states it).
+
+    Example:
+        >>> card = Card(name="g", dataset="mnist5k", eps=0.1, n=500, aggregation="softmax",
+        ...             clean_acc=0.9, robust_acc=0.2, robust_acc_se=0.02,
+        ...             architecture="3 × cnn", seconds={"members": 60, "whitebox-softmax": 240,
+        ...             "total": 300}, evaluations=[{"aggregation": "softmax", "attacks": {
+        ...             "apgd-ce": {"seconds": 50}, "square": {"seconds": 150}}}])
+        >>> card_time(card)  # doctest: +NORMALIZE_WHITESPACE
+        'g (mnist5k, 3 × cnn, n = 500, L∞ ε = 0.1, rule softmax): 5.0 min in all — members 60 s,
+         whitebox-softmax 240 s (apgd-ce 50 s, square 150 s)'
+    """
+    rule = card.evaluations[0]["aggregation"]
+    attacks = card.evaluations[0]["attacks"]
+    inner = ", ".join(f"{a} {v['seconds']:.0f} s" for a, v in attacks.items() if v)
+    stages = ", ".join(f"{k} {v:.0f} s" + (f" ({inner})" if k == f"whitebox-{rule}" else "")
+                      for k, v in card.seconds.items() if k != "total")
+    return (f"{card.name} ({card.dataset}, {card.architecture}, n = {card.n}, "
+            f"L∞ ε = {card.eps:g}, rule {rule}): {card.seconds['total'] / 60:.1f} min in "
+            f"all — {stages}")
+
+
+def card_contrasts(cards: Sequence[Card]) -> str:
+    """The two questions of the cards, answered in points of robust accuracy (100 × fraction):
+
+    - **what the member-aware evaluation adds**: per card and rule, the averaged-output robust
+      accuracy (APGD-CE + APGD-DLR) minus the card's (with MORA and Square) — the share of
+      inputs only MORA or Square broke, ± its binomial standard error over n;
+    - **vote against averaged softmax** (and mean logits), each attacked properly: the card's
+      robust accuracy under ``vote`` minus under ``softmax`` (and ``logits`` minus
+      ``softmax``), ± the standard error of a difference of two independent proportions (the
+      same inputs, so this s.e. is conservative).
+
+    Example:
+        >>> def ev(rule, rob, avg):
+        ...     return {"aggregation": rule, "robust_acc": rob, "averaged_output_robust_acc": avg}
+        >>> card = Card(name="g", dataset="mnist5k", eps=0.1, n=100, aggregation="softmax",
+        ...             clean_acc=0.9, robust_acc=0.2, robust_acc_se=0.04,
+        ...             evaluations=[ev("softmax", 0.2, 0.3), ev("vote", 0.1, 0.1)])
+        >>> print(card_contrasts([card]).splitlines()[2])
+        | g | mnist5k | 0.1 | 10.0 ± 3.0 | — | 0.0 ± 0.0 | -10.0 ± 5.0 | — |
+    """
+    rules = ("softmax", "logits", "vote")
+    lines = ["| ensemble | data set | ε | "
+             + " | ".join(f"{r}: averaged-output − card" for r in rules)
+             + " | vote − softmax (card) | logits − softmax (card) |",
+             "|---" * (3 + len(rules) + 2) + "|"]
+    for c in cards:
+        n = c.n
+        by = {e["aggregation"]: e for e in c.evaluations}
+        cells = [c.name, str(c.dataset), f"{c.eps:g}"]
+        for r in rules:
+            e = by.get(r)
+            if e is None:
+                cells.append("—")
+                continue
+            d = e["averaged_output_robust_acc"] - e["robust_acc"]
+            cells.append(f"{100 * d:.1f} ± {100 * binomial_se(d, n):.1f}")
+        for r in ("vote", "logits"):
+            if r not in by or "softmax" not in by:
+                cells.append("—")
+                continue
+            a, b = by[r]["robust_acc"], by["softmax"]["robust_acc"]
+            se = math.sqrt(binomial_se(a, n) ** 2 + binomial_se(b, n) ** 2)
+            cells.append(f"{100 * (a - b):.1f} ± {100 * se:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cards_report(cards: Sequence[Card]) -> str:
+    """What ``ensdiv evaluate --table`` prints: :func:`card_table` and
+    :func:`card_contrasts`."""
+    return (card_table(cards) + "\n\nIn points of robust accuracy (± s.e.):\n\n"
+            + card_contrasts(cards))
+
+
+def card_markdown(card: Card) -> str:
+    """The card for people (``card.md``): every number of ``card.json`` with its setup.
+
+    Example:
+        >>> card = Card(name="g", dataset="digits", eps=0.1, n=4, aggregation="softmax",
+        ...             clean_acc=1.0, robust_acc=0.5, robust_acc_se=0.25, evaluations=[])
+        >>> card_markdown(card).splitlines()[0]
+        '# g — robustness card'
+    """
+    b = card.budget
+    out = [f"# {card.name} — robustness card",
+           "",
+           f"{card.dataset}, L∞ ε = {card.eps:g}, {card.architecture} "
+           f"({card.number_forward_passes} forward passes), n = {card.n} (the first test "
+           f"images), seed {card.seed}; weights {card.weights_fingerprint}, ensdiv "
+           f"{card.ensdiv_version}, {card.reported}. Training: "
+           + ", ".join(f"{k} {v}" for k, v in card.training.items() if v is not None) + ".",
+           "",
+           f"Attacks: APGD-CE and APGD-DLR {b.get('apgd_steps')} steps, MORA "
+           f"{b.get('mora_steps')} steps per mixing weight, Square {b.get('square_queries')} "
+           f"queries, transfer PGD {b.get('transfer_steps')} steps (last iterate). Robust "
+           "accuracy is over all n inputs; each attack's success is over the inputs it ran on "
+           "(those correct under the rule that no earlier attack broke); ± is the binomial "
+           "standard error.",
+           "",
+           "| rule | clean acc | robust acc (card) | robust acc (averaged output) | "
+           + " | ".join(f"{a}: fooled (broke first, s)" for a in CARD_ATTACKS)
+           + " | surrogate transfer |",
+           "|---" * (5 + len(CARD_ATTACKS)) + "|"]
+    for e in card.evaluations:
+        cells = [e["aggregation"] + (f" (via {e['stand_in']})" if e.get("stand_in") else ""),
+                 _pct(e["clean_acc"]), _pct(e["robust_acc"], e["robust_acc_se"]),
+                 _pct(e["averaged_output_robust_acc"], e["averaged_output_robust_acc_se"])]
+        for a in CARD_ATTACKS:
+            entry = e["attacks"].get(a)
+            cells.append("—" if entry is None else
+                         f"{_rate(entry)} ({entry['broke_first']}, {entry['seconds']:.0f})")
+        cells.append(_rate(e.get("surrogate")))
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "| member | clean acc | robust acc (APGD-CE) |", "|---|---|---|"]
+    out += [f"| {m['member']} | {_pct(m['clean_acc'], m.get('clean_acc_se'))} | "
+            f"{_pct(m['robust_acc'], m.get('robust_acc_se'))} |" for m in card.members]
+    t = card.transfer or {"fooled": [], "total": [], "mean": None, "crafted_with": {}}
+    m = len(t["fooled"])
+    out += ["", f"Member → member transfer (row crafts, column is fooled; PGD "
+                f"{t['crafted_with'].get('steps')} steps, mean {_pct(t['mean'])}):", "",
+            "| from \\ to | " + " | ".join(str(j) for j in range(m)) + " |",
+            "|---" * (m + 1) + "|"]
+    for i in range(m):
+        row = [("—" if i == j or t["total"][i][j] == 0 else
+                f"{t['fooled'][i][j] / t['total'][i][j]:.3f}") for j in range(m)]
+        out.append(f"| {i} | " + " | ".join(row) + " |")
+    zero = card.zero_grad_fraction
+    out += ["", f"GDR {_pct(card.gdr)}, mean gradient cosine "
+                f"{_pct(card.mean_cos)}, inputs with a zero member gradient "
+                + ("—" if zero is None else f"{zero:.1%}") + "."]
+    s = card.surrogate
+    if s:
+        out.append(f"Surrogate: {s['given']} ({s['members']} × {s['arch']}, "
+                   f"{s['diversity']}, seed {s['seed']}, weights {s['weights']}).")
+    c = card.certified
+    if c:
+        out += ["", f"Certified (Cohen et al., σ = {c['sigma']:g}, n0 = {c['n0']}, n = {c['n']},"
+                    f" α = {c['alpha']:g}, first {c['points']} images, base: {c['base']}): "
+                + ", ".join(f"r = {r:g}: {_pct(a, se)}" for r, a, se in
+                            zip(c["radii"], c["accuracy"], c["accuracy_se"], strict=True))
+                + f"; ACR {_pct(c['acr'])}."]
+    out += ["", "Warnings: " + ("none." if not card.warnings else "")]
+    out += [f"- {w}" for w in card.warnings]
+    out += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in card.seconds.items())
+            + "."]
+    return "\n".join(out) + "\n"

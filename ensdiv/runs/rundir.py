@@ -50,7 +50,7 @@ from ensdiv.io import (
 from ensdiv.loop import CHECKPOINT, ENSEMBLE, finished_epochs, read_metrics
 
 CONFIG = "config.json"
-"""A training run's settings (:class:`ensdiv.train.TrainConfig`)."""
+"""A training run's settings (:class:`ensdiv.training.TrainConfig`)."""
 SWEEP_CONFIG = "sweep.json"
 """A sweep's settings."""
 DETECT_CONFIG = "detect.json"
@@ -216,7 +216,7 @@ def resolve_config(cls: type[_C], given: dict[str, Any], out: str | os.PathLike,
 
     Example:
         >>> import tempfile
-        >>> from ensdiv.train import TrainConfig
+        >>> from ensdiv.training import TrainConfig
         >>> resolve_config(TrainConfig, {"epochs": 2}, tempfile.mkdtemp(), resume=False,
         ...                config_name=CONFIG, command="ensdiv train").epochs
         2

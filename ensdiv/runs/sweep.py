@@ -22,6 +22,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ensdiv.attack_suite import (
+    HUGE_EPS,
+    TRANSFER_ATTACKS,
+    AttackSpec,
+    sanity_warnings,
+    transfer_spec,
+    whitebox_entry,
+    whitebox_suite,
+)
 from ensdiv.data import DatasetInfo, load_dataset
 from ensdiv.distributed import (
     broadcast_outcome,
@@ -31,15 +40,6 @@ from ensdiv.distributed import (
 )
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
-from ensdiv.evaluation import (
-    HUGE_EPS,
-    TRANSFER_ATTACKS,
-    AttackSpec,
-    sanity_warnings,
-    transfer_spec,
-    whitebox_entry,
-    whitebox_suite,
-)
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import JsonConfig, atomic_write_json, atomic_write_jsonl, round_floats, utc_now
@@ -54,7 +54,7 @@ from ensdiv.runs.rundir import (
     run_lock,
 )
 from ensdiv.runtime import resolve_device
-from ensdiv.train import DEFAULT_LR, DIVERSITY_CHOICES, TrainConfig, train
+from ensdiv.training import DEFAULT_LR, DIVERSITY_CHOICES, TrainConfig, train
 from ensdiv.transferability import (
     Success,
     success_counts,
@@ -136,7 +136,7 @@ class SweepConfig(JsonConfig):
 
 
 SWEEP_ATTACKS: tuple[str, ...] = TRANSFER_ATTACKS
-"""Attacks a sweep crafts transfer examples with (:data:`ensdiv.evaluation.TRANSFER_ATTACKS`)."""
+"""Attacks a sweep crafts transfer examples with (:data:`ensdiv.attack_suite.TRANSFER_ATTACKS`)."""
 
 
 def evaluate_point(ensemble: Ensemble, x: Tensor, y: Tensor, config: SweepConfig,

@@ -3,7 +3,7 @@
 The run folder (``--out``) holds the settings (``config.json``), the per-epoch metrics, the
 ensemble and a training checkpoint; :func:`train_run` checks the folder's rules
 (:func:`ensdiv.runs.rundir.open_run_folder`), locks it, loads the data and the teacher, and
-hands the rest to the library's :func:`ensdiv.train.train`.
+hands the rest to the library's :func:`ensdiv.training.train`.
 
 Example:
     >>> ens, recs = train_run(TrainConfig(arch="mlp", members=2, epochs=1), progress=False)
@@ -28,7 +28,7 @@ from ensdiv.loop import check_global_batch
 from ensdiv.robust_transfer import Teacher
 from ensdiv.runs.rundir import ensemble_path, open_run_folder, run_lock
 from ensdiv.runtime import resolve_device
-from ensdiv.train import TrainConfig, train
+from ensdiv.training import TrainConfig, train
 
 
 def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,

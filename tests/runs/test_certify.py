@@ -3,7 +3,7 @@ import json
 from ensdiv.cli import main
 from ensdiv.ensemble import Ensemble
 from ensdiv.runs.train import train_run
-from ensdiv.train import TrainConfig
+from ensdiv.training import TrainConfig
 
 
 def test_cli_certify_member_and_ensemble_resume_plot_and_errors(tmp_path, capsys):

@@ -8,7 +8,7 @@ from ensdiv.errors import EnsdivError
 from ensdiv.runs.compare import CompareConfig
 from ensdiv.runs.records import train_cost
 from ensdiv.runs.train import train_run
-from ensdiv.train import TrainConfig
+from ensdiv.training import TrainConfig
 
 
 @pytest.fixture(scope="module")

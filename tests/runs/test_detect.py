@@ -7,7 +7,7 @@ from ensdiv.data import load_dataset
 from ensdiv.errors import EnsdivError
 from ensdiv.runs.detect import ADVERSARIES, DetectConfig, run_detection
 from ensdiv.runs.train import train_run
-from ensdiv.train import TrainConfig
+from ensdiv.training import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

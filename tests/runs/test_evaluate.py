@@ -4,13 +4,15 @@ import re
 
 import pytest
 
-from ensdiv.card import CARD_ATTACKS
+from ensdiv.card import CARD_ATTACKS, Card
 from ensdiv.cli import main
 from ensdiv.errors import EnsdivError
 from ensdiv.runs import evaluate as ev
-from ensdiv.runs.evaluate import EvaluateConfig, card_table, evaluate_run, read_card
+from ensdiv.runs.evaluate import EvaluateConfig, write_card
+from ensdiv.runs.records import read_card
+from ensdiv.runs.report import card_table
 from ensdiv.runs.train import train_run
-from ensdiv.train import TrainConfig
+from ensdiv.training import TrainConfig
 
 TINY = ["--n", "30", "--apgd-steps", "4", "--mora-steps", "2", "--square-queries", "20",
         "--transfer-steps", "3", "--quiet"]
@@ -85,8 +87,8 @@ def test_card_fields_are_present_typed_and_rendered(runs, tmp_path, capsys):
 
 def test_a_killed_evaluation_resumes_from_its_folder_and_equals_an_uninterrupted_one(
         runs, tmp_path, monkeypatch):
-    fresh = evaluate_run(tiny(runs / "plain", aggregations=("softmax", "logits")),
-                         tmp_path / "fresh", log=lambda s: None)
+    fresh = write_card(tiny(runs / "plain", aggregations=("softmax", "logits")),
+                       tmp_path / "fresh", log=lambda s: None)
     calls = []
     real = ev.card_whitebox
 
@@ -112,7 +114,7 @@ def test_a_killed_evaluation_resumes_from_its_folder_and_equals_an_uninterrupted
     resumed = read_card(out)
 
     def strip(card):
-        card = json.loads(json.dumps(card))
+        card = json.loads(json.dumps(card.to_dict()))
         for k in ("seconds", "reported"):
             card.pop(k)
         for e in card["evaluations"]:
@@ -153,7 +155,7 @@ def test_a_surrogate_of_another_data_set_is_refused(runs, tmp_path, capsys):
     Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10,
                    config={"dataset": "mnist5k"}).save(foreign)
     with pytest.raises(EnsdivError, match="trained on mnist5k.*same data set"):
-        evaluate_run(tiny(runs / "plain", surrogate=str(foreign)), tmp_path / "f")
+        write_card(tiny(runs / "plain", surrogate=str(foreign)), tmp_path / "f")
     assert not (tmp_path / "f").exists()
 
 
@@ -187,16 +189,16 @@ def test_the_plain_surrogate_is_trained_once_and_cached(runs, tmp_path, monkeypa
 
     monkeypatch.setattr(ev, "train", counting)
     cache = tmp_path / "cache"
-    a = evaluate_run(tiny(runs / "plain", surrogate="plain"), tmp_path / "a", cache=cache,
-                     log=lambda s: None)
-    b = evaluate_run(tiny(runs / "other", surrogate="plain"), tmp_path / "b", cache=cache,
-                     log=lambda s: None)
+    a = write_card(tiny(runs / "plain", surrogate="plain"), tmp_path / "a", cache=cache,
+                   log=lambda s: None)
+    b = write_card(tiny(runs / "other", surrogate="plain"), tmp_path / "b", cache=cache,
+                   log=lambda s: None)
     assert len(trained) == 1  # the second card reuses it
     cfg = trained[0]
     assert (cfg.dataset, cfg.arch, cfg.members, cfg.epochs, cfg.diversity, cfg.seed) == (
         "digits", "mlp", 2, 2, "none", ev.SURROGATE_SEED)
-    assert a["surrogate"]["weights"] == b["surrogate"]["weights"]
-    assert a["evaluations"][0]["surrogate"]["total"] > 0
+    assert a.surrogate["weights"] == b.surrogate["weights"] and a.surrogate["given"] == "plain"
+    assert a.evaluations[0]["surrogate"]["total"] > 0
 
 
 def test_card_table_counts_what_mora_and_square_added():
@@ -204,8 +206,9 @@ def test_card_table_counts_what_mora_and_square_added():
            "averaged_output_robust_acc": 0.3, "averaged_output_robust_acc_se": 0.02,
            "warnings": ["w"], "surrogate": {"rate": 0.25},
            "attacks": {"mora": {"broke_first": 4}, "square": None}}
-    card = {"name": "g", "dataset": "mnist5k", "eps": 0.3, "n": 10, "gdr": None,
-            "transfer": {"mean": math.nan}, "evaluations": [ev_]}
+    card = Card(name="g", dataset="mnist5k", eps=0.3, n=10, aggregation="vote", clean_acc=0.9,
+                robust_acc=0.2, robust_acc_se=0.02, gdr=None, transfer={"mean": math.nan},
+                evaluations=[ev_])
     row = card_table([card]).splitlines()[-1]
     assert row == ("| g | mnist5k | 0.3 | vote | 0.900 | 0.200 ± 0.020 | 0.300 ± 0.020 | "
                    "4 + — | — | 0.250 | — | 1 |")

@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from ensdiv.runs.plots import plot_gdr_vs_attack, plot_transfer_heatmaps
-from ensdiv.runs.records import correlations
+from ensdiv.sweep_stats import correlations
 
 
 def fake_records(n=6, seed=0):

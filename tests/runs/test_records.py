@@ -17,7 +17,7 @@ def test_training_records_read_config_and_last_epoch(tmp_path):
     from ensdiv.runs.records import training_records
     from ensdiv.runs.report import arch_pair_table
     from ensdiv.runs.rundir import CONFIG
-    from ensdiv.train import TrainConfig
+    from ensdiv.training import TrainConfig
 
     runs = []
     for arch, seed, acc in [("cnn", 0, 0.90), ("cnn", 1, 0.91), ("cnn-nf", 0, 0.88),

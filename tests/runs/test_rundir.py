@@ -84,7 +84,7 @@ def test_prepare_run_dir_rules(tmp_path):
 
 def test_resolve_config_takes_the_saved_settings_on_resume(tmp_path):
     from ensdiv.runs.rundir import CONFIG, resolve_config
-    from ensdiv.train import TrainConfig
+    from ensdiv.training import TrainConfig
 
     out = tmp_path / "run"
     with pytest.raises(EnsdivError, match="holds no run to resume"):
@@ -108,7 +108,7 @@ def test_every_config_round_trips_through_json(name):
     import importlib
     import json
 
-    module = {"TrainConfig": "ensdiv.train", "SweepConfig": "ensdiv.runs.sweep",
+    module = {"TrainConfig": "ensdiv.training", "SweepConfig": "ensdiv.runs.sweep",
               "DetectConfig": "ensdiv.runs.detect", "CompareConfig": "ensdiv.runs.compare",
               "CertifyConfig": "ensdiv.runs.certify"}[name]
     cls = getattr(importlib.import_module(module), name)

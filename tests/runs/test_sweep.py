@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from ensdiv.attack_suite import AttackSpec, sanity_warnings, transfer_spec, whitebox_suite
 from ensdiv.errors import EnsdivError
-from ensdiv.evaluation import AttackSpec, sanity_warnings, transfer_spec, whitebox_suite
 from ensdiv.io import read_jsonl
 from ensdiv.runs.rundir import RECORDS
 from ensdiv.runs.sweep import SweepConfig, run_sweep

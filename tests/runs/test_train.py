@@ -7,10 +7,10 @@ import torch
 
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
-from ensdiv.loop import CHECKPOINT, ENSEMBLE, METRICS, evaluate
+from ensdiv.loop import CHECKPOINT, ENSEMBLE, METRICS, accuracies
 from ensdiv.runs.rundir import CONFIG
 from ensdiv.runs.train import train_run
-from ensdiv.train import TrainConfig
+from ensdiv.training import TrainConfig
 
 
 class Interrupt(Exception):
@@ -34,7 +34,7 @@ def test_two_epochs_on_digits_beats_chance(tmp_path):
     loaded = Ensemble.load(tmp_path / "run" / ENSEMBLE)
     from ensdiv.data import load_dataset
     _, test, _ = load_dataset("digits")
-    assert evaluate(loaded, test)["ensemble_acc"] == pytest.approx(last["ensemble_acc"])
+    assert accuracies(loaded, test)["ensemble_acc"] == pytest.approx(last["ensemble_acc"])
     assert loaded.config["members"] == 3
 
 
