@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from ensdiv.adaptive import AGREEMENT_TARGETS
 from ensdiv.aggregation import AGGREGATIONS
 from ensdiv.attack_suite import TRANSFER_ATTACKS
+from ensdiv.augment import AUGMENTS
 from ensdiv.data import DATASETS
 from ensdiv.disagreement import SCORE_NAMES
 from ensdiv.errors import EnsdivError
@@ -27,6 +28,7 @@ from ensdiv.gradients import GRAD_MODES
 from ensdiv.layers import COMPILE_MODES
 from ensdiv.models import ARCHS
 from ensdiv.objective import OBJECTIVES
+from ensdiv.optim import OPTIMIZERS, SCHEDULES, SGD_MOMENTUM, UNITS
 from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS
 from ensdiv.runtime import available_cores
 from ensdiv.training import (
@@ -90,6 +92,23 @@ def name_list(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 # Options that set a field of a config dataclass: (flag, field, type, metavar, help). Their
 # parser default is None, so the command knows which the user gave (for --resume).
 TRAIN_OPTIONS: tuple[Option, ...] = (
@@ -98,8 +117,29 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     ("--members", "members", int, "M", "ensemble size M"),
     ("--epochs", "epochs", int, None, "training epochs (with --resume: may extend the run)"),
     ("--batch-size", "batch_size", int, None, "training batch size"),
-    ("--lr", "lr", float, None, "Adam learning rate"),
-    ("--weight-decay", "weight_decay", float, None, "Adam weight decay"),
+    ("--lr", "lr", float, None, "learning rate (the schedule's peak)"),
+    ("--weight-decay", "weight_decay", float, None, "weight decay (L2, coupled: torch's)"),
+    ("--optimizer", "optimizer", str, choices(OPTIMIZERS), "adam, or sgd (with --momentum, "
+     "--nesterov)"),
+    ("--momentum", "momentum", float, "μ", f"SGD's momentum (default: {SGD_MOMENTUM:g} with "
+     "--optimizer sgd)"),
+    ("--nesterov", "nesterov", on_off, "{on,off}", "SGD's Nesterov momentum"),
+    ("--schedule", "schedule", str, choices(SCHEDULES), "learning-rate schedule: constant, "
+     "cosine (to 0) or step (× --gamma at each of --milestones)"),
+    ("--warmup", "warmup", int, "N", "linear warm-up over the first N schedule units"),
+    ("--milestones", "milestones", int_list, "M1,M2,...", "with --schedule step: where the "
+     "rate drops, in schedule units, in increasing order (default: none)"),
+    ("--gamma", "gamma", float, "γ", "with --schedule step: the factor at each milestone"),
+    ("--schedule-unit", "schedule_unit", str, choices(UNITS), "count the schedule (warm-up, "
+     "milestones) in epochs, as the papers step it, or in optimizer steps"),
+    ("--augment", "augment", str, choices(AUGMENTS), "crop-flip: pad-4 random crop and "
+     "horizontal flip (the CIFAR-10 standard; refused on digit data sets)"),
+    ("--val-fraction", "val_fraction", float, "F", "hold out a stratified share F of the "
+     "training split as validation data (each epoch records its accuracy) (default: none)"),
+    ("--val-seed", "val_seed", int, None, "seed of the validation split (the same for every "
+     "training seed, so runs are compared on one split)"),
+    ("--init-from", "init_from", str, "RUN", "start the members from a trained ensemble of the "
+     "same architecture and size (a run folder or ensemble file) (default: none)"),
     ("--seed", "seed", int, None, "seed of the members' initialization and the shuffling"),
     ("--diversity", "diversity", str, choices(DIVERSITY_CHOICES),
      "diversity regularizer or baseline (adp: Pang et al. 2019; trs: Yang et al. 2021; "
@@ -112,8 +152,10 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
      "smoothness term, mean squared per-sample input-gradient norm (λ is TRS's λ_a, default "
      "10) (default: 1.22e-3, the authors' at batch 128)"),
     ("--trs-eps", "trs_eps", float, "ε", "with --diversity trs: L∞ radius of the smoothness "
-     "points, growing from ε/2 over the epochs; 0: clean inputs only (default: 0.2, the "
-     "authors')"),
+     "points, growing from --trs-eps-start over the epochs; 0: clean inputs only (default: "
+     "0.2, the authors' script's)"),
+    ("--trs-eps-start", "trs_eps_start", float, "ε0", "with --diversity trs: the smoothness "
+     "radius at the first epoch (default: half of --trs-eps, the authors' script's ratio)"),
     ("--dverge-eps", "dverge_eps", float, "ε", "with --diversity dverge: L∞ radius of the "
      "feature distillation (λ weighs the cross-training term, default 1) (default: 0.07)"),
     ("--dverge-steps", "dverge_steps", int, None, "with --diversity dverge: distillation "

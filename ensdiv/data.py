@@ -28,7 +28,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
-from ensdiv.errors import EnsdivError, check_choice
+from ensdiv.errors import EnsdivError, check_choice, check_real
 
 DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10")
 """Names accepted by :func:`load_dataset`; ``digits`` is the default that needs no files."""
@@ -320,3 +320,29 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     mean = total / count
     var = (total_sq / count - mean.square()).clamp_min(0.0)
     return tuple(mean.tolist()), tuple(var.sqrt().tolist())
+
+
+def validation_split(train: TensorDataset, fraction: float, *,
+                     seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """Hold out a stratified ``fraction`` of a training split as a validation split (seeded,
+    scikit-learn's ``train_test_split``; both parts keep the original order), so a method's
+    knobs are tuned without looking at the test split.
+
+    Example:
+        >>> tr, _, _ = load_dataset("digits")
+        >>> fit_on, val = validation_split(tr, 0.1, seed=0)
+        >>> len(fit_on) + len(val) == len(tr), len(val)
+        (True, 144)
+    """
+    fraction = check_real("validation fraction", fraction, minimum=0, strict=True)
+    if fraction >= 1:
+        raise EnsdivError(f"the validation fraction must be in (0, 1); got {fraction:g}")
+    x, y = train.tensors
+    try:
+        idx_fit, idx_val = train_test_split(np.arange(len(y)), test_size=fraction,
+                                            stratify=y.numpy(), random_state=seed)
+    except ValueError as e:
+        raise EnsdivError(f"cannot hold out {fraction:g} of {len(y)} training images with "
+                          f"every class in both parts ({e})") from None
+    idx_fit, idx_val = np.sort(idx_fit), np.sort(idx_val)
+    return (TensorDataset(x[idx_fit], y[idx_fit]), TensorDataset(x[idx_val], y[idx_val]))

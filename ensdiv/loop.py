@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ from ensdiv.distributed import (
     rank_and_world,
 )
 from ensdiv.ensemble import Ensemble, majority_vote, mean_log_softmax
-from ensdiv.errors import EnsdivError, check_input, check_int, check_real
+from ensdiv.errors import EnsdivError, check_input, check_int
 from ensdiv.io import (
     atomic_torch_save,
     atomic_write_jsonl,
@@ -53,6 +54,7 @@ from ensdiv.io import (
     round_floats,
     utc_now,
 )
+from ensdiv.optim import Optim
 
 LossFn = Callable[[Ensemble, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 """A training objective: ``(ensemble, x [B,C,H,W], y [B]) -> (scalar loss, stats)``, stats being
@@ -86,23 +88,6 @@ def ce_loss(ensemble: Ensemble, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str,
     ce = torch.nn.functional.cross_entropy(
         logits.reshape(m * b, k), y.repeat(m), reduction="none").view(m, b).mean(1)
     return ce.sum(), {f"ce_{i}": v for i, v in enumerate(ce.detach())}
-
-
-def gaussian_noise(sigma: float) -> Callable[[Tensor, torch.Generator], Tensor] | None:
-    """Augmentation adding N(0, σ²) pixel noise, not clipped to [0, 1]; None for σ = 0.
-
-    Unclipped because randomized smoothing (:mod:`ensdiv.smoothing`, Cohen et al. 2019)
-    classifies x + ε with unclipped Gaussian ε: a member trained for smoothing must see that
-    distribution (clipping would hide exactly the large deviations the certificate relies on).
-    """
-    if sigma <= 0:
-        return None
-
-    def augment(x: Tensor, gen: torch.Generator) -> Tensor:
-        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-        return x + sigma * noise
-
-    return augment
 
 
 class TrainingDiverged(EnsdivError):
@@ -205,14 +190,18 @@ def finished_epochs(out_dir: str | os.PathLike) -> int:
 
 
 def _restore(ensemble: Ensemble, opt: torch.optim.Optimizer, out: Path,
-             extra: nn.Module | None = None) -> tuple[int, list]:
-    """Load the run's checkpoint into ``ensemble``/``opt`` (and a trainable loss's parts);
-    its epoch and earlier records."""
+             extra: nn.Module | None = None,
+             sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[int, list]:
+    """Load the run's checkpoint into ``ensemble``/``opt``/``sched`` (and a trainable loss's
+    parts); its epoch and earlier records. A checkpoint from before schedules (no
+    ``scheduler``) was a constant learning rate: its optimizer state says it all."""
     path = out / CHECKPOINT
     ckpt = read_checkpoint(path)
     try:
         ensemble.load_state_dict(ckpt["ensemble"])
         opt.load_state_dict(ckpt["optimizer"])
+        if sched is not None and ckpt.get("scheduler") is not None:
+            sched.load_state_dict(ckpt["scheduler"])
         if extra is not None:
             extra.load_state_dict(ckpt.get("loss") or {})
     except (RuntimeError, ValueError, KeyError) as e:
@@ -232,18 +221,24 @@ def read_metrics(out: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: int,
-        batch_size: int, lr: float, seed: int, loss_fn: LossFn = ce_loss,
-        weight_decay: float = 0.0, out_dir: str | os.PathLike | None = None,
+        batch_size: int, seed: int, lr: float | None = None, loss_fn: LossFn = ce_loss,
+        weight_decay: float = 0.0, optim: Optim | None = None,
+        out_dir: str | os.PathLike | None = None,
         resume: bool = False,
         augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         epoch_hooks: Sequence[EpochHook] = (), progress: bool = True,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         amp: bool = False, distributed: bool = True) -> list[dict[str, Any]]:
-    """Train all members with ``loss_fn`` (Adam) and return the per-epoch metric records.
+    """Train all members with ``loss_fn`` and return the per-epoch metric records.
 
     Args:
         ensemble: the ensemble to train, already on its device.
         train_set, test_set: datasets of (x [C,H,W] in [0,1], int label).
+        lr, weight_decay: Adam's, at a constant rate — or give ``optim``.
+        optim: the optimizer and its learning-rate schedule (:class:`ensdiv.optim.Optim`),
+            stepped after every optimizer step; its state is in the checkpoint, so a resumed
+            run continues the schedule exactly. A resume that extends ``epochs`` stretches the
+            schedule's remaining part to the new length.
         loss_fn: the objective, see :data:`LossFn`.
         out_dir: run folder for metrics/ensemble/checkpoint (nothing is written if None).
         resume: continue from ``out_dir/checkpoint.pt`` if present (and rewrite
@@ -275,13 +270,19 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
     """
     check_int("epochs", epochs)
     check_int("batch size", batch_size)
-    check_real("learning rate", lr, minimum=0, strict=True)
-    check_real("weight decay", weight_decay, minimum=0)
+    if optim is None:
+        if lr is None:
+            raise EnsdivError("fit needs a learning rate (lr) or an optimizer (optim)")
+        optim = Optim(lr=lr, weight_decay=weight_decay)
+    elif lr is not None:
+        raise EnsdivError("give fit either lr (Adam, constant) or optim, not both")
+    optim = optim.validate()
     device = next(ensemble.parameters()).device
     # A loss with trainable parts (RRM's projections) trains and checkpoints with the members.
     extra = loss_fn if isinstance(loss_fn, nn.Module) else None
     params = list(ensemble.parameters()) + (list(extra.parameters()) if extra else [])
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / batch_size)  # type: ignore[arg-type]
+    opt, sched = optim.build(params, steps_per_epoch=steps_per_epoch, epochs=epochs)
     out = Path(out_dir) if out_dir is not None else None
     records: list[dict[str, Any]] = []
     start = 0
@@ -289,7 +290,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
     rank, world = rank_and_world() if distributed else (0, 1)
     check_global_batch(batch_size, world)
     if resume and out is not None and (out / CHECKPOINT).exists():
-        start, records = _restore(ensemble, opt, out, extra)
+        start, records = _restore(ensemble, opt, out, extra, sched)
         if main:
             ensemble.save(out / ENSEMBLE)
     for epoch in range(start + 1, epochs + 1):
@@ -298,6 +299,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         if set_epoch is not None:  # a schedule (TRS's radius, DVERGE's layer), as samplers do
             set_epoch(epoch, epochs)
         loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=gen)
+        lr_first = opt.param_groups[0]["lr"]  # the rate of the epoch's first step (recorded)
         ensemble.train()
         t0 = time.perf_counter()
         # running sums stay on the device: reading them is a GPU sync, done every
@@ -339,6 +341,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             if world > 1:  # the global batch's mean gradient on every rank
                 all_reduce_gradients(params, b / n_global)
             opt.step()
+            sched.step()
             total += loss.detach().double() * b
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).double() * b
@@ -354,7 +357,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             all_reduce_sum(vec)
             total, n, sums = vec[0], int(vec[1]), dict(zip(keys, vec[2:], strict=True))
         record: dict[str, Any] = {"epoch": epoch, "loss": float(total) / n,
-                                  **{k: float(v) / n for k, v in sums.items()}}
+                                  **{k: float(v) / n for k, v in sums.items()}, "lr": lr_first}
         record.update(accuracies(ensemble, test_set, device=device, distributed=world > 1))
         for hook in epoch_hooks:
             record.update(hook(ensemble))
@@ -368,7 +371,7 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             atomic_write_jsonl(out / METRICS, records)
             # The thread count changes CPU float reductions: a resume reuses it to stay exact.
             atomic_torch_save({"epoch": epoch, "ensemble": ensemble.state_dict(),
-                               "optimizer": opt.state_dict(),
+                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                "loss": extra.state_dict() if extra else None,
                                "threads": torch.get_num_threads()}, out / CHECKPOINT)
         if on_epoch_end is not None:

@@ -23,17 +23,19 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ensdiv import layers
 from ensdiv.adp import ADP_ALPHA, check_adp
-from ensdiv.data import DATASETS, DatasetInfo
+from ensdiv.augment import check_augment, compose, crop_flip, gaussian_noise
+from ensdiv.data import DATASETS, DatasetInfo, validation_split
 from ensdiv.dverge import DVERGE_EPS, DVERGE_LAM, DVERGE_STEPS, DvergeLoss, check_dverge
-from ensdiv.ensemble import Ensemble
+from ensdiv.ensemble import Ensemble, weights_fingerprint
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int, check_real
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
@@ -48,7 +50,6 @@ from ensdiv.loop import (  # noqa: F401 - the loop's public names, re-exported
     accuracies,
     finished_epochs,
     fit,
-    gaussian_noise,
     read_checkpoint,
 )
 from ensdiv.models import ARCHS, LAYERS
@@ -60,6 +61,7 @@ from ensdiv.objective import (
     ce_loss,
     ensemble_loss,
 )
+from ensdiv.optim import Optim
 from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS, Teacher
 from ensdiv.runtime import resolve_device
 from ensdiv.trs import TRS_EPS, TRS_LAM, TRS_SMOOTH, TrsLoss, check_trs
@@ -78,7 +80,7 @@ DVERGE's weight of the cross-training term (1: the authors' objective)."""
 
 OWN_OPTIONS: dict[str, tuple[str, ...]] = {
     "adp": ("adp_alpha",),
-    "trs": ("trs_smooth", "trs_eps"),
+    "trs": ("trs_smooth", "trs_eps", "trs_eps_start"),
     "dverge": ("dverge_eps", "dverge_steps", "dverge_layer", "dverge_clean"),
 }
 """Each method's own hyper-parameters (fields of :class:`TrainConfig`), None unless chosen."""
@@ -96,7 +98,7 @@ MAX_PLAUSIBLE_SIGMA = 1.0
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(JsonConfig):
-    """Everything that defines a training run (saved as ``config.json`` in the run folder).
+    r"""Everything that defines a training run (saved as ``config.json`` in the run folder).
 
     ``diversity``/``lam``/``noise_sigma`` select the objective (see :func:`make_loss`). ``lam``
     left as None means 0 without a diversity term and :data:`DEFAULT_LAM` with one;
@@ -108,6 +110,16 @@ class TrainConfig(JsonConfig):
     as its student (:class:`ensdiv.robust_transfer.TransferLoss`, CE weight
     ``transfer_weight``); CRT needs ``noise_sigma`` > 0, the noise it transfers under.
     ``amp`` computes the loss under bfloat16 autocast (see :func:`fit`).
+
+    The recipe (:meth:`optim`, :mod:`ensdiv.optim`): ``optimizer`` ``"adam"`` (the default, at a
+    constant ``lr``) or ``"sgd"`` (``momentum``, ``nesterov``), ``weight_decay``, a
+    ``schedule`` (``constant``, ``cosine``, ``step`` at ``milestones`` by ``gamma``) after
+    ``warmup`` ``schedule_unit``\ s; ``augment`` ``"crop-flip"`` (:mod:`ensdiv.augment`,
+    before any noise); ``val_fraction`` holds out a stratified part of the training split
+    (seeded by ``val_seed``) whose accuracies each epoch records; ``init_from`` starts the
+    members from a trained run's weights (``init_weights``: their fingerprint, which a resumed
+    run checks); ``recipe`` names the published recipe the settings came from
+    (:mod:`ensdiv.recipes`).
     """
 
     dataset: str = "digits"
@@ -136,8 +148,35 @@ class TrainConfig(JsonConfig):
     dverge_steps: int | None = None
     dverge_layer: int | None = None
     dverge_clean: float | None = None
+    trs_eps_start: float | None = None
+    optimizer: str = "adam"
+    momentum: float | None = None
+    nesterov: bool = False
+    schedule: str = "constant"
+    warmup: int = 0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    schedule_unit: str = "epoch"
+    augment: str = "none"
+    val_fraction: float | None = None
+    val_seed: int = 0
+    init_from: str | None = None
+    init_weights: str | None = None
+    recipe: str | None = None
 
     KIND: ClassVar[str] = "run"
+
+    def optim(self) -> Optim:
+        """The optimizer and learning-rate schedule these settings give.
+
+        Example:
+            >>> TrainConfig(optimizer="sgd", lr=0.1).optim().validate().momentum
+            0.9
+        """
+        return Optim(name=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
+                     momentum=self.momentum, nesterov=self.nesterov, schedule=self.schedule,
+                     warmup=self.warmup, milestones=tuple(self.milestones), gamma=self.gamma,
+                     unit=self.schedule_unit)
 
     def validate(self) -> TrainConfig:
         """Check every field and return the config with ``lam`` resolved; raise
@@ -150,8 +189,17 @@ class TrainConfig(JsonConfig):
         check_int("epochs", self.epochs)
         check_int("batch size", self.batch_size)
         check_int("seed", self.seed, minimum=0)
-        check_real("learning rate", self.lr, minimum=0, strict=True)
-        check_real("weight decay", self.weight_decay, minimum=0)
+        optim = self.optim().validate()
+        check_augment(self.augment, self.dataset)
+        if self.val_fraction is not None:
+            val = check_real("--val-fraction", self.val_fraction, minimum=0, strict=True)
+            if val >= 1:
+                raise EnsdivError(f"--val-fraction must be in (0, 1) (the share of the training "
+                                  f"split held out); got {val:g}")
+        check_int("validation seed", self.val_seed, minimum=0)
+        if self.init_weights is not None and self.init_from is None:
+            raise EnsdivError("init_weights is the fingerprint of --init-from's weights; give "
+                              "--init-from RUN")
         if not isinstance(self.amp, bool):
             raise EnsdivError(f"amp must be true or false; got {self.amp!r}")
         sigma = check_real("noise sigma", self.noise_sigma, minimum=0)
@@ -173,9 +221,10 @@ class TrainConfig(JsonConfig):
         eps, steps = self._validate_adversarial(sigma)
         weight = self._validate_transfer(sigma)
         own = self._validate_own(lam)
-        return dataclasses.replace(self, lam=lam, lr=float(self.lr),
-                                   weight_decay=float(self.weight_decay), noise_sigma=sigma,
-                                   eps=eps, steps=steps, transfer_weight=weight, **own)
+        return dataclasses.replace(self, lam=lam, lr=optim.lr, weight_decay=optim.weight_decay,
+                                   momentum=optim.momentum, milestones=optim.milestones,
+                                   gamma=optim.gamma, noise_sigma=sigma, eps=eps, steps=steps,
+                                   transfer_weight=weight, **own)
 
     def _validate_own(self, lam: float) -> dict[str, Any]:
         """The chosen method's own hyper-parameters with their defaults; another method's given
@@ -200,8 +249,10 @@ class TrainConfig(JsonConfig):
         if self.diversity == "trs":
             smooth = TRS_SMOOTH if self.trs_smooth is None else self.trs_smooth
             eps = TRS_EPS if self.trs_eps is None else self.trs_eps
-            check_trs(lam=lam, smooth=smooth, eps=eps)
-            return {"trs_smooth": float(smooth), "trs_eps": float(eps)}
+            start = self.trs_eps_start
+            check_trs(lam=lam, smooth=smooth, eps=eps, eps_start=start)
+            return {"trs_smooth": float(smooth), "trs_eps": float(eps),
+                    "trs_eps_start": None if start is None else float(start)}
         eps = DVERGE_EPS if self.dverge_eps is None else self.dverge_eps
         steps = DVERGE_STEPS if self.dverge_steps is None else self.dverge_steps
         clean = 0.0 if self.dverge_clean is None else self.dverge_clean
@@ -282,7 +333,8 @@ def make_loss(config: TrainConfig, ensemble: Ensemble | None = None,
                                  adp_alpha=config.adp_alpha)
     if config.diversity == "trs":
         assert config.trs_smooth is not None and config.trs_eps is not None  # validate()
-        return TrsLoss(lam=config.lam, smooth=config.trs_smooth, eps=config.trs_eps)
+        return TrsLoss(lam=config.lam, smooth=config.trs_smooth, eps=config.trs_eps,
+                       eps_start=config.trs_eps_start)
     if config.diversity == "dverge":
         if ensemble is None:
             raise EnsdivError("DVERGE's loss needs the ensemble (its layers)")
@@ -363,25 +415,75 @@ def train(config: TrainConfig, data: tuple[Dataset, Dataset, DatasetInfo], *,
     config = config.validate()
     device = resolve_device(device)
     train_set, test_set, info = data
+    val_set = None
+    if config.val_fraction is not None:
+        train_set, val_set = validation_split(train_set, config.val_fraction,  # type: ignore
+                                              seed=config.val_seed)
+    init = None if config.init_from is None else load_init(config, info)
     torch.manual_seed(config.seed)
     ensemble = Ensemble.build(config.arch, config.members, in_shape=info.in_shape,
                               num_classes=info.num_classes, seed=config.seed, mean=info.mean,
                               std=info.std, config=config.to_dict()).to(device)
+    if init is not None:
+        ensemble.load_state_dict(init[0])
     loss_fn = make_loss(config, ensemble, teacher)
     if isinstance(loss_fn, nn.Module):
         loss_fn.to(device)
     steps = config.epochs * math.ceil(len(train_set) / config.batch_size)
+    augment = compose(crop_flip() if config.augment == "crop-flip" else None,
+                      gaussian_noise(config.noise_sigma))
     with _compile_for_run(compile_pays(ensemble, config.diversity, steps, device)):
-        hooks = make_epoch_hooks(config, test_set)
+        hooks = make_epoch_hooks(config, test_set, val_set)
         if layers.compiled_kernels_enabled():
             hooks.append(_compile_hook)
         records = fit(ensemble, train_set, test_set, epochs=config.epochs,
-                      batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                      weight_decay=config.weight_decay, loss_fn=loss_fn, out_dir=out_dir,
-                      resume=resume, augment=gaussian_noise(config.noise_sigma),
+                      batch_size=config.batch_size, seed=config.seed, optim=config.optim(),
+                      loss_fn=loss_fn, out_dir=out_dir, resume=resume, augment=augment,
                       epoch_hooks=hooks, progress=progress, on_epoch_end=on_epoch_end,
                       amp=config.amp)
     return ensemble.eval(), records
+
+
+def load_init(config: TrainConfig, info: DatasetInfo) -> tuple[dict[str, Tensor], str]:
+    """The weights ``config.init_from`` (a run folder or an ensemble file) holds, checked to fit
+    the ensemble ``config`` describes on a data set of ``info`` (architecture, members, input
+    shape, classes), and their fingerprint — which must be ``config.init_weights`` when that is
+    set (a resumed run whose source was retrained since is refused).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from ensdiv.data import load_dataset
+        >>> _, _, info = load_dataset("digits")
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "e.pt"
+        >>> _ = Ensemble.build("mlp", 2, in_shape=info.in_shape, num_classes=10,
+        ...                    config={"arch": "mlp"}).save(p)
+        >>> len(load_init(TrainConfig(arch="mlp", members=2, init_from=str(p)), info)[1])
+        16
+    """
+    assert config.init_from is not None
+    path = Path(config.init_from)
+    if path.is_dir():
+        path = path / ENSEMBLE
+    if not path.is_file():
+        raise EnsdivError(f"--init-from {config.init_from}: no ensemble there (expected a run "
+                          f"folder with {ENSEMBLE} or an ensemble file)")
+    source = Ensemble.load(path, map_location="cpu")
+    theirs = (source.config.get("arch"), source.num_members,
+              None if source.in_shape is None else tuple(source.in_shape),
+              getattr(source, "num_classes", None))
+    ours = (config.arch, config.members, tuple(info.in_shape), info.num_classes)
+    names = ("architecture", "members", "input shape", "classes")
+    for name, a, b in zip(names, theirs, ours, strict=True):
+        if a is not None and a != b:
+            raise EnsdivError(f"--init-from {config.init_from} holds an ensemble of {name} "
+                              f"{a}, this run trains {name} {b}: it can only start from an "
+                              "ensemble of the same architecture, size and data shape")
+    fingerprint = weights_fingerprint(source)
+    if config.init_weights is not None and config.init_weights != fingerprint:
+        raise EnsdivError(f"--init-from {config.init_from} holds other weights than this run "
+                          f"started from ({fingerprint}, recorded {config.init_weights}); "
+                          "restore them, or start the run anew in another --out")
+    return source.state_dict(), fingerprint
 
 
 HELD_OUT = 256
@@ -404,6 +506,21 @@ def diversity_hook(test_set: Dataset, n: int = HELD_OUT) -> EpochHook:
     return hook
 
 
-def make_epoch_hooks(config: TrainConfig, test_set: Dataset) -> list[EpochHook]:
-    """Per-epoch extra metrics for a config: diversity metrics whenever M ≥ 2."""
-    return [diversity_hook(test_set)] if config.members >= 2 else []
+def validation_hook(val_set: Dataset) -> EpochHook:
+    """Epoch hook: the accuracies (:func:`ensdiv.loop.accuracies`) on the validation split,
+    as ``val_acc`` (mean softmax), ``val_member_acc``, ``val_vote_acc`` and ``val_n``."""
+
+    def hook(ensemble: Ensemble) -> dict[str, Any]:
+        acc = accuracies(ensemble, val_set)
+        return {"val_acc": acc["ensemble_acc"], "val_member_acc": acc["member_acc"],
+                "val_vote_acc": acc["vote_acc"], "val_n": acc["n"]}
+
+    return hook
+
+
+def make_epoch_hooks(config: TrainConfig, test_set: Dataset,
+                     val_set: Dataset | None = None) -> list[EpochHook]:
+    """Per-epoch extra metrics for a config: validation accuracies when a validation split is
+    held out, diversity metrics whenever M ≥ 2."""
+    hooks = [] if val_set is None else [validation_hook(val_set)]
+    return hooks + ([diversity_hook(test_set)] if config.members >= 2 else [])

@@ -1,8 +1,10 @@
 """Training recipes: what a TrainConfig accepts and means, and diversity training's effect."""
 
+import dataclasses
 import math
 
 import pytest
+import torch
 
 from ensdiv.errors import EnsdivError
 from ensdiv.runs.train import train_run
@@ -278,3 +280,90 @@ def test_auto_compile_is_decided_per_run_and_reported_per_epoch(monkeypatch):
     layers.use_compiled_kernels("off")
     _, off = train_module.train(cfg, data, progress=False)
     assert "compiled_kernels" not in off[-1]
+
+
+def test_a_validation_split_is_held_out_stratified_and_recorded(one_thread):
+    from ensdiv.data import load_dataset, validation_split
+    from ensdiv.training import TrainConfig, train
+
+    data = load_dataset("digits")
+    fit_on, val = validation_split(data[0], 0.2, seed=0)
+    counts = [torch.bincount(d.tensors[1], minlength=10) for d in (data[0], val)]
+    assert len(fit_on) + len(val) == len(data[0])
+    assert len(val) == math.ceil(0.2 * len(data[0]))  # scikit-learn rounds the held-out part up
+    assert ((counts[1] - 0.2 * counts[0]).abs() <= 1).all()  # stratified: each class 20 %
+    again = validation_split(data[0], 0.2, seed=0)[1]
+    assert torch.equal(again.tensors[0], val.tensors[0])
+    assert not torch.equal(validation_split(data[0], 0.2, seed=1)[1].tensors[1], val.tensors[1])
+    config = TrainConfig(arch="mlp", members=2, epochs=1, val_fraction=0.2)
+    _, recs = train(config, data, progress=False)
+    assert recs[0]["val_n"] == len(val) and 0 < recs[0]["val_acc"] <= 1
+    assert len(recs[0]["val_member_acc"]) == 2
+
+
+def test_init_from_starts_from_a_runs_weights_and_records_them(tmp_path, one_thread):
+    from ensdiv.data import load_dataset
+    from ensdiv.ensemble import Ensemble, weights_fingerprint
+    from ensdiv.io import read_json
+    from ensdiv.runs.train import train_run
+    from ensdiv.training import TrainConfig
+
+    base = TrainConfig(arch="mlp", members=2, epochs=1)
+    source, _ = train_run(base, out_dir=tmp_path / "plain", progress=False)
+    # a learning rate so small that one epoch leaves the weights where they started
+    tuned = TrainConfig(arch="mlp", members=2, epochs=1, lr=1e-12, seed=5,
+                        init_from=str(tmp_path / "plain"))
+    ens, _ = train_run(tuned, out_dir=tmp_path / "tuned", progress=False)
+    for a, b in zip(ens.state_dict().values(), source.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-9)
+    saved = read_json(tmp_path / "tuned" / "config.json")
+    assert saved["init_from"] == str(tmp_path / "plain")
+    assert saved["init_weights"] == weights_fingerprint(source)
+    # another architecture or size: one line, before the run folder is made
+    for bad in (dict(members=3), dict(arch="cnn")):
+        with pytest.raises(EnsdivError, match="can only start from an ensemble of the same"):
+            train_run(TrainConfig(**{**dict(arch="mlp", members=2, epochs=1), **bad,
+                                     "init_from": str(tmp_path / "plain")}),
+                      out_dir=tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+    # the source retrained since: a resume is refused
+    Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=9,
+                   config=base.to_dict()).save(tmp_path / "plain" / "ensemble.pt")
+    with pytest.raises(EnsdivError, match="holds other weights than this run started from"):
+        from ensdiv.training import load_init
+        load_init(TrainConfig.from_dict(saved), load_dataset("digits")[2])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(val_fraction=0.0), "--val-fraction must be"),
+    (dict(val_fraction=1.0), "--val-fraction must be in \\(0, 1\\)"),
+    (dict(augment="crop-flip"), "refused on digits"),
+    (dict(schedule="step", milestones=(3, 2)), "increasing order"),
+    (dict(optimizer="adagrad"), "unknown optimizer"),
+    (dict(momentum=0.9), "SGD's"),
+    (dict(trs_eps_start=0.1), "hyper-parameter of TRS"),
+    (dict(diversity="trs", trs_eps=0.1, trs_eps_start=0.2), "larger than TRS eps"),
+])
+def test_recipe_settings_are_checked_with_one_line(kwargs, match):
+    from ensdiv.training import TrainConfig
+
+    with pytest.raises(EnsdivError, match=match):
+        TrainConfig(**kwargs).validate()
+
+
+def test_an_old_run_folder_without_the_recipe_settings_still_resumes(tmp_path, one_thread):
+    from ensdiv.io import atomic_write_json, read_json
+    from ensdiv.runs.train import train_run
+    from ensdiv.training import TrainConfig
+
+    config = TrainConfig(arch="mlp", members=2, epochs=1)
+    train_run(config, out_dir=tmp_path / "old", progress=False)
+    saved = read_json(tmp_path / "old" / "config.json")
+    newer = ("optimizer", "momentum", "nesterov", "schedule", "warmup", "milestones", "gamma",
+             "schedule_unit", "augment", "val_fraction", "val_seed", "init_from",
+             "init_weights", "recipe", "trs_eps_start")
+    atomic_write_json(tmp_path / "old" / "config.json",
+                      {k: v for k, v in saved.items() if k not in newer})
+    _, recs = train_run(dataclasses.replace(config, epochs=2), out_dir=tmp_path / "old",
+                        resume=True, progress=False)
+    assert [r["epoch"] for r in recs] == [1, 2]

@@ -140,7 +140,8 @@ def _entries(folder: Path) -> list[Path]:
 def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, config_name: str,
                     resume: bool, overwrite: bool, started: Callable[[Path], bool],
                     resumable: frozenset[str] = frozenset(), kind: str = "run",
-                    command: str = "ensdiv train") -> bool:
+                    command: str = "ensdiv train",
+                    added: dict[str, Any] | None = None) -> bool:
     """Check (and with ``overwrite`` empty) a result folder identified by ``config``.
 
     Call it while holding :func:`run_lock`. The rules, the same for runs and sweeps:
@@ -149,7 +150,9 @@ def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, confi
       failed while loading its data) is simply started again, whatever its config;
     - a folder holding a started ``kind`` is continued only with ``resume`` and a config equal
       but for the ``resumable`` keys; any other difference is an error listing it;
-    - ``overwrite`` empties the folder first; a non-empty folder holding no ``kind`` is refused.
+    - ``overwrite`` empties the folder first; a non-empty folder holding no ``kind`` is refused;
+    - a setting the saved config does not have (a folder written before the setting existed)
+      is no difference when its value is the one ``added`` gives it (the setting's default).
 
     Nothing is written: the caller writes the config once all its checks pass.
 
@@ -183,8 +186,9 @@ def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, confi
                         fix=f"restore it, or start the {kind} in another --out")
         if not started(out):
             return False
+        newer = {k for k, v in (added or {}).items() if k not in old and config.get(k) == v}
         diff = sorted(k for k in set(old) | set(config)
-                      if old.get(k) != config.get(k) and k not in resumable)
+                      if old.get(k) != config.get(k) and k not in resumable | newer)
         if not resume:
             what = f"a different {kind}" if diff else f"this {kind} already"
             raise EnsdivError(f"{out} holds {what}; continue it with `{command} --out {out} "
@@ -216,8 +220,7 @@ def resolve_config(cls: type[_C], given: dict[str, Any], out: str | os.PathLike,
 
     Example:
         >>> import tempfile
-        >>> from ensdiv.training import TrainConfig
-        >>> resolve_config(TrainConfig, {"epochs": 2}, tempfile.mkdtemp(), resume=False,
+        >>>         >>> resolve_config(TrainConfig, {"epochs": 2}, tempfile.mkdtemp(), resume=False,
         ...                config_name=CONFIG, command="ensdiv train").epochs
         2
     """
@@ -239,11 +242,13 @@ def resolve_config(cls: type[_C], given: dict[str, Any], out: str | os.PathLike,
 
 
 def open_run_folder(out: Path, settings: dict[str, Any], *, epochs: int, resume: bool,
-                    overwrite: bool) -> bool:
+                    overwrite: bool, added: dict[str, Any] | None = None) -> bool:
     """Prepare ``out`` for a training run (call it holding :func:`run_lock`): the rules of
     :func:`prepare_run_dir` with a started run being one with a checkpoint and ``epochs``
     allowed to grow, never to shrink; everything resuming reads is checked before anything is
     written; then the settings are saved as ``config.json``. True if the run continues.
+    ``added``: the defaults of settings newer than some saved folders (see
+    :func:`prepare_run_dir`).
 
     Example:
         >>> import tempfile
@@ -254,7 +259,8 @@ def open_run_folder(out: Path, settings: dict[str, Any], *, epochs: int, resume:
     """
     resuming = prepare_run_dir(out, settings, config_name=CONFIG, resume=resume,
                                overwrite=overwrite, started=lambda p: (p / CHECKPOINT).exists(),
-                               resumable=RESUMABLE_CHANGES, command="ensdiv train")
+                               resumable=RESUMABLE_CHANGES, command="ensdiv train",
+                               added=added)
     if resuming:
         done = finished_epochs(out)
         read_metrics(out)  # readable before anything is written

@@ -199,7 +199,8 @@ def _train_into(folder: Path, config: TrainConfig, data: tuple[Any, Any, Dataset
     of ``ensdiv train`` (:func:`ensdiv.runs.rundir.open_run_folder`)."""
     with run_lock(folder) as sub:
         resuming = broadcast_outcome(lambda: open_run_folder(
-            sub, config.to_dict(), epochs=config.epochs, resume=True, overwrite=False))
+            sub, config.to_dict(), epochs=config.epochs, resume=True, overwrite=False,
+            added=TrainConfig().to_dict()))
         return train(config, data, device=device, out_dir=sub, resume=resuming,
                      progress=progress, on_epoch_end=on_epoch_end)
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from ensdiv.loop import check_global_batch
 from ensdiv.robust_transfer import Teacher
 from ensdiv.runs.rundir import ensemble_path, open_run_folder, run_lock
 from ensdiv.runtime import resolve_device
-from ensdiv.training import TrainConfig, train
+from ensdiv.training import TrainConfig, load_init, train
 
 
 def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
@@ -49,6 +50,9 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
     check_global_batch(config.batch_size, rank_and_world()[1])
     device = resolve_device(device)
     data = load_dataset(config.dataset, root=data_root, seed=0)
+    if config.init_from is not None:  # checked, and its fingerprint recorded, before any work
+        _, fingerprint = load_init(config, data[2])
+        config = dataclasses.replace(config, init_weights=fingerprint)
     teacher = None
     if config.teacher is not None:
         teacher = load_teacher(config.teacher, device=device, noise_sigma=config.noise_sigma)
@@ -60,7 +64,8 @@ def train_run(config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
     with run_lock(out_dir) as out:
         # under torchrun rank 0 prepares the folder; every rank gets its decision (or error)
         resuming = broadcast_outcome(lambda: open_run_folder(
-            out, config.to_dict(), epochs=config.epochs, resume=resume, overwrite=overwrite))
+            out, config.to_dict(), epochs=config.epochs, resume=resume, overwrite=overwrite,
+            added=TrainConfig().to_dict()))
         return train(config, data, device=device, out_dir=out, resume=resuming,
                      teacher=teacher, progress=progress, on_epoch_end=on_epoch_end)
 
