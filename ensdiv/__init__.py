@@ -14,6 +14,8 @@ Training
                                  the ensemble it describes and fits it
     fit [loop]                   the training loop (any loss, checkpoints, exact resume);
                                  ensdiv.loop.accuracies: members', mean softmax's, vote's
+    Optim [optim]                Adam or SGD with a constant, cosine or step learning rate;
+                                 ensdiv.augment.crop_flip; the papers' recipes: ensdiv.recipes
     ensemble_loss [objective]    CE + λ · diversity term (cos, gal, gdr, drt; adp), double backprop;
                                  the baselines TRS and DVERGE: ensdiv.trs, ensdiv.dverge
     TransferLoss [objective]     a robust teacher's students (RRM, CRT)
@@ -68,12 +70,13 @@ from ensdiv.gradients import input_gradients
 from ensdiv.loop import fit
 from ensdiv.models import build_model
 from ensdiv.objective import TransferLoss, ensemble_loss
+from ensdiv.optim import Optim
 from ensdiv.smoothing import Smooth
 from ensdiv.training import TrainConfig
 from ensdiv.transferability import transfer_matrix
 
 __all__ = [
-    "__version__", "load_dataset", "build_model", "Ensemble", "TrainConfig", "fit",
+    "__version__", "load_dataset", "build_model", "Ensemble", "TrainConfig", "fit", "Optim",
     "ensemble_loss", "TransferLoss", "input_gradients", "ensemble_gdr", "fgsm", "pgd",
     "mifgsm", "apgd", "mora", "square", "transfer_matrix", "whitebox_entry", "robustness_card",
     "Card", "DisagreementDetector",

@@ -43,6 +43,7 @@ from ensdiv.cli_options import (
     choices,
     given_options,
     name_list,
+    show,
     stage_sizes,
 )
 from ensdiv.data import DATASETS
@@ -51,6 +52,7 @@ from ensdiv.fetch import fetch_dataset
 from ensdiv.io import os_error
 from ensdiv.layers import use_compiled_kernels
 from ensdiv.loop import CHECKPOINT, read_checkpoint
+from ensdiv.recipes import RECIPES, apply_recipe, recipe, recipes_table
 from ensdiv.runs.certify import CertifyConfig, certify_run
 from ensdiv.runs.compare import CompareConfig, compare_into
 from ensdiv.runs.demo import demo_report
@@ -117,6 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     given = given_options(args, TRAIN_OPTIONS)
     if args.amp:
         given["amp"] = True
+    if args.recipe is not None:  # the recipe's values under the flags given
+        given, overrides = apply_recipe(args.recipe, given)
+        given["recipe_overrides"] = tuple(overrides)
     config = resolve_config(TrainConfig, given, args.out, resume=args.resume,
                             config_name=CONFIG, command="ensdiv train").validate()
     if args.resume and args.threads is None and (Path(args.out) / CHECKPOINT).exists():
@@ -133,6 +138,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if records:
         print(f"done: ensemble test accuracy {records[-1]['ensemble_acc']:.4f} "
               f"after {records[-1]['epoch']} epochs; files in {args.out}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """``ensdiv recipes``: the published training recipes ``ensdiv train --recipe`` knows."""
+    if args.name is None:
+        print(recipes_table())
+        return 0
+    r = recipe(args.name)
+    print(f"{r.name} ({r.method}): {r.source}")
+    print(f"follows: {r.follows}")
+    if r.departs:
+        print(f"departs: {r.departs}")
+    for k, v in r.settings.items():
+        print(f"  --{k.replace('_', '-')} {show(v) if v is not None else '(unset)'}")
+    if r.needs_init:
+        print(f"  --init-from RUN (needed: a trained ensemble, e.g. --recipe {r.init_recipe})")
     return 0
 
 
@@ -335,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=text, description=text, formatter_class=Formatter)
 
     p = add("train", "train an ensemble (plain or with a diversity term); resumable")
+    p.add_argument("--recipe", default=None, metavar=choices(tuple(RECIPES)),
+                   help="fill every setting of a published recipe (`ensdiv recipes` lists "
+                        "them); options given override its values (default: none)")
     add_config_options(p, TRAIN_OPTIONS, TrainConfig())
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for the loss (mixed precision, for GPUs; saved "
@@ -344,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     add_training_speed(p)
     p.set_defaults(func=cmd_train)
+
+    p = add("recipes", "the published training recipes (each method's paper or code, every "
+                       "setting, where ensdiv departs) that `ensdiv train --recipe` fills in")
+    p.add_argument("name", nargs="?", default=None, metavar=choices(tuple(RECIPES)),
+                   help="one recipe's flags (default: the table of all)")
+    p.set_defaults(func=cmd_recipes)
 
     p = add("demo", "train plain and GAL ensembles on the embedded digits and report")
     p.add_argument("--epochs", type=int, default=8, help="epochs per ensemble")

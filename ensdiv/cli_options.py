@@ -204,6 +204,11 @@ SWEEP_OPTIONS: tuple[Option, ...] = (
     ("--apgd-steps", "apgd_steps", int, None, "APGD-CE / APGD-DLR iterations (white-box)"),
     ("--n-eval", "n_eval", int, "N", "test inputs attacked (the first N)"),
     ("--eval-seed", "eval_seed", int, None, "seed of PGD's random start"),
+    ("--val-fraction", "val_fraction", float, "F", "train every ensemble without a stratified "
+     "share F of the training split (default: none)"),
+    ("--val-seed", "val_seed", int, None, "seed of the validation split"),
+    ("--eval-split", "eval_split", str, "{test,val}", "where the ensembles are attacked: the "
+     "test split, or the held-out validation split (for tuning; needs --val-fraction)"),
 )
 
 DETECT_OPTIONS: tuple[Option, ...] = (

@@ -130,15 +130,12 @@ class Optim:
         return epochs if self.unit == "epoch" else epochs * steps_per_epoch
 
     def check_run(self, steps_per_epoch: int, epochs: int) -> None:
-        """One :class:`EnsdivError` if the warm-up or a milestone lies beyond the run."""
+        """One :class:`EnsdivError` if the warm-up is as long as the run. (A milestone beyond
+        the run is allowed: a recipe shortened with ``--epochs`` never reaches it.)"""
         total = self.units(steps_per_epoch, epochs)
         if self.warmup >= total and self.warmup:
             raise EnsdivError(f"a warm-up of {self.warmup} {self.unit}s does not fit a run of "
                               f"{total} {self.unit}s")
-        late = [m for m in self.milestones if m >= total]
-        if late:
-            raise EnsdivError(f"milestone {late[0]} lies beyond the run's {total} {self.unit}s "
-                              "(milestones count " + self.unit + "s)")
 
     def build(self, params: Iterable[nn.Parameter], *, steps_per_epoch: int,
               epochs: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:

@@ -62,6 +62,7 @@ from ensdiv.objective import (
     ensemble_loss,
 )
 from ensdiv.optim import Optim
+from ensdiv.recipes import recipe
 from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS, Teacher
 from ensdiv.runtime import resolve_device
 from ensdiv.trs import TRS_EPS, TRS_LAM, TRS_SMOOTH, TrsLoss, check_trs
@@ -163,6 +164,7 @@ class TrainConfig(JsonConfig):
     init_from: str | None = None
     init_weights: str | None = None
     recipe: str | None = None
+    recipe_overrides: tuple[str, ...] = ()
 
     KIND: ClassVar[str] = "run"
 
@@ -191,6 +193,10 @@ class TrainConfig(JsonConfig):
         check_int("seed", self.seed, minimum=0)
         optim = self.optim().validate()
         check_augment(self.augment, self.dataset)
+        if self.recipe is not None:
+            recipe(self.recipe)  # a known name
+        elif self.recipe_overrides:
+            raise EnsdivError("recipe_overrides belong to a run started from a --recipe")
         if self.val_fraction is not None:
             val = check_real("--val-fraction", self.val_fraction, minimum=0, strict=True)
             if val >= 1:

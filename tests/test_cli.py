@@ -137,6 +137,15 @@ BAD_CLI = [
     (T + ["--epochs", "-3"], ["epochs must be >= 1"]),
     (T + ["--batch-size", "0"], ["batch size must be >= 1"]),
     (T + ["--lr", "0"], ["learning rate must be positive"]),
+    (T + ["--optimizer", "rmsprop"], ["unknown optimizer 'rmsprop'; choose one of: adam, sgd"]),
+    (T + ["--schedule", "linear"], ["unknown schedule 'linear'; choose one of: constant"]),
+    (T + ["--schedule", "step", "--milestones", "5,3"], ["milestones must be in increasing"]),
+    (T + ["--momentum", "0.9"], ["--momentum and --nesterov are SGD's"]),
+    (T + ["--val-fraction", "0"], ["--val-fraction must be positive"]),
+    (T + ["--val-fraction", "1"], ["--val-fraction must be in (0, 1)"]),
+    (T + ["--augment", "crop-flip"], ["refused on digits"]),
+    (T + ["--recipe", "nope"], ["unknown recipe 'nope'; choose one of: adp-cifar10"]),
+    (T + ["--init-from", "{root}/nothing"], ["--init-from {root}/nothing: no ensemble there"]),
     (T + ["--lr", "-0.1"], ["learning rate must be positive"]),
     (T + ["--lr", "nan"], ["learning rate must be a finite number"]),
     (T + ["--weight-decay", "nan"], ["weight decay must be a finite number; got nan"]),
@@ -399,12 +408,15 @@ def test_killed_run_resumes_from_out_alone_bit_for_bit(tmp_path):
 
 def test_ctrl_c_says_how_to_continue(tmp_path):
     run = tmp_path / "r"
-    # far more epochs than any machine finishes before the signal: 200 (a few seconds of a
-    # tiny MLP) raced the signal on a loaded machine and finished first
+    # A suite started in the background of a non-interactive shell (`make test &`) inherits
+    # SIGINT ignored, and so would the run, which then never hears the signal: the child gets
+    # the default disposition back, as a terminal's Ctrl-C finds it. Far more epochs than any
+    # machine finishes, so only the signal ends the run.
     proc = subprocess.Popen([sys.executable, "-m", "ensdiv", *T[:-3], "--epochs", "100000",
                              "--threads", "1", "--quiet", "--out", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(run / CHECKPOINT, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

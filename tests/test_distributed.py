@@ -34,7 +34,8 @@ def _fit(out_file, diversity):
     float64 and on one thread per process (see the test for why)."""
     import functools
 
-    from ensdiv.loop import fit, gaussian_noise
+    from ensdiv.augment import gaussian_noise
+    from ensdiv.loop import fit
     from ensdiv.objective import ensemble_loss
 
     torch.set_num_threads(1)

@@ -327,3 +327,21 @@ def test_baselines_table_comes_from_the_committed_cards_and_benchmark(dataset, e
 @pytest.mark.parametrize("name", ["baselines-table", "baselines-fmnist-table"])
 def test_baselines_prose_quotes_only_numbers_of_its_table(name):
     _prose_quotes_only_cells(ROOT / "README.md", name, r"\d\.\d{3} ± \d\.\d{3}")
+
+
+def test_the_recipes_table_is_the_code():
+    from ensdiv.recipes import recipes_table
+
+    assert block("recipes-table") == recipes_table().strip()
+
+
+def test_the_crop_flip_benchmark_comes_from_its_record_and_meets_its_goal():
+    import json
+    import statistics
+
+    data = json.loads((BENCH_RESULTS / "augment-cpu-2026-12-07.json").read_text())
+    assert block("augment-bench") == _benchmarks_module("bench_augment").table(data).strip()
+    t = data["seconds"]
+    # the goal: crop-flip of a batch of 128 costs < 5 % of a plain cnn step on it
+    assert statistics.median(a / b for a, b in zip(t["crop-flip"], t["plain"],
+                                                     strict=True)) < 0.05

@@ -220,7 +220,8 @@ def resolve_config(cls: type[_C], given: dict[str, Any], out: str | os.PathLike,
 
     Example:
         >>> import tempfile
-        >>>         >>> resolve_config(TrainConfig, {"epochs": 2}, tempfile.mkdtemp(), resume=False,
+        >>> from ensdiv.training import TrainConfig
+        >>> resolve_config(TrainConfig, {"epochs": 2}, tempfile.mkdtemp(), resume=False,
         ...                config_name=CONFIG, command="ensdiv train").epochs
         2
     """

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from ensdiv.attack_suite import (
     HUGE_EPS,
@@ -31,7 +32,7 @@ from ensdiv.attack_suite import (
     whitebox_entry,
     whitebox_suite,
 )
-from ensdiv.data import DatasetInfo, load_dataset
+from ensdiv.data import DatasetInfo, load_dataset, validation_split
 from ensdiv.distributed import (
     broadcast_outcome,
     independent,
@@ -66,6 +67,10 @@ SURROGATE = "surrogate"
 """The sweep folder's sub-folder holding the plain surrogate ensemble of the black-box attack."""
 
 
+EVAL_SPLITS: tuple[str, ...] = ("test", "val")
+"""Where a sweep evaluates its ensembles (``--eval-split``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepConfig(JsonConfig):
     """Settings of a sweep; the defaults (12 ensembles, white-box worst case over PGD-10 and
@@ -88,6 +93,9 @@ class SweepConfig(JsonConfig):
     n_eval: int = 200
     eval_seed: int = 0
     surrogate_seed: int = 10_000
+    val_fraction: float | None = None
+    val_seed: int = 0
+    eval_split: str = "test"
 
     KIND: ClassVar[str] = "sweep"
 
@@ -124,6 +132,10 @@ class SweepConfig(JsonConfig):
         check_int("apgd steps", self.apgd_steps)
         check_int("n_eval", self.n_eval)
         check_int("eval seed", self.eval_seed, minimum=0)
+        check_choice("eval split", self.eval_split, EVAL_SPLITS)
+        if self.eval_split == "val" and self.val_fraction is None:
+            raise EnsdivError("--eval-split val evaluates on held-out training data: give "
+                              "--val-fraction F (e.g. 0.1)")
         return self
 
     def train_config(self, lam: float, seed: int) -> TrainConfig:
@@ -132,7 +144,17 @@ class SweepConfig(JsonConfig):
         return TrainConfig(dataset=self.dataset, arch=self.arch, members=self.members,
                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                            seed=seed, diversity="none" if plain else self.diversity,
-                           lam=None if plain else lam, noise_sigma=self.noise_sigma).validate()
+                           lam=None if plain else lam, noise_sigma=self.noise_sigma,
+                           val_fraction=self.val_fraction, val_seed=self.val_seed).validate()
+
+    def eval_data(self, data: tuple[Dataset, Dataset, DatasetInfo]) -> Dataset:
+        """The split the sweep attacks: the test split, or with ``eval_split="val"`` the
+        validation split its ensembles were trained without (so tuning never sees test
+        images)."""
+        if self.eval_split == "val":
+            assert self.val_fraction is not None  # validate()
+            return validation_split(data[0], self.val_fraction, seed=self.val_seed)[1]
+        return data[1]
 
 
 SWEEP_ATTACKS: tuple[str, ...] = TRANSFER_ATTACKS
@@ -240,7 +262,8 @@ def run_sweep(config: SweepConfig, out_dir: str | Path, *, resume: bool = False,
         def prepare() -> bool:  # rank 0 under torchrun; the others get its outcome
             resuming = prepare_run_dir(out, config.to_dict(), config_name=SWEEP_CONFIG,
                                        resume=resume, overwrite=overwrite, started=_started,
-                                       kind="sweep", command="ensdiv sweep")
+                                       kind="sweep", command="ensdiv sweep",
+                                       added=SweepConfig().to_dict())
             atomic_write_json(out / SWEEP_CONFIG, config.to_dict())
             return resuming
 
@@ -257,7 +280,7 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
             and not rank_parts(out / RECORDS):
         return records
     data = load_dataset(config.dataset, root=data_root, seed=0)
-    test = data[1]
+    test = config.eval_data(data)
     n = min(config.n_eval, len(test))
     x, y = test[:n]
 
@@ -291,7 +314,8 @@ def _sweep(config: SweepConfig, out: Path, records: list[dict[str, Any]], dev: t
             rec = {"lam": lam, "seed": seed, "diversity": config.diversity,
                    "trained_with": tcfg.diversity, "dataset": config.dataset,
                    "arch": config.arch, "members": config.members, "epochs": config.epochs,
-                   "n": n, "eval_seed": config.eval_seed, "surrogate_seed": config.surrogate_seed,
+                   "n": n, "eval_split": config.eval_split, "eval_seed": config.eval_seed,
+                   "surrogate_seed": config.surrogate_seed,
                    **evaluate_point(ens, x, y, config, surrogate_adv, surrogate),
                    **final_test_accuracy(hist[-1]),
                    "train_seconds": sum(h["train_seconds"] for h in hist),

@@ -288,3 +288,28 @@ def test_a_dverge_sweep_runs(tmp_path):
                          "attacks": ("fgsm",), "eps": (0.1,)})
     (rec,) = run_sweep(cfg, tmp_path, progress=False, log=lambda s: None)
     assert rec["trained_with"] == "dverge" and 0 <= rec["gdr"] <= 0.5
+
+
+def test_a_sweep_can_be_judged_on_held_out_training_data(tmp_path):
+    import torch
+
+    from ensdiv.data import load_dataset, validation_split
+    from ensdiv.errors import EnsdivError
+    from ensdiv.io import read_json, read_jsonl
+    from ensdiv.runs.sweep import SweepConfig, run_sweep
+
+    config = SweepConfig(dataset="digits", arch="mlp", members=2, lams=(0.0,), seeds=1,
+                         epochs=1, attacks=("fgsm",), eps=(0.1,), n_eval=20, steps=2,
+                         apgd_steps=2, val_fraction=0.2, eval_split="val")
+    data = load_dataset("digits")
+    x_val = validation_split(data[0], 0.2, seed=0)[1].tensors[0]
+    assert torch.equal(config.eval_data(data).tensors[0], x_val)  # never the test images
+    recs = run_sweep(config, tmp_path / "s", progress=False, log=lambda s: None)
+    assert recs[0]["eval_split"] == "val" and recs[0]["n"] == 20
+    trained = read_json(tmp_path / "s" / "lam0-seed0" / "config.json")
+    assert trained["val_fraction"] == 0.2  # its ensembles never trained on those images
+    assert read_jsonl(tmp_path / "s" / "lam0-seed0" / "metrics.jsonl")[0]["val_n"] == len(x_val)
+    with pytest.raises(EnsdivError, match="needs|give --val-fraction"):
+        SweepConfig(eval_split="val").validate()
+    with pytest.raises(EnsdivError, match="unknown eval split 'train'"):
+        SweepConfig(eval_split="train").validate()
