@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ensdiv.augment import compose, crop_flip, gaussian_noise
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
 from ensdiv.loop import ce_loss, fit
@@ -105,7 +106,8 @@ def test_fit_steps_like_a_hand_written_torch_loop(optim, reference, one_thread):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "step"])
-def test_a_run_killed_mid_schedule_resumes_to_the_same_weights(tmp_path, schedule, one_thread):
+def test_a_run_killed_mid_schedule_and_augmented_resumes_to_the_same_weights(
+        tmp_path, schedule, one_thread):
     train, test = _data(), _data(10)
     optim = Optim(name="sgd", lr=0.05, schedule=schedule, warmup=1,
                   milestones=(2,) if schedule == "step" else (), unit="epoch")
@@ -119,7 +121,8 @@ def test_a_run_killed_mid_schedule_resumes_to_the_same_weights(tmp_path, schedul
 
         try:
             recs = fit(ens, train, test, epochs=4, batch_size=16, seed=2, optim=optim,
-                       out_dir=out, resume=True, progress=False, on_epoch_end=stop)
+                       out_dir=out, resume=True, progress=False, on_epoch_end=stop,
+                       augment=compose(crop_flip(pad=2), gaussian_noise(0.05)))
         except KeyboardInterrupt:
             return None, None
         return ens, recs
