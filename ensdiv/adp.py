@@ -19,7 +19,9 @@ matrix's diagonal before the log-determinant (their numerical safeguard; it also
 defined when M > K − 1) and ``log_offset`` = 1e-20 inside the entropy's log — both kept. The
 log-determinant is ``torch.logdet`` of the (symmetric positive definite) ridged Gram matrix
 rather than the log of a determinant, which is the same value without underflow for equal
-predictions. The authors train one network with M heads; ensdiv applies the loss to any
+predictions. The non-maximal predictions are normalised scale-free, from the logits
+(:func:`non_maximal_directions`): the authors' raw norm underflows for confident members. The
+authors train one network with M heads; ensdiv applies the loss to any
 :class:`~ensdiv.ensemble.Ensemble` of M ≥ 2 members.
 
 Example:
@@ -67,12 +69,36 @@ def ensemble_entropy(probs: Tensor, *, log_offset: float = LOG_OFFSET) -> Tensor
     return -(mean * torch.log(mean + log_offset)).sum(-1)
 
 
-def log_ensemble_diversity(probs: Tensor, y: Tensor, *, det_offset: float = DET_OFFSET) -> Tensor:
+def non_maximal_directions(logits: Tensor, y: Tensor) -> Tensor:
+    """Each member's non-maximal prediction p_i^{\\y} normalised to unit length, [M, B, K − 1],
+    computed scale-free from the logits: p_i^{\\y} is softmax(f_i(x)) without the true class,
+    the same direction as the softmax over the non-true logits alone, which never underflows.
+
+    The authors divide the probabilities by their raw norm; in float32 those probabilities
+    underflow to 0 once a member's margin over every wrong class passes ~100 logits (and their
+    norm loses the direction well before: ensdiv's earlier clamp at 1e-12 did at ~29), so log
+    ED and its gradient went wrong exactly for the confident members ADP trains.
+
+    Example:
+        >>> z = torch.tensor([[[300.0, 1.0, 0.0]]])  # class 0 certain: p^{\\y} underflows
+        >>> non_maximal_directions(z, torch.tensor([0])).squeeze()
+        tensor([0.9385, 0.3453])
+    """
+    m, b, k = logits.shape
+    keep = torch.ones(b, k, dtype=torch.bool, device=logits.device)
+    keep[torch.arange(b, device=logits.device), y] = False
+    q = torch.softmax(logits[:, keep].reshape(m, b, k - 1), dim=-1)  # max entry ≥ 1/(K − 1)
+    return q / q.norm(dim=-1, keepdim=True)
+
+
+def log_ensemble_diversity(logits: Tensor, y: Tensor, *,
+                           det_offset: float = DET_OFFSET) -> Tensor:
     """log ED per input: the log-determinant of the Gram matrix of the members' normalised
-    non-maximal predictions (true class removed), ridged by ``det_offset``.
+    non-maximal predictions (true class removed, :func:`non_maximal_directions`), ridged by
+    ``det_offset``.
 
     Args:
-        probs: member probabilities [M, B, K]; y: labels [B].
+        logits: member logits [M, B, K] (``torch.log`` of probabilities works too); y: [B].
 
     Returns:
         [B]; ≈ 0 (ED = 1) for orthonormal non-maximal predictions, very negative (ED → 0) when
@@ -80,34 +106,29 @@ def log_ensemble_diversity(probs: Tensor, y: Tensor, *, det_offset: float = DET_
 
     Example:
         >>> p = torch.tensor([[[0.5, 0.5, 0.0]], [[0.5, 0.0, 0.5]]])  # true class 0
-        >>> float(log_ensemble_diversity(p, torch.tensor([0]))) < 1e-5
+        >>> float(log_ensemble_diversity(p.log(), torch.tensor([0]))) < 1e-5
         True
     """
-    m, b, k = probs.shape
-    keep = torch.ones(b, k, dtype=torch.bool, device=probs.device)
-    keep[torch.arange(b, device=probs.device), y] = False
-    rest = probs[:, keep].reshape(m, b, k - 1)
-    # a member certain of the true class has no non-maximal mass: its direction is undefined,
-    # and the ridge alone keeps the determinant finite (the authors normalise the same way)
-    unit = rest / rest.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = non_maximal_directions(logits, y)
     gram = torch.einsum("mbk,nbk->bmn", unit, unit)
-    eye = torch.eye(m, dtype=probs.dtype, device=probs.device)
+    eye = torch.eye(logits.shape[0], dtype=logits.dtype, device=logits.device)
     return torch.logdet(gram + det_offset * eye)
 
 
-def adp_regularizer(probs: Tensor, y: Tensor, *, alpha: float = ADP_ALPHA,
+def adp_regularizer(logits: Tensor, y: Tensor, *, alpha: float = ADP_ALPHA,
                     beta: float = ADP_BETA, det_offset: float = DET_OFFSET,
                     log_offset: float = LOG_OFFSET) -> tuple[Tensor, Tensor, Tensor]:
-    """``−α·H(p̄) − β·log ED`` averaged over the batch, with the batch means of H and log ED.
+    """``−α·H(p̄) − β·log ED`` averaged over the batch, with the batch means of H and log ED,
+    from the members' logits [M, B, K].
 
     Example:
-        >>> probs = torch.softmax(torch.randn(3, 5, 10), -1)
-        >>> reg, h, led = adp_regularizer(probs, torch.arange(5))
+        >>> logits = torch.randn(3, 5, 10)
+        >>> reg, h, led = adp_regularizer(logits, torch.arange(5))
         >>> torch.allclose(reg, -2.0 * h - 0.5 * led)
         True
     """
-    h = ensemble_entropy(probs, log_offset=log_offset).mean()
-    led = log_ensemble_diversity(probs, y, det_offset=det_offset).mean()
+    h = ensemble_entropy(torch.softmax(logits, -1), log_offset=log_offset).mean()
+    led = log_ensemble_diversity(logits, y, det_offset=det_offset).mean()
     return -alpha * h - beta * led, h, led
 
 
@@ -138,7 +159,7 @@ def adp_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, alpha: float = ADP_ALP
         raise EnsdivError(f"ADP needs at least 2 members; got {ensemble.num_members}")
     logits = ensemble.member_logits(x)  # [M, B, K]
     ce = torch.stack([F.cross_entropy(z, y) for z in logits])
-    reg, h, led = adp_regularizer(torch.softmax(logits, -1), y, alpha=alpha, beta=beta)
+    reg, h, led = adp_regularizer(logits, y, alpha=alpha, beta=beta)
     stats = {f"ce_{i}": v for i, v in enumerate(ce.detach())}
     stats.update(reg=reg.detach(), entropy=h.detach(), log_ed=led.detach())
     return ce_weight * ce.sum() + reg, stats

@@ -150,7 +150,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
      "entropy (λ is ADP's β) (default: 2, the authors')"),
     ("--trs-smooth", "trs_smooth", float, "λ_b", "with --diversity trs: weight of the "
      "smoothness term, mean squared per-sample input-gradient norm (λ is TRS's λ_a, default "
-     "10) (default: 1.22e-3, the authors' at batch 128)"),
+     "10) (default: 1.22e-3, the authors' script's default at batch 128)"),
     ("--trs-eps", "trs_eps", float, "ε", "with --diversity trs: L∞ radius of the smoothness "
      "points, growing from --trs-eps-start over the epochs; 0: clean inputs only (default: "
      "0.2, the authors' script's)"),

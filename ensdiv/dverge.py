@@ -20,9 +20,11 @@ Where ensdiv follows the authors' code (``zjysteven/DVERGE``, ``distillation.py`
   squared error; members are in the mode the loop put them in (train mode; ensdiv's members have
   no batch statistics, so this changes nothing).
 - **The layer** is drawn anew every epoch, uniformly from 1 … ``num_layers`` of the
-  architecture (:meth:`ensdiv.models.Member.layer_features`, their ResNet-20 numbering for
-  ``resnet20``) — the TRS repository's DVERGE baseline forgot to re-draw it. ensdiv draws it
-  from the run's seed and the epoch (theirs: Python's unseeded ``random``), so a resumed run
+  architecture (:meth:`ensdiv.models.Member.layer_features`: their ResNet-20 numbering for
+  ``resnet20``'s layers 1–19; ensdiv's layer 20 is the pooled features, where the authors'
+  ``get_features`` returns the logits — a departure). (The TRS repository's DVERGE baseline
+  once forgot to re-draw the layer; it was fixed there in 2022.) ensdiv draws it from the run's
+  seed and the epoch (theirs: Python's unseeded ``random``), so a resumed run
   repeats it; ``layer=`` fixes it (their ``--distill-fixed-layer``).
 - **The source batch.** Theirs pairs the training loader with a second, independently shuffled
   pass over the same data. ensdiv's loss sees one batch, so it pairs each image with another

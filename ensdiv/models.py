@@ -110,7 +110,8 @@ class Member(nn.Module):
         conv (+ GroupNorm) blocks and the FC layer), ``resnet20`` and ``resnet20-fixup`` 20 (the
         stem, then two per basic block — the first conv + norm (+ bias), and the block's sum
         before its ReLU — then the pooled features; the numbering of DVERGE's ResNet-20, Yang
-        et al. 2020).
+        et al. 2020, for layers 1–19, whose layer 20 is the logits where ensdiv's is the
+        pooled features).
 
         Example:
             >>> net = build_model("cnn", in_shape=(1, 8, 8), num_classes=10)

@@ -224,6 +224,11 @@ class TrainConfig(JsonConfig):
             if self.members < 2:
                 raise EnsdivError(f"diversity {self.diversity!r} needs at least 2 members; "
                                   f"got {self.members}")
+        if self.diversity == "drt" and sigma == 0:
+            warnings.warn("DRT (Yang et al. 2022) trains on Gaussian-noised inputs (σ 0.25 or "
+                          "0.5) for randomized smoothing; without --noise-sigma this run "
+                          "regularizes margin gradients on clean inputs only", EnsdivWarning,
+                          stacklevel=1)
         eps, steps = self._validate_adversarial(sigma)
         weight = self._validate_transfer(sigma)
         own = self._validate_own(lam)

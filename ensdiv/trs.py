@@ -30,6 +30,13 @@ Smooth-Ensemble``, ``train/Empirical/trainer.py``):
   steps do not see the 1/B² factor).
 - The PGD points are computed only for the second half of the batch and their gradients joined
   to the clean half's (theirs recomputes the clean half: the same numbers).
+- Each PGD sign step follows the gradient at the current point. The authors' loop never
+  clears ``adv.grad`` between steps, so their step follows the running sum of every gradient
+  so far; ensdiv keeps the textbook step and says so here.
+- ``TRS_LAM``, ``TRS_SMOOTH`` and ``TRS_EPS`` are their *script's* argparse defaults (flags it
+  marks required, so never used as such); the CIFAR-10 values a maintainer gave in the
+  repository's issue #1 (λ_a 40, λ_b 2.5, radius 0.01 → 0.03) are the ``trs-cifar10`` recipe
+  (:mod:`ensdiv.recipes`; ``--trs-eps-start`` sets the first epoch's radius).
 - The schedule uses the 1-based epoch e of ``epochs``: ε_e = eps_start + (eps − eps_start)·(e −
   1)/epochs, theirs with their 0-based epoch. ``eps=0`` evaluates R at the clean batch only.
 

@@ -367,3 +367,16 @@ def test_an_old_run_folder_without_the_recipe_settings_still_resumes(tmp_path, o
     _, recs = train_run(dataclasses.replace(config, epochs=2), out_dir=tmp_path / "old",
                         resume=True, progress=False)
     assert [r["epoch"] for r in recs] == [1, 2]
+
+
+def test_drt_without_its_noise_is_said_once():
+    import warnings
+
+    from ensdiv.errors import EnsdivWarning
+    from ensdiv.training import TrainConfig
+
+    with pytest.warns(EnsdivWarning, match="DRT .* trains on Gaussian-noised inputs"):
+        TrainConfig(diversity="drt").validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EnsdivWarning)
+        TrainConfig(diversity="drt", noise_sigma=0.25).validate()
