@@ -29,6 +29,7 @@ from ensdiv.cli_options import (
     EVALUATE_OPTIONS,
     SWEEP_OPTIONS,
     TRAIN_OPTIONS,
+    TUNE_OPTIONS,
     Formatter,
     Parser,
     add_certify_flags,
@@ -90,6 +91,7 @@ from ensdiv.runs.rundir import (
 )
 from ensdiv.runs.sweep import SweepConfig, run_sweep
 from ensdiv.runs.train import epoch_line, train_run
+from ensdiv.runs.tune import CHOSEN, TUNE_CONFIG, TuneConfig, tune_into
 from ensdiv.runtime import available_cores, resolve_device, set_threads
 from ensdiv.training import (
     TrainConfig,
@@ -203,6 +205,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         device=device, data_root=args.data_root, progress=not args.quiet,
                         log=lambda line: print(line, file=args.rank_stdout, flush=True))
     print(f"{len(records)} records in {Path(args.out) / RECORDS}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``ensdiv tune --out DIR``: each method's declared grid on the validation split, and the
+    declared rule's choice in DIR/chosen.json."""
+    args.resume_hint = f"ensdiv tune --out {args.out} --resume"
+    config = resolve_config(TuneConfig, given_options(args, TUNE_OPTIONS), args.out,
+                            resume=args.resume, config_name=TUNE_CONFIG,
+                            command="ensdiv tune").validate()
+    device = _setup(args)
+    chosen = tune_into(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                       device=device, data_root=args.data_root, progress=not args.quiet,
+                       log=lambda line: print(line, flush=True))
+    print(f"\nplain validation accuracy {chosen['plain_val_acc']:.4f}; rule: {chosen['rule']} "
+          f"(tolerance {chosen['tolerance']:g})")
+    for method, c in chosen["chosen"].items():
+        print(f"  {method}: {c['point']} {c['settings']} (val acc {c['val_acc']:.4f}, transfer "
+              f"{c['transfer']:.3f}, APGD-CE acc {c['whitebox_acc']:.3f})")
+    for method, why in chosen["rejected"].items():
+        print(f"  {method}: none chosen — {why}")
+    print(f"choice in {Path(args.out) / CHOSEN}")
     return 0
 
 
@@ -390,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     add_training_speed(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = add("tune", "the fair tuning protocol: each method's declared grid (radii scaled to "
+                    "--eps) trained once and judged on held-out training data only; the "
+                    "declared rule's choice in chosen.json; resumable")
+    add_config_options(p, TUNE_OPTIONS, TuneConfig())
+    add_out_options(p, "tuning folder (tune.json, records.jsonl, chosen.json, one run folder "
+                       "per grid point)", "continue the tuning in --out with its saved settings")
+    add_common(p)
+    p.set_defaults(func=cmd_tune)
 
     p = add("detect", "detect adversarial inputs by member disagreement, judged against "
                       "transfer, white-box and adaptive attacks; resumable")

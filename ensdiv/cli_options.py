@@ -38,6 +38,7 @@ from ensdiv.training import (
     DEFAULT_LAM,
     DIVERSITY_CHOICES,
 )
+from ensdiv.tuning import METHODS as TUNE_METHODS
 
 Option = tuple[str, str, Callable[[str], Any], str | None, str]
 """(flag, config field, type, metavar, help) of an option that sets a config field."""
@@ -228,6 +229,29 @@ DETECT_OPTIONS: tuple[Option, ...] = (
     ("--seed", "seed", int, None, "seed of the attacks' random starts"),
 )
 
+
+TUNE_OPTIONS: tuple[Option, ...] = (
+    ("--dataset", "dataset", str, choices(DATASETS), "data set"),
+    ("--arch", "arch", str, choices(ARCHS), "member architecture"),
+    ("--members", "members", int, "M", "ensemble size M"),
+    ("--methods", "methods", name_list, "M1,M2,...", "methods whose declared grids run, from: "
+     + ", ".join(TUNE_METHODS)),
+    ("--epochs", "epochs", int, None, "training epochs of every grid point"),
+    ("--batch-size", "batch_size", int, None, "training batch size"),
+    ("--lr", "lr", float, None, "learning rate"),
+    ("--seed", "seed", int, None, "the one training seed of every point"),
+    ("--val-fraction", "val_fraction", float, "F", "share of the training split held out as "
+     "the validation split the proxies are measured on"),
+    ("--val-seed", "val_seed", int, None, "seed of the validation split"),
+    ("--eps", "eps", float, "ε", "L∞ radius the methods' training radii are scaled to (the "
+     "evaluation's) and the proxies are measured at"),
+    ("--n", "n", int, None, "validation images the proxies attack"),
+    ("--transfer-steps", "transfer_steps", int, None, "PGD steps of the transfer examples"),
+    ("--apgd-steps", "apgd_steps", int, None, "APGD-CE steps of the white-box proxy"),
+    ("--eval-seed", "eval_seed", int, None, "seed of the proxies' attacks"),
+    ("--tolerance", "tolerance", float, None, "the rule: clean validation accuracy at least "
+     "the plain ensemble's minus this"),
+)
 
 COMPARE_OPTIONS: tuple[Option, ...] = (
     ("--eps", "eps", float, "ε", "L∞ radius of every attack"),
