@@ -238,7 +238,9 @@ TUNE_OPTIONS: tuple[Option, ...] = (
      + ", ".join(TUNE_METHODS)),
     ("--epochs", "epochs", int, None, "training epochs of every grid point"),
     ("--batch-size", "batch_size", int, None, "training batch size"),
-    ("--lr", "lr", float, None, "learning rate"),
+    ("--lr", "lr", float, None, "learning rate (Adam), the schedule's peak"),
+    ("--schedule", "schedule", str, choices(SCHEDULES), "learning-rate schedule of every "
+     "point (step needs milestones: use ensdiv train for it)"),
     ("--seed", "seed", int, None, "the one training seed of every point"),
     ("--val-fraction", "val_fraction", float, "F", "share of the training split held out as "
      "the validation split the proxies are measured on"),

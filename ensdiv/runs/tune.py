@@ -62,7 +62,8 @@ RULE = ("per method, the grid point with the lowest mean member → member trans
 @dataclasses.dataclass(frozen=True)
 class TuneConfig(JsonConfig):
     """Settings of a tuning run: what is trained (data set, architecture, members, epochs,
-    batch, learning rate, seed — one seed for every point), the validation split
+    batch, learning rate and its decaying ``schedule``, seed — one seed for every point), the
+    validation split
     (``val_fraction``, ``val_seed``), the methods whose grids run (:data:`ensdiv.tuning.GRIDS`),
     the threat model the radii are scaled to and the proxies measured at (``eps``), the proxies'
     budgets and inputs (``n``, ``transfer_steps``, ``apgd_steps``, ``eval_seed``) and the rule's
@@ -75,6 +76,7 @@ class TuneConfig(JsonConfig):
     epochs: int = 3
     batch_size: int = 128
     lr: float = DEFAULT_LR
+    schedule: str = "cosine"
     seed: int = 0
     val_fraction: float = 0.1
     val_seed: int = 0
@@ -120,7 +122,8 @@ class TuneConfig(JsonConfig):
         """The training run of one point: these settings with the point's own."""
         return TrainConfig(dataset=self.dataset, arch=self.arch, members=self.members,
                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                           seed=self.seed, val_fraction=self.val_fraction,
+                           schedule=self.schedule, seed=self.seed,
+                           val_fraction=self.val_fraction,
                            val_seed=self.val_seed, **settings)
 
 
