@@ -277,7 +277,8 @@ def fetch_dataset(name: str, root: str | os.PathLike | None = None, *, force: bo
                 raise EnsdivError(f"{raw} holds a damaged or different {name} ({e}); move it "
                                   "away, or fetch again with force (--force) to replace it"
                                   ) from None
-            say(f"{name}: {raw} fails the check ({e}); replacing it")
+            say(f"{name}: {raw} fails the check ({e}); replacing {raw} only (the rest of "
+                f"{target} stays as it is)")
     try:
         base.mkdir(parents=True, exist_ok=True)
         for stale in base.glob(f".fetch-{source.folder}-*"):  # left by a killed fetch
@@ -302,7 +303,8 @@ def fetch_dataset(name: str, root: str | os.PathLike | None = None, *, force: bo
                     f.write(to_idx(array))
                     f.flush()
                     os.fsync(f.fileno())
-            _swap_in(staging / source.folder, target)
+            target.mkdir(parents=True, exist_ok=True)
+            _swap_in(new, raw)  # only raw/: the user's other files beside it are never touched
         except OSError as e:
             raise os_error("write", target, e) from None
     finally:

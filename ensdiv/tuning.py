@@ -9,7 +9,8 @@ model, and a declared rule that picks one setting per method from validation dat
   DVERGE 0.233 and TRS 0.033 → 0.1 (the TRS authors' own MNIST-scale DVERGE baseline uses
   0.35). The grid then spans half and twice the rule's radius.
 - **The grids** (:data:`GRIDS`): λ over a factor of 20 for the gradient regularizers, ADP's β,
-  TRS's λ_a and radius, DVERGE's radius — small enough to run on 2 CPU cores.
+  TRS's λ_a and radius, DVERGE's radius — small enough to run on 2 CPU cores; DRT always
+  trains with its Gaussian noise (:data:`FIXED`).
 - **The selection rule** (:func:`select`): per method, among the grid points whose clean
   validation accuracy is within ``tolerance`` (1 point) of the plain ensemble's, the one with
   the lowest mean member → member transfer on the validation split; ties go to the higher
@@ -51,6 +52,10 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
 
 METHODS: tuple[str, ...] = tuple(GRIDS)
 
+FIXED: dict[str, dict[str, Any]] = {"drt": {"noise_sigma": 0.25}}
+"""Settings a method always trains with: DRT on Gaussian-noised inputs (σ 0.25, its paper's
+smaller noise level)."""
+
 
 def scaled_radius(method: str, eps: float) -> float:
     """The training radius the rule gives ``method`` for an evaluation at L∞ ``eps``.
@@ -78,7 +83,7 @@ def grid_points(method: str, eps: float) -> list[dict[str, Any]]:
     names = list(grid)
     points = []
     for values in itertools.product(*(grid[n] for n in names)):
-        p: dict[str, Any] = {"diversity": method}
+        p: dict[str, Any] = {"diversity": method, **FIXED.get(method, {})}
         for name, v in zip(names, values, strict=True):
             if name == "lam":
                 p["lam"] = v

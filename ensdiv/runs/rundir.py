@@ -98,7 +98,7 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
         >>> with run_lock(d):
         ...     pass
     """
-    folder = Path(folder)
+    folder = checked_out(folder)
     if not distributed.is_main():
         yield folder
         return
@@ -150,7 +150,9 @@ def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, confi
       failed while loading its data) is simply started again, whatever its config;
     - a folder holding a started ``kind`` is continued only with ``resume`` and a config equal
       but for the ``resumable`` keys; any other difference is an error listing it;
-    - ``overwrite`` empties the folder first; a non-empty folder holding no ``kind`` is refused;
+    - ``overwrite`` empties a folder holding a ``kind`` (its config file) first; a non-empty
+      folder holding no ``kind`` is refused, with or without ``overwrite``: ensdiv never
+      deletes files it did not write;
     - a setting the saved config does not have (a folder written before the setting existed)
       is no difference when its value is the one ``added`` gives it (the setting's default).
 
@@ -168,12 +170,16 @@ def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, confi
     """
     if resume and overwrite:
         raise EnsdivError("--resume and --overwrite exclude each other")
-    out = Path(out_dir)
+    out = checked_out(out_dir)
     if out.exists() and not out.is_dir():
         raise EnsdivError(f"{out} exists and is not a folder")
     cfg_path = out / config_name
     if not out.exists():
         return False
+    if overwrite and not cfg_path.exists() and _entries(out):
+        raise EnsdivError(f"{out} is not empty and holds no ensdiv {kind}; --overwrite only "
+                          f"replaces an ensdiv {kind}'s own folder (it never deletes other "
+                          "files): choose another --out")
     if overwrite:
         for p in _entries(out):
             if p.is_dir() and not p.is_symlink():
@@ -202,8 +208,23 @@ def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, confi
         return True
     if _entries(out):
         raise EnsdivError(f"{out} is not empty and holds no ensdiv {kind}; choose another "
-                          "--out or pass --overwrite")
+                          "--out (an empty or new folder)")
     return False
+
+
+def checked_out(folder: str | os.PathLike) -> Path:
+    """``folder`` as a path, or one :class:`EnsdivError` if it is empty or blank: ``--out ''``
+    would otherwise mean the current folder.
+
+    Example:
+        >>> checked_out(" ")
+        Traceback (most recent call last):
+        ...
+        ensdiv.errors.EnsdivError: --out must name a folder; got an empty name
+    """
+    if not str(folder).strip():
+        raise EnsdivError("--out must name a folder; got an empty name")
+    return Path(folder)
 
 
 _C = TypeVar("_C", bound=JsonConfig)

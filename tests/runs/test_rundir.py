@@ -130,3 +130,35 @@ def test_load_run_checks_the_data_fits(tmp_path):
         load_run(tmp_path, dataset="mnist5k")
     with pytest.raises(EnsdivError, match="unknown dataset 'imagenet'"):
         load_run(tmp_path, dataset="imagenet")
+
+
+def test_overwrite_never_deletes_files_ensdiv_did_not_write(tmp_path):
+    kw = {"config_name": "c.json", "resume": False}
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "thesis.tex").write_text("years of work")
+    for overwrite in (False, True):
+        with pytest.raises(EnsdivError, match="holds no ensdiv run") as e:
+            prepare_run_dir(stray, {"a": 1}, started=lambda p: False, overwrite=overwrite, **kw)
+        assert "pass --overwrite" not in str(e.value)  # never advised where it would delete
+    assert (stray / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--dataset", "digits", "--arch", "mlp", "--epochs", "1"],
+    ["sweep", "--dataset", "digits"], ["tune", "--dataset", "digits"],
+    ["compare", "RUN"], ["detect", "RUN"], ["certify", "RUN", "--sigma", "0.25"],
+    ["evaluate", "RUN"]])
+@pytest.mark.parametrize("out", ["", "  "])
+def test_an_empty_out_is_refused_everywhere_and_touches_nothing(tmp_path, monkeypatch, capsys,
+                                                                command, out):
+    from ensdiv.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("x")
+    argv = [str(tmp_path / "run") if a == "RUN" else a for a in command]
+    for extra in ([], ["--overwrite"]):
+        assert main([*argv, "--out", out, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ensdiv: error:") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # no lock, nothing gone
