@@ -51,7 +51,7 @@ from ensdiv.card import (
     describe_surrogate,
 )
 from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError, check_choice, check_input
+from ensdiv.errors import EnsdivError, check_choice, check_eps, check_input
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import strict_json
@@ -125,9 +125,7 @@ def check_card_inputs(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
                           "members; got " + (f"{ensemble.num_members} member"
                                              if isinstance(ensemble, Ensemble)
                                              else type(ensemble).__name__))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-            math.isfinite(eps) and 0 < eps <= 1):
-        raise EnsdivError(f"eps must be a number in (0, 1] (pixels are in [0, 1]); got {eps!r}")
+    check_eps("eps", eps)
     if not aggregations:
         raise EnsdivError(f"give at least one aggregation rule of {', '.join(AGGREGATIONS)}")
     for rule in aggregations:

@@ -77,6 +77,26 @@ def check_real(name: str, value: object, *, minimum: float | None = None,
     return v
 
 
+def check_eps(name: str, value: object) -> float:
+    """An L∞ radius on images in [0, 1]: a finite number in (0, 1], or one
+    :class:`EnsdivError` (0 would attack nothing, above 1 everything) — the one check every
+    command's ε goes through.
+
+    Example:
+        >>> check_eps("--eps", 0.1)
+        0.1
+        >>> check_eps("--eps", 2)
+        Traceback (most recent call last):
+        ...
+        ensdiv.errors.EnsdivError: --eps must be a number in (0, 1] (pixels are in [0, 1]); got 2
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(float(value)) and 0 < float(value) <= 1):
+        raise EnsdivError(f"{name} must be a number in (0, 1] (pixels are in [0, 1]); got "
+                          f"{value!r}")
+    return float(value)
+
+
 def check_int(name: str, value: object, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an integer ≥ ``minimum`` (bools are not integers here).
 

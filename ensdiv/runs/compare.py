@@ -39,7 +39,7 @@ import torch
 from ensdiv.card import CardBudget
 from ensdiv.card_stages import card_transfer, card_whitebox
 from ensdiv.certification import certified_summary, certify_dataset
-from ensdiv.errors import EnsdivError, check_int, check_real
+from ensdiv.errors import EnsdivError, check_eps, check_int, check_real
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import (
@@ -92,7 +92,7 @@ class CompareConfig(JsonConfig):
 
     def validate(self) -> CompareConfig:
         """Check every field; one clear :class:`EnsdivError` for the first bad one."""
-        check_real("eps", self.eps, minimum=0, strict=True)
+        check_eps("--eps", self.eps)
         if self.eps > 1:
             raise EnsdivError(f"eps must be at most 1 (pixels are in [0, 1]); got {self.eps:g}")
         for name in ("steps", "apgd_steps", "mora_steps", "square_queries", "n_eval", "cert_n0",
@@ -191,9 +191,20 @@ def compare_into(runs: Sequence[tuple[str, str | Path]], config: CompareConfig,
                  log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """The driver behind ``ensdiv compare``: prepare ``out_dir`` (settings in
     ``compare.json``, a lock, the folder rules) and :func:`compare_runs` into it. Runs may be
-    added on resume; each record names its run."""
+    added on resume; each record names its run. Runs of different data sets are refused: the
+    comparison's numbers are on the same images or not at all."""
     config = config.validate()
     runs = [(label, ensemble_path(run).parent) for label, run in runs]
+    datasets = {}
+    for label, run in runs:
+        saved = read_json(run / CONFIG, what="run config",
+                          fix="compare run folders made by ensdiv train")
+        datasets.setdefault(saved.get("dataset"), []).append(label)
+    if len(datasets) > 1:
+        raise EnsdivError("ensdiv compare measures every run on the same images, but these "
+                          "runs were trained on different data sets: " + "; ".join(
+                              f"{d}: {', '.join(labels)}" for d, labels in datasets.items())
+                          + " (compare each data set's runs separately)")
     settings = config.to_dict()
     with run_lock(out_dir) as out:
         prepare_run_dir(out, settings, config_name=COMPARE_CONFIG, resume=resume,

@@ -45,7 +45,7 @@ from ensdiv.disagreement import (
     evaluate_detector,
 )
 from ensdiv.ensemble import Ensemble, weights_fingerprint
-from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
+from ensdiv.errors import EnsdivError, check_choice, check_eps, check_int, check_real, check_unique
 from ensdiv.io import (
     JsonConfig,
     atomic_write_json,
@@ -90,7 +90,7 @@ class DetectConfig(JsonConfig):
 
     def validate(self) -> DetectConfig:
         """Check every field; one :class:`EnsdivError` naming the first bad one."""
-        check_real("eps", self.eps, minimum=0)
+        check_eps("--eps", self.eps)
         check_int("steps", self.steps)
         if not self.scores:
             raise EnsdivError(f"scores needs at least one of: {', '.join(SCORE_NAMES)}")

@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable
@@ -50,14 +49,14 @@ from ensdiv.card_stages import (
 from ensdiv.certification import certified_summary, certify_dataset
 from ensdiv.data import load_dataset
 from ensdiv.ensemble import Ensemble, weights_fingerprint
-from ensdiv.errors import EnsdivError, check_choice, check_int, check_real
+from ensdiv.errors import EnsdivError, check_choice, check_eps, check_int, check_real
 from ensdiv.io import (
     JsonConfig,
     atomic_write_json,
     atomic_write_text,
     read_json,
 )
-from ensdiv.loop import CHECKPOINT, ENSEMBLE
+from ensdiv.loop import CHECKPOINT, ENSEMBLE, finished_epochs
 from ensdiv.runs.records import train_cost
 from ensdiv.runs.report import card_markdown
 from ensdiv.runs.rundir import (
@@ -124,10 +123,7 @@ class EvaluateConfig(JsonConfig):
         """Check every field; one :class:`EnsdivError` for the first bad one."""
         if not self.run:
             raise EnsdivError("a run folder to evaluate is needed (RUN)")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
-                math.isfinite(self.eps) and 0 < self.eps <= 1):
-            raise EnsdivError(f"--eps must be a number in (0, 1] (pixels are in [0, 1]); got "
-                              f"{self.eps!r}")
+        check_eps("--eps", self.eps)
         check_int("--n", self.n)
         if not self.aggregations:
             raise EnsdivError(f"--aggregation needs at least one of {', '.join(AGGREGATIONS)}")
@@ -172,13 +168,19 @@ def plain_surrogate(config: TrainConfig, *, cache: Path, data_root: str | None =
                     device: str | torch.device = "cpu", progress: bool = False,
                     log: Callable[[str], None] = print) -> Path:
     """The run folder of the cached plain surrogate ``config`` describes, trained first if it is
-    not there yet (resuming a killed training from its checkpoint)."""
+    not there yet (resuming a killed training from its checkpoint). An entry counts only once
+    every epoch is done: a killed training leaves an ``ensemble.pt`` of its last finished epoch,
+    which no card may take for the finished surrogate."""
     folder = (cache / "surrogates" / f"{config.dataset}-{config.arch}-m{config.members}-"
               f"e{config.epochs}-b{config.batch_size}-lr{config.lr:g}-seed{config.seed}")
-    if (folder / ENSEMBLE).is_file():
+
+    def complete(path: Path) -> bool:
+        return (path / ENSEMBLE).is_file() and finished_epochs(path) >= config.epochs
+
+    if complete(folder):
         return folder
     with run_lock(folder) as out:
-        if not (out / ENSEMBLE).is_file():
+        if not complete(out):
             log(f"training the plain surrogate once into {out} ({config.epochs} epochs)")
             atomic_write_json(out / CONFIG, config.to_dict())
             train(config, load_dataset(config.dataset, root=data_root), device=device,

@@ -213,8 +213,8 @@ def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, confi
 
 
 def checked_out(folder: str | os.PathLike) -> Path:
-    """``folder`` as a path, or one :class:`EnsdivError` if it is empty or blank: ``--out ''``
-    would otherwise mean the current folder.
+    """``folder`` as a path, or one :class:`EnsdivError` if it is empty or blank (``--out ''``
+    would otherwise mean the current folder) or names an existing file.
 
     Example:
         >>> checked_out(" ")
@@ -224,7 +224,10 @@ def checked_out(folder: str | os.PathLike) -> Path:
     """
     if not str(folder).strip():
         raise EnsdivError("--out must name a folder; got an empty name")
-    return Path(folder)
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise EnsdivError(f"--out {path} is a file, not a folder; choose another --out")
+    return path
 
 
 _C = TypeVar("_C", bound=JsonConfig)

@@ -40,7 +40,7 @@ from ensdiv.distributed import (
     shard,
 )
 from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
+from ensdiv.errors import EnsdivError, check_choice, check_eps, check_int, check_real, check_unique
 from ensdiv.gdr import gradient_diversity
 from ensdiv.gradients import input_gradients
 from ensdiv.io import JsonConfig, atomic_write_json, atomic_write_jsonl, round_floats, utc_now
@@ -126,7 +126,7 @@ class SweepConfig(JsonConfig):
         if not self.eps:
             raise EnsdivError("eps needs at least one value")
         for e in self.eps:
-            check_real("eps", e, minimum=0)
+            check_eps("--eps", e)
         check_unique("eps", self.eps)
         check_int("steps", self.steps)
         check_int("apgd steps", self.apgd_steps)

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from ensdiv.attacks import apgd
 from ensdiv.card import CardBudget
 from ensdiv.card_stages import card_transfer
 from ensdiv.data import load_dataset, validation_split
-from ensdiv.errors import EnsdivError, check_choice, check_int, check_real, check_unique
+from ensdiv.errors import EnsdivError, check_choice, check_eps, check_int, check_real, check_unique
 from ensdiv.io import (
     JsonConfig,
     atomic_write_json,
@@ -97,10 +96,7 @@ class TuneConfig(JsonConfig):
         for m in self.methods:
             check_choice("method", m, METHODS)
         check_unique("methods", self.methods)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
-                math.isfinite(self.eps) and 0 < self.eps <= 1):
-            raise EnsdivError(f"--eps must be a number in (0, 1] (pixels are in [0, 1]); got "
-                              f"{self.eps!r}")
+        check_eps("--eps", self.eps)
         for f in ("n", "transfer_steps", "apgd_steps"):
             check_int("--" + f.replace("_", "-"), getattr(self, f))
         check_int("--eval-seed", self.eval_seed, minimum=0)

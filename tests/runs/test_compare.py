@@ -72,7 +72,8 @@ def test_compare_records_every_number_and_resumes(runs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--eps", "0"], "eps must be positive"),
+    (["--eps", "0"], "--eps must be a number in (0, 1]"),
+    (["--eps", "2"], "--eps must be a number in (0, 1]"),
     (["--radii", "-1"], "radius must be"),
     (["--labels", "a"], "--labels names 1 runs but 2 were given"),
     (["--labels", "a,a"], "labels must differ"),
@@ -83,6 +84,16 @@ def test_bad_settings_are_one_line_errors(runs, tmp_path, capsys, extra, message
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_runs_of_different_data_sets_are_refused(runs, tmp_path, capsys):
+    train_run(TrainConfig(dataset="mnist5k", arch="mlp", members=2, epochs=1),
+              out_dir=tmp_path / "m5k", progress=False)
+    assert main(["compare", str(runs / "plain"), str(tmp_path / "m5k"), "--out",
+                 str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "trained on different data sets: digits: plain; mnist5k: m5k" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 def test_config_validation():

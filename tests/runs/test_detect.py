@@ -65,8 +65,9 @@ def test_config_validation():
         DetectConfig(scores=("entropy",)).validate()
     with pytest.raises(EnsdivError, match="scores lists 'js_divergence' twice"):
         DetectConfig(scores=("js_divergence", "js_divergence")).validate()
-    with pytest.raises(EnsdivError, match="eps must be a finite number"):
-        DetectConfig(eps=float("nan")).validate()
+    for eps in (float("nan"), 0.0, 2.0):  # detect --eps 0 once ran to the end (AUROC nan)
+        with pytest.raises(EnsdivError, match=r"--eps must be a number in \(0, 1\]"):
+            DetectConfig(eps=eps).validate()
     with pytest.raises(EnsdivError, match=r"fpr must be in \(0, 1\)"):
         DetectConfig(fpr=1.0).validate()
     with pytest.raises(EnsdivError, match="unknown agreement target"):

@@ -212,3 +212,22 @@ def test_card_table_counts_what_mora_and_square_added():
     row = card_table([card]).splitlines()[-1]
     assert row == ("| g | mnist5k | 0.3 | vote | 0.900 | 0.200 ± 0.020 | 0.300 ± 0.020 | "
                    "4 + — | — | 0.250 | — | 1 |")
+
+
+def test_a_cached_surrogate_killed_mid_training_is_finished_before_any_card_uses_it(tmp_path):
+    import dataclasses
+
+    from ensdiv.data import load_dataset
+    from ensdiv.loop import finished_epochs
+    from ensdiv.training import train
+
+    config = TrainConfig(dataset="digits", arch="mlp", members=2, epochs=2,
+                         seed=ev.SURROGATE_SEED).validate()
+    name = ev.plain_surrogate(config, cache=tmp_path / "full", log=lambda s: None).name
+    killed = tmp_path / "killed" / "surrogates" / name
+    # what a training killed after its first epoch leaves: ensemble.pt of epoch 1 of 2
+    train(dataclasses.replace(config, epochs=1), load_dataset("digits"), out_dir=killed,
+          progress=False)
+    assert (killed / "ensemble.pt").is_file() and finished_epochs(killed) == 1
+    folder = ev.plain_surrogate(config, cache=tmp_path / "killed", log=lambda s: None)
+    assert folder == killed and finished_epochs(killed) == 2

@@ -162,3 +162,14 @@ def test_an_empty_out_is_refused_everywhere_and_touches_nothing(tmp_path, monkey
         err = capsys.readouterr().err
         assert err.startswith("ensdiv: error:") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # no lock, nothing gone
+
+
+def test_an_out_that_is_a_file_is_named_as_one(tmp_path, capsys):
+    from ensdiv.cli import main
+
+    path = tmp_path / "notes.txt"
+    path.write_text("x")
+    assert main(["train", "--dataset", "digits", "--out", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {path} is a file, not a folder" in err and "File exists" not in err
+    assert path.read_text() == "x"
