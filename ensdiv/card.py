@@ -186,13 +186,16 @@ def assemble_card(ensemble: Ensemble, *, eps: float, n: int, budget: CardBudget,
                   certified: dict[str, Any] | None = None,
                   seconds: dict[str, float] | None = None, name: str = "ensemble",
                   run: str | None = None, dataset: str | None = None,
-                  train_seconds: float | None = None) -> Card:
+                  train_seconds: float | None = None,
+                  trained_epochs: int | None = None) -> Card:
     """The :class:`Card` made of finished stages (of :mod:`ensdiv.card_stages`): ``whitebox``
     maps each rule, the headline first, to its ``card_whitebox``; ``members``, ``transfer``,
     ``gradients`` and ``surrogate_transfer`` (rule → transfer) are ``card_members``,
     ``card_transfer``, ``card_gradients`` and ``card_surrogate``; ``surrogate`` is
     :func:`describe_surrogate`; ``seconds`` each stage's wall time. ``dataset`` defaults to the
-    one in the ensemble's config. What ``ensdiv evaluate`` calls once its stages are saved.
+    one in the ensemble's config. ``trained_epochs``: the epochs the run actually finished
+    (when fewer than its config's, the card records those and warns that the run is
+    unfinished). What ``ensdiv evaluate`` calls once its stages are saved.
     """
     evaluations = [{**w, "surrogate": None if surrogate_transfer is None
                     else surrogate_transfer[rule]} for rule, w in whitebox.items()]
@@ -200,6 +203,14 @@ def assemble_card(ensemble: Ensemble, *, eps: float, n: int, budget: CardBudget,
     zero = gradients["zero_grad_fraction"]
     config = getattr(ensemble, "config", None) or {}
     seconds = dict(seconds or {})
+    training = {**{k: config.get(k) for k in TRAINING_KEYS if k in config},
+                "seconds": train_seconds}
+    unfinished = []
+    planned = config.get("epochs")
+    if trained_epochs is not None and planned is not None and trained_epochs < planned:
+        training.update(epochs=trained_epochs, epochs_planned=planned)
+        unfinished = [f"the run finished {trained_epochs} of its {planned} epochs: an "
+                      "unfinished ensemble (resume its training before citing this card)"]
     return Card(
         name=name, dataset=dataset or config.get("dataset"), eps=eps, n=n,
         aggregation=head["aggregation"], clean_acc=head["clean_acc"],
@@ -213,12 +224,11 @@ def assemble_card(ensemble: Ensemble, *, eps: float, n: int, budget: CardBudget,
         transfer=transfer,
         **{k: v for k, v in gradients.items() if k != "zero_grad_fraction"},
         zero_grad_fraction=zero, surrogate=surrogate, certified=certified,
-        warnings=zero_grad_warning(zero) + [f"{e['aggregation']}: {w}" for e in evaluations
-                                            for w in e["warnings"]],
+        warnings=unfinished + zero_grad_warning(zero)
+        + [f"{e['aggregation']}: {w}" for e in evaluations for w in e["warnings"]],
         seconds={**seconds, "total": sum(seconds.values())},
         run=run, weights_fingerprint=weights_fingerprint(ensemble),
-        training={**{k: config.get(k) for k in TRAINING_KEYS if k in config},
-                  "seconds": train_seconds},
+        training=training,
         reported=utc_now(), ensdiv_version=__version__)
 
 

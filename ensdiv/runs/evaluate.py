@@ -56,7 +56,7 @@ from ensdiv.io import (
     atomic_write_text,
     read_json,
 )
-from ensdiv.loop import CHECKPOINT, ENSEMBLE, finished_epochs
+from ensdiv.loop import CHECKPOINT, ENSEMBLE, finished_epochs, read_metrics
 from ensdiv.runs.records import train_cost
 from ensdiv.runs.report import card_markdown
 from ensdiv.runs.rundir import (
@@ -281,7 +281,8 @@ def write_card(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: bo
                                                                         config.surrogate),
             certified=certified, seconds=seconds, name=config.name or Path(config.run).name,
             run=config.run, dataset=dataset,
-            train_seconds=training_seconds(loaded.path.parent))
+            train_seconds=training_seconds(loaded.path.parent),
+            trained_epochs=_trained_epochs(loaded.path.parent))
         atomic_write_json(out / CARD, card.to_dict())
         atomic_write_text(out / CARD_MARKDOWN, card_markdown(card))
     return card
@@ -295,6 +296,15 @@ def training_seconds(folder: Path) -> float | None:
     except EnsdivError:
         return None
     return cost["train_seconds"] if cost["epochs"] else None
+
+
+def _trained_epochs(folder: Path) -> int | None:
+    """Epochs the run folder's metrics record as finished (None for an ensemble file alone)."""
+    try:
+        metrics = read_metrics(folder)
+    except EnsdivError:
+        return None
+    return metrics[-1]["epoch"] if metrics else None
 
 
 def _certified(ens: Ensemble, test: Any, config: EvaluateConfig, parts: Path,

@@ -231,3 +231,18 @@ def test_a_cached_surrogate_killed_mid_training_is_finished_before_any_card_uses
     assert (killed / "ensemble.pt").is_file() and finished_epochs(killed) == 1
     folder = ev.plain_surrogate(config, cache=tmp_path / "killed", log=lambda s: None)
     assert folder == killed and finished_epochs(killed) == 2
+
+
+def test_a_card_of_an_unfinished_run_says_so(tmp_path):
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    config = TrainConfig(dataset="digits", arch="mlp", members=2, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, out_dir=tmp_path / "run", progress=False,
+                  on_epoch_end=stop_after_first)
+    card = write_card(tiny(tmp_path / "run"), tmp_path / "card", log=lambda s: None)
+    assert card.training["epochs"] == 1 and card.training["epochs_planned"] == 3
+    assert "the run finished 1 of its 3 epochs" in card.warnings[0]
+    assert "the run finished 1 of its 3 epochs" in (tmp_path / "card" / "card.md").read_text()
