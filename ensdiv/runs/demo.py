@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from ensdiv.ensemble import Ensemble
 from ensdiv.gdr import ensemble_gdr
 from ensdiv.smoothing import Smooth, max_certifiable_radius
 from ensdiv.training import TrainConfig, train
+from ensdiv.transferability import transfer_matrix
 
 
 def fmt_acc(values: Sequence[float]) -> str:
@@ -34,7 +36,11 @@ DEMO_RUNS: tuple[tuple[str, str, float], ...] = (("plain", "none", 0.0), ("GAL",
 """(label, diversity, λ) of the demo's two ensembles."""
 
 DEMO_EPS = 0.3
-"""L∞ radius of the demo's attacks on the 8×8 digits."""
+"""L∞ radius of the demo's detection attacks on the 8×8 digits."""
+
+TRANSFER_EPS, TRANSFER_STEPS, TRANSFER_N = 0.1, 10, 200
+"""The demo's transfer line: full-budget PGD (last iterate) at this L∞ radius and steps, on
+the first n test images."""
 
 
 def demo_report(epochs: int = 8, seed: int = 0, device: str | torch.device | None = None,
@@ -61,10 +67,25 @@ def demo_report(epochs: int = 8, seed: int = 0, device: str | torch.device | Non
             f"(majority vote {last['vote_acc']:.3f})",
             f"  mean gradient cosine {last['mean_cos']:.3f}   GDR {res.mean:.4f} "
             f"± {res.sem:.4f} (n={res.n_used}, excluded {res.n_excluded})",
+            _demo_transfer(ens.eval(), test, seed),
             _demo_detection(ens.eval(), test, seed),
             _demo_certify(ens, test, seed),
         ]
     return lines
+
+
+def _demo_transfer(ens: Ensemble, test: torch.utils.data.TensorDataset, seed: int) -> str:
+    """One line: how often one member's adversarial examples fool another — the toolkit's
+    headline measurement (mean over member pairs, success counted on inputs the target
+    classifies correctly)."""
+    x, y = test.tensors
+    dev = next(ens.parameters()).device
+    n = min(TRANSFER_N, len(y))
+    attack = functools.partial(pgd, eps=TRANSFER_EPS, steps=TRANSFER_STEPS, keep="last",
+                               generator=torch.Generator().manual_seed(seed))
+    tm = transfer_matrix(ens, x[:n].to(dev), y[:n].to(dev), whitebox=False, attack=attack)
+    return (f"  member → member transfer (PGD-{TRANSFER_STEPS}, last iterate, L∞ "
+            f"{TRANSFER_EPS}, first {n} test images): {tm.mean_transfer:.3f}")
 
 
 def _demo_certify(ens: Ensemble, test: torch.utils.data.TensorDataset, seed: int) -> str:
