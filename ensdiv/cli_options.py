@@ -37,6 +37,7 @@ from ensdiv.training import (
     DEFAULT_AT_STEPS,
     DEFAULT_LAM,
     DIVERSITY_CHOICES,
+    METHOD_LAM,
 )
 from ensdiv.tuning import METHODS as TUNE_METHODS
 
@@ -146,7 +147,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
      "diversity regularizer or baseline (adp: Pang et al. 2019; trs: Yang et al. 2021; "
      "dverge: Yang et al. 2020)"),
     ("--lam", "lam", float, "λ", f"regularizer weight λ (default: {DEFAULT_LAM:g} with a "
-     "diversity term; 0 and not settable without one)"),
+     "diversity term, TRS's λ_a " + f"{METHOD_LAM['trs']:g} and DVERGE's "
+     f"{METHOD_LAM['dverge']:g} with theirs; 0 and not settable without one)"),
     ("--adp-alpha", "adp_alpha", float, "α", "with --diversity adp: weight of the ensemble "
      "entropy (λ is ADP's β) (default: 2, the authors')"),
     ("--trs-smooth", "trs_smooth", float, "λ_b", "with --diversity trs: weight of the "
@@ -313,7 +315,7 @@ def add_config_options(p: argparse.ArgumentParser, options: Sequence[tuple], def
                         ) -> None:
     for flag, field, type_, metavar, text in options:
         default = getattr(defaults, field)
-        if "default" not in text:
+        if "default:" not in text:  # "at its defaults" must not hide the default
             text = f"{text} (default: {show(default)})"
         p.add_argument(flag, dest=field, type=type_, default=None, metavar=metavar,
                        help=text)
@@ -393,7 +395,8 @@ def add_plot_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", nargs="+",
                    help="gdr-vs-attack: one or more sweep folders (or their records.jsonl), "
                         "drawn and tabled together; detection: one or more detection folders "
-                        "(e.g. a plain and a diverse ensemble)")
+                        "(e.g. a plain and a diverse ensemble); certified: one or more "
+                        "certification folders (ensdiv certify --out)")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="where the figures go (default: the first RUN/figures)")
     p.add_argument("--attack", default=None, metavar=choices(sorted(TRANSFER_ATTACKS)),

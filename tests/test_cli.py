@@ -454,3 +454,14 @@ def test_compile_option_is_auto_by_default_on_alone_and_closed(capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("ensdiv train: error: argument --compile") and "auto" in line
     assert layers.compile_mode() == "off"  # refused before anything was set
+
+
+def test_help_states_every_default_and_what_each_figure_takes(capsys):
+    def help_of(*cmd):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "(default: gal)" in help_of("sweep")  # "at its defaults" once hid it
+    assert "TRS's λ_a 10 and DVERGE's 1 with theirs" in help_of("train")
+    assert "certified: one or more certification folders" in help_of("plot")
