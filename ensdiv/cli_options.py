@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -46,7 +47,14 @@ Option = tuple[str, str, Callable[[str], Any], str | None, str]
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line."""
+    """argparse that reports a usage error as one line, and reads a value that starts with a
+    minus and a digit (``--lams -1,1``, ``--eps -0.1``) as the value it is, so the command's
+    own check can say what is wrong with it (argparse took ``-1,1`` for an option)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # no ensdiv option starts with a digit: "-<digit>…" and "-.<digit>…" are values
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -189,6 +189,7 @@ BAD_CLI = [
     (S + ["--lams", "0,0.1,0.1"], ["lams lists 0.1 twice"]),
     (S + ["--lams", ""], ["lams needs at least one value"]),
     (S + ["--lams", "-1"], ["lams must be >= 0"]),
+    (S + ["--lams", "-1,1"], ["lams must be >= 0"]),  # argparse took "-1,1" for an option
     (S + ["--eps", "0,0.1"], ["--eps must be a number in (0, 1]"]),
     (S + ["--eps", "2"], ["--eps must be a number in (0, 1]"]),
     (S + ["--eps", "0.1,0.1"], ["eps lists 0.1 twice"]),
