@@ -254,7 +254,12 @@ class Ensemble(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Ensemble:
-        """Rebuild an ensemble saved by :meth:`save`; predictions are reproduced exactly."""
+        """Rebuild an ensemble saved by :meth:`save`; predictions are reproduced exactly. A
+        ``map_location`` this machine does not have is one :class:`EnsdivError`."""
+        where = torch.device(map_location)
+        if where.type == "cuda" and not torch.cuda.is_available():
+            raise EnsdivError(f"map_location {map_location}: this machine has no usable CUDA "
+                              "GPU; load with map_location='cpu'")
         blob = read_ensemble_file(path)
         desc = blob["description"]
         fix, run = _repair(path)

@@ -310,6 +310,8 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
                    disable=None if progress and main else True)  # None: off when not a TTY
         for i, (x, y) in enumerate(bar, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if i == 1 and epoch == start + 1:  # the data's contract, before any step: labels
+                check_input(ensemble, x, y)  # out of range would be a raw IndexError in the CE
             if augment is not None:
                 x = augment(x, gen)
             n_global = len(y)

@@ -163,3 +163,12 @@ def test_load_refuses_a_checkpoint_and_rebuilds_advice(tmp_path):
         Ensemble.load(run / "ensemble.pt")
     assert (e.value.remedy, e.value.folder) == ("retrain", str(run))  # the CLI names the command
     assert "ensdiv train" not in str(e.value)  # library errors name no command
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_loading_onto_a_gpu_this_machine_lacks_is_one_line(tmp_path):
+    from ensdiv.errors import EnsdivError
+
+    Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10).save(tmp_path / "e.pt")
+    with pytest.raises(EnsdivError, match="no usable CUDA GPU; load with map_location='cpu'"):
+        Ensemble.load(tmp_path / "e.pt", map_location="cuda")

@@ -118,3 +118,16 @@ def test_cuda_training_and_certification_do_not_synchronize_per_batch():
     x = torch.rand(1, 8, 8, device="cuda")
     assert syncs(lambda: smooth.sample_counts(x, 300, 100)) == \
         syncs(lambda: smooth.sample_counts(x, 900, 100))
+
+
+def test_labels_out_of_range_stop_fit_with_one_line_before_any_step():
+    from torch.utils.data import TensorDataset
+
+    from ensdiv.errors import EnsdivError
+
+    ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0)
+    before = [p.clone() for p in ens.parameters()]
+    data = TensorDataset(torch.rand(20, 1, 8, 8), torch.arange(20) % 12)  # labels up to 11
+    with pytest.raises(EnsdivError, match=r"labels must lie in \[0, 10\)"):
+        fit(ens, data, data, epochs=1, batch_size=8, lr=1e-3, seed=0, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, ens.parameters(), strict=True))
