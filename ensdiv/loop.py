@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -308,6 +309,9 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
         sync_every = _sync_every(device)
         bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=None if progress and main else True)  # None: off when not a TTY
+        # no bar (a log file, nohup): a plain line every PROGRESS_EVERY seconds instead
+        plain = progress and main and bool(bar.disable)
+        last_line = t0
         for i, (x, y) in enumerate(bar, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if i == 1 and epoch == start + 1:  # the data's contract, before any step: labels
@@ -350,6 +354,11 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
             n += b
             if check:
                 bar.set_postfix(loss=f"{float(total) / n:.3f}")
+            if plain and time.perf_counter() - last_line >= PROGRESS_EVERY:
+                last_line = time.perf_counter()
+                print(f"epoch {epoch}/{epochs}: batch {i}/{len(loader)} "
+                      f"({100 * i / len(loader):.0f}%), loss {float(total) / max(n, 1):.4f}, "
+                      f"{last_line - t0:.0f}s", file=sys.stderr, flush=True)
         train_seconds = time.perf_counter() - t0
         if world > 1:  # one all-reduce of every running sum (keys: the union over ranks)
             keys = sorted({k for part in gather_objects(sorted(sums)) for k in part})
@@ -383,6 +392,9 @@ def fit(ensemble: Ensemble, train_set: Dataset, test_set: Dataset, *, epochs: in
 
 #: On a GPU, batches between two reads of the running loss (each read waits for the GPU).
 SYNC_EVERY = 25
+
+#: Seconds between two plain progress lines when there is no terminal for the bar.
+PROGRESS_EVERY = 30.0
 
 
 def _all_sum(t: Tensor, world: int) -> Tensor:

@@ -131,3 +131,18 @@ def test_labels_out_of_range_stop_fit_with_one_line_before_any_step():
     with pytest.raises(EnsdivError, match=r"labels must lie in \[0, 10\)"):
         fit(ens, data, data, epochs=1, batch_size=8, lr=1e-3, seed=0, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, ens.parameters(), strict=True))
+
+
+def test_without_a_terminal_progress_comes_as_plain_lines(monkeypatch, capsys):
+    from torch.utils.data import TensorDataset
+
+    from ensdiv import loop
+
+    monkeypatch.setattr(loop, "PROGRESS_EVERY", 0.0)  # every batch, for the test
+    ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0)
+    data = TensorDataset(torch.rand(24, 1, 8, 8), torch.arange(24) % 10)
+    fit(ens, data, data, epochs=1, batch_size=8, lr=1e-3, seed=0, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch")]
+    assert lines and lines[-1].startswith("epoch 1/1: batch 3/3 (100%), loss ")
+    fit(ens, data, data, epochs=1, batch_size=8, lr=1e-3, seed=0, progress=False)
+    assert "batch" not in capsys.readouterr().err  # quiet means quiet
