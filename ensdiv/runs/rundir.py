@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import socket
 from collections.abc import Callable, Iterator
@@ -197,13 +198,14 @@ def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, confi
                       if old.get(k) != config.get(k) and k not in resumable | newer)
         if not resume:
             what = f"a different {kind}" if diff else f"this {kind} already"
-            raise EnsdivError(f"{out} holds {what}; continue it with `{command} --out {out} "
-                              f"--resume`, or choose another --out")
+            raise EnsdivError(f"{out} holds {what}; continue it with `{command} --out "
+                              f"{shlex.quote(str(out))} --resume`, or choose another --out")
         if diff:
             changes = ", ".join(f"{k} (saved {old.get(k)!r}, given {config.get(k)!r})"
                                 for k in diff)
             raise EnsdivError(f"{out} holds a {kind} that differs in {changes}; to continue it "
-                              f"run `{command} --out {out} --resume` without those options; for "
+                              f"run `{command} --out {shlex.quote(str(out))} --resume` without "
+                              "those options; for "
                               "the new settings choose another --out")
         return True
     if _entries(out):
