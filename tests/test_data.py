@@ -253,11 +253,20 @@ def test_missing_cifar_meta_is_named(tmp_path):
         load_dataset("cifar10", root=tmp_path)
 
 
-def test_corrupt_idx_file_is_an_ensdiv_error(tmp_path):
+@pytest.mark.parametrize("damage, reason", [
+    (lambda b: b"\xff" * 16, "not an unsigned-byte IDX file: its first bytes are ffffffff"),
+    (lambda b: b[:-100], "expected"),  # cut short: torchvision said only "shape ... invalid"
+    (lambda b: b[:6], "the header of 3 dimensions is cut short"),
+])
+def test_a_damaged_idx_file_is_named_with_its_fix(tmp_path, damage, reason):
     make_idx_dataset(tmp_path, "MNIST")
-    (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\xff" * 16)
-    with pytest.raises(EnsdivError, match="could not read"):
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(EnsdivError) as e:
         load_dataset("mnist", root=tmp_path)
+    message = str(e.value)
+    assert f"{path} is damaged ({reason}" in message and "\n" not in message
+    assert "ensdiv data fetch mnist --force" in message
 
 
 def test_unknown_name_lists_choices():

