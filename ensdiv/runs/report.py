@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ensdiv.card import CARD_ATTACKS, Card
+from ensdiv.errors import EnsdivError
 from ensdiv.objective import DIVERSITIES
 from ensdiv.stats import binomial_se, mean_and_se, mean_se, number
 from ensdiv.sweep_stats import correlations, entry_success, regularizer
@@ -558,14 +559,21 @@ def card_table(cards: Sequence[Card]) -> str:
              "robust acc (averaged output) | broken by MORA + Square | member → member "
              "transfer | surrogate transfer | GDR | warnings |",
              "|---" * 12 + "|"]
+    setups: dict[tuple[str, Any, float], set[tuple[int, str]]] = {}
     for c in cards:
+        setups.setdefault((c.name, c.dataset, c.eps), set()).add((c.n, _budget(c)))
+    for c in cards:
+        # one ensemble carded at one ε with another n or budget must not read as two numbers
+        # of one thing: such rows name their n and budget
+        label = (c.name if len(setups[(c.name, c.dataset, c.eps)]) == 1
+                 else f"{c.name} (n {c.n}, {_budget(c)})")
         for e in c.evaluations:
             att = e["attacks"]
             after = " + ".join(str(att[a]["broke_first"]) if att.get(a) else "—"
                                for a in ("mora", "square"))
             sur = e.get("surrogate")
             lines.append("| " + " | ".join([
-                c.name, str(c.dataset), f"{c.eps:g}", e["aggregation"],
+                label, str(c.dataset), f"{c.eps:g}", e["aggregation"],
                 _pct(e["clean_acc"]), _pct(e["robust_acc"], e["robust_acc_se"]),
                 _pct(e["averaged_output_robust_acc"], e["averaged_output_robust_acc_se"]),
                 after, _pct(c.transfer["mean"] if c.transfer else None),
@@ -595,6 +603,16 @@ def method_table(cards: Sequence[Card], step_cost: dict[str, float] | None = Non
         | gal λ = 0.5 | 2 | 0.900 ± 0.000 | 0.050 ± 0.010 | 0.100 ± 0.000 | 0.500 ± 0.000 | \
 0.200 ± 0.000 | 0.300 ± 0.000 | 2.50 | 1.0 ± 0.0 | 0 |
     """
+    settings = {(c.dataset, c.n, c.eps, _budget(c)) for c in cards}
+    if len(settings) > 1:
+        raise EnsdivError("a method table averages cards of one evaluation setting; these mix "
+                          + "; ".join(f"{d} n {n} ε {e:g} {b}" for d, n, e, b in sorted(
+                              settings, key=str)) + " (make one table per setting)")
+    runs = [c.run or c.name for c in cards]
+    twice = sorted({r for r in runs if runs.count(r) > 1})
+    if twice:
+        raise EnsdivError(f"{', '.join(map(str, twice))} is carded more than once: a method "
+                          "table counts each trained ensemble (seed) once; give one card per run")
     groups: dict[tuple[str, Any], list[Card]] = {}
     for c in cards:
         tr = c.training
@@ -627,6 +645,13 @@ def method_table(cards: Sequence[Card], step_cost: dict[str, float] | None = Non
             f"{cost:.2f}" if cost is not None else "—", mean_se(minutes, 1),
             str(sum(len(c.warnings) for c in group))]) + " |")
     return "\n".join(lines)
+
+
+def _budget(card: Card) -> str:
+    """A card's attack budget in a few words (what two cards of one run may differ in)."""
+    b = card.budget
+    return (f"APGD {b.get('apgd_steps')}, MORA {b.get('mora_steps')}, Square "
+            f"{b.get('square_queries')}, transfer {b.get('transfer_steps')}, seed {b.get('seed')}")
 
 
 def card_time(card: Card) -> str:

@@ -80,9 +80,12 @@ def test_card_fields_are_present_typed_and_rendered(runs, tmp_path, capsys):
     assert len(table) == 2 + 4 and table[2].startswith("| tiny | digits | 0.1 | softmax | ")
     # the run's training time comes with it; --by-method groups cards by training method
     assert card["training"]["seconds"] > 0 and card["training"]["diversity"] == "none"
-    assert main(["evaluate", "--table", str(out), str(out), "--by-method"]) == 0
+    assert main(["evaluate", "--table", str(out), "--by-method"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    assert len(rows) == 3 and rows[2].startswith("| plain | 2 | ")
+    assert len(rows) == 3 and rows[2].startswith("| plain | 1 | ")
+    # one run carded twice is one seed, not two: refused rather than averaged
+    assert main(["evaluate", "--table", str(out), str(out), "--by-method"]) == 2
+    assert "is carded more than once" in capsys.readouterr().err
 
 
 def test_a_killed_evaluation_resumes_from_its_folder_and_equals_an_uninterrupted_one(

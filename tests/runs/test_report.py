@@ -207,3 +207,28 @@ def test_arch_pair_table_differences_and_gate_against_scipy():
     assert cells[0].endswith("✓")  # 0.000 apart
     assert cells[1].endswith("✗")  # GDR 0.11 higher (less diverse), s.e. ~0.01
     assert cells[2].endswith("✓")  # transfer 0.09 lower: more diverse, passes
+
+
+def test_card_tables_keep_different_evaluations_of_one_run_apart():
+    from ensdiv.card import Card
+    from ensdiv.errors import EnsdivError
+    from ensdiv.runs.report import card_table, method_table
+
+    ev = {"aggregation": "softmax", "clean_acc": 0.9, "robust_acc": 0.2, "robust_acc_se": 0.02,
+          "averaged_output_robust_acc": 0.3, "averaged_output_robust_acc_se": 0.02,
+          "warnings": [], "surrogate": None, "attacks": {}}
+
+    def card(n, apgd, run="runs/gal", seed=0):
+        return Card(name="gal", dataset="mnist5k", eps=0.1, n=n, aggregation="softmax",
+                    clean_acc=0.9, robust_acc=0.2, robust_acc_se=0.02, evaluations=[ev],
+                    run=run, budget={"apgd_steps": apgd}, transfer={"mean": 0.1},
+                    training={"diversity": "gal", "lam": 0.5, "seed": seed})
+
+    rows = card_table([card(500, 100), card(100, 10)]).splitlines()[2:]
+    assert rows[0].startswith("| gal (n 500, APGD 100") and rows[1].startswith("| gal (n 100")
+    with pytest.raises(EnsdivError, match="mix .*n 100.*n 500.*one table per setting"):
+        method_table([card(500, 100), card(100, 100, run="runs/gal-s1", seed=1)])
+    with pytest.raises(EnsdivError, match="runs/gal is carded more than once"):
+        method_table([card(500, 100), card(500, 100)])
+    assert "| gal λ = 0.5 | 2 |" in method_table([card(500, 100),
+                                                  card(500, 100, run="runs/gal-s1", seed=1)])
