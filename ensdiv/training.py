@@ -150,14 +150,15 @@ class TrainConfig(JsonConfig):
     dverge_layer: int | None = None
     dverge_clean: float | None = None
     trs_eps_start: float | None = None
-    optimizer: str = "adam"
-    momentum: float | None = None
-    nesterov: bool = False
-    schedule: str = "constant"
-    warmup: int = 0
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    schedule_unit: str = "epoch"
+    # the recipe's optimizer and schedule: Optim's fields, flat for the command line and JSON
+    optimizer: str = Optim.name
+    momentum: float | None = Optim.momentum
+    nesterov: bool = Optim.nesterov
+    schedule: str = Optim.schedule
+    warmup: int = Optim.warmup
+    milestones: tuple[int, ...] = Optim.milestones
+    gamma: float = Optim.gamma
+    schedule_unit: str = Optim.unit
     augment: str = "none"
     val_fraction: float | None = None
     val_seed: int = 0
