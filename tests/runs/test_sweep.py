@@ -220,7 +220,7 @@ def test_sweep_needs_resume_to_continue_and_a_diversity_for_lams(tiny_sweep, tmp
 
 def test_validation_happens_before_any_training(tmp_path):
     bad = SweepConfig(**{**TINY.__dict__, "eps": (float("inf"),)})
-    with pytest.raises(EnsdivError, match="eps must be a finite number"):
+    with pytest.raises(EnsdivError, match=r"--eps must be a number in \(0, 1\]"):
         run_sweep(bad, tmp_path / "s", progress=False, log=lambda s: None)
     assert not (tmp_path / "s").exists()
 
