@@ -30,7 +30,7 @@ EQUIVALENCE := tests/test_distributed.py tests/test_mora.py tests/test_gradients
 	tests/test_training.py tests/test_objective.py tests/test_trs.py tests/test_dverge.py \
 	tests/test_adp.py tests/test_gdr.py tests/test_attacks.py tests/test_smoothing.py \
 	tests/test_transferability.py tests/test_certification.py tests/test_optim.py \
-	tests/test_augment.py tests/runs/test_train.py tests/runs/test_sweep.py
+	tests/test_augment.py tests/test_runtime.py tests/runs/test_train.py tests/runs/test_sweep.py
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check ensdiv tests benchmarks

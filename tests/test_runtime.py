@@ -21,10 +21,13 @@ def test_missing_gpu_is_named_as_such():
             resolve_device(name)
 
 
-def test_threads():
+def test_threads(monkeypatch):
     before = torch.get_num_threads()
     try:
         assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        # the default: $OMP_NUM_THREADS where set (as the suite's own thread sweep sets it),
+        # else the cores available
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert set_threads(None) == available_cores() >= 1
         for bad in (0, -2, 1.5, True):
             with pytest.raises(EnsdivError, match="threads must be an integer >= 1"):
