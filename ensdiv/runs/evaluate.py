@@ -56,7 +56,7 @@ from ensdiv.io import (
     atomic_write_text,
     read_json,
 )
-from ensdiv.loop import CHECKPOINT, ENSEMBLE, finished_epochs, read_metrics
+from ensdiv.loop import CHECKPOINT, ENSEMBLE, finished_epochs
 from ensdiv.runs.records import train_cost
 from ensdiv.runs.report import card_markdown
 from ensdiv.runs.rundir import (
@@ -281,30 +281,24 @@ def write_card(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: bo
                                                                         config.surrogate),
             certified=certified, seconds=seconds, name=config.name or Path(config.run).name,
             run=config.run, dataset=dataset,
-            train_seconds=training_seconds(loaded.path.parent),
-            trained_epochs=_trained_epochs(loaded.path.parent))
+            **training_done(loaded.path.parent))
         atomic_write_json(out / CARD, card.to_dict())
         atomic_write_text(out / CARD_MARKDOWN, card_markdown(card))
     return card
 
 
-def training_seconds(folder: Path) -> float | None:
-    """The run's training time in seconds (:func:`~ensdiv.runs.records.train_cost`), None if
-    the folder keeps no metrics (an ensemble file given alone)."""
+def training_done(folder: Path) -> dict[str, Any]:
+    """The run's training time in seconds and the epochs it finished, as
+    :func:`~ensdiv.card.assemble_card` takes them (``train_seconds``, ``trained_epochs``), from
+    one read of its metrics (:func:`~ensdiv.runs.records.train_cost`); None for both if the
+    folder keeps no metrics (an ensemble file given alone)."""
     try:
         cost = train_cost(folder)
     except EnsdivError:
-        return None
-    return cost["train_seconds"] if cost["epochs"] else None
-
-
-def _trained_epochs(folder: Path) -> int | None:
-    """Epochs the run folder's metrics record as finished (None for an ensemble file alone)."""
-    try:
-        metrics = read_metrics(folder)
-    except EnsdivError:
-        return None
-    return metrics[-1]["epoch"] if metrics else None
+        cost = {"epochs": 0}
+    done = cost["epochs"] > 0
+    return {"train_seconds": cost["train_seconds"] if done else None,
+            "trained_epochs": cost["epochs"] if done else None}
 
 
 def _certified(ens: Ensemble, test: Any, config: EvaluateConfig, parts: Path,

@@ -135,8 +135,6 @@ def train_cost(run: str | os.PathLike) -> dict[str, Any]:
             "epochs": len(recs)}
 
 
-
-
 def read_card(path: str | os.PathLike) -> Card:
     """The card in ``path`` (a card file or an evaluation folder); a missing or foreign file is
     one :class:`EnsdivError` naming what to do.

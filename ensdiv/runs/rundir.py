@@ -171,9 +171,7 @@ def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, confi
     """
     if resume and overwrite:
         raise EnsdivError("--resume and --overwrite exclude each other")
-    out = checked_out(out_dir)
-    if out.exists() and not out.is_dir():
-        raise EnsdivError(f"{out} exists and is not a folder")
+    out = checked_out(out_dir)  # blank or a file: one error
     cfg_path = out / config_name
     if not out.exists():
         return False
