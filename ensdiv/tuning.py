@@ -10,7 +10,8 @@ model, and a declared rule that picks one setting per method from validation dat
   0.35). The grid then spans half and twice the rule's radius.
 - **The grids** (:data:`GRIDS`): λ over a factor of 20 for the gradient regularizers, ADP's β,
   TRS's λ_a and radius, DVERGE's radius — small enough to run on 2 CPU cores; DRT always
-  trains with its Gaussian noise (:data:`FIXED`).
+  trains with its Gaussian noise (:data:`FIXED`); DVERGE starts from the plain ensemble's
+  trained weights (:data:`FROM_PLAIN`).
 - **The selection rule** (:func:`select`): per method, among the grid points whose clean
   validation accuracy is within ``tolerance`` (1 point) of the plain ensemble's, the one with
   the lowest mean member → member transfer on the validation split; ties go to the higher
@@ -51,6 +52,10 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
 """Each method's declared grid: λ values and/or multiples of the rule's radius."""
 
 METHODS: tuple[str, ...] = tuple(GRIDS)
+
+FROM_PLAIN: tuple[str, ...] = ("dverge",)
+"""Methods that start from a trained plain ensemble, as their paper does (DVERGE fine-tunes a
+pre-trained baseline): their grid points and final runs begin from the plain run's weights."""
 
 FIXED: dict[str, dict[str, Any]] = {"drt": {"noise_sigma": 0.25}}
 """Settings a method always trains with: DRT on Gaussian-noised inputs (σ 0.25, its paper's

@@ -5,7 +5,8 @@ runs read.
 
 ``ensdiv tune --out DIR [--dataset mnist5k --methods gal,trs,... --eps 0.1 ...]`` trains the
 plain ensemble and every grid point (one seed, ``--epochs``) into ``DIR/<point>/`` (ordinary run
-folders, resumable), then measures on the first ``n`` validation images the cheap proxies:
+folders, resumable; DVERGE's points start from the plain point's trained weights, as its paper
+starts from a pre-trained ensemble, so they train ``--epochs`` more), then measures on the first ``n`` validation images the cheap proxies:
 clean validation accuracy (the whole validation split, from the last epoch), mean member →
 member transfer of full-budget PGD (``--transfer-steps``) and the ensemble's accuracy under a
 short APGD-CE (``--apgd-steps``), all at ε. One record per point goes to
@@ -47,9 +48,9 @@ from ensdiv.io import (
 )
 from ensdiv.loop import CHECKPOINT, read_metrics
 from ensdiv.runs.rundir import CONFIG, RECORDS, prepare_run_dir, run_lock
-from ensdiv.training import DEFAULT_LR, TrainConfig, train
+from ensdiv.training import DEFAULT_LR, TrainConfig, load_init, train
 from ensdiv.transferability import worst_case_success
-from ensdiv.tuning import METHODS, grid_points, select
+from ensdiv.tuning import FROM_PLAIN, METHODS, grid_points, select
 
 TUNE_CONFIG = "tune.json"
 """A tuning run's settings."""
@@ -116,9 +117,14 @@ class TuneConfig(JsonConfig):
             out += [(f"{m}-{i}", p) for i, p in enumerate(grid_points(m, self.eps))]
         return out
 
-    def train_config(self, settings: dict[str, Any]) -> TrainConfig:
-        """The training run of one point: these settings with the point's own."""
-        return TrainConfig(dataset=self.dataset, arch=self.arch, members=self.members,
+    def train_config(self, settings: dict[str, Any],
+                     plain: str | os.PathLike | None = None) -> TrainConfig:
+        """The training run of one point: these settings with the point's own; a method of
+        :data:`~ensdiv.tuning.FROM_PLAIN` starts from the run folder ``plain`` (the tuning's
+        plain point) when given."""
+        init = ({"init_from": str(plain)}
+                if plain is not None and settings["diversity"] in FROM_PLAIN else {})
+        return TrainConfig(**init, dataset=self.dataset, arch=self.arch, members=self.members,
                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                            schedule=self.schedule, seed=self.seed,
                            val_fraction=self.val_fraction,
@@ -150,7 +156,9 @@ def tune_into(config: TuneConfig, out_dir: str | os.PathLike, *, resume: bool = 
         for name, point in config.points():
             if name in done:
                 continue
-            tcfg = config.train_config(point).validate()
+            tcfg = config.train_config(point, plain=out / "plain").validate()
+            if tcfg.init_from is not None:  # its fingerprint recorded, as ensdiv train does
+                tcfg = dataclasses.replace(tcfg, init_weights=load_init(tcfg, data[2])[1])
             folder = out / name
             folder.mkdir(exist_ok=True)
             log(f"{name}: training {tcfg.diversity} {_shown(point)}")
@@ -161,6 +169,7 @@ def tune_into(config: TuneConfig, out_dir: str | os.PathLike, *, resume: bool = 
             last = read_metrics(folder)[-1]  # a resumed run's records include earlier epochs
             t1 = time.perf_counter()
             rec = {"point": name, "method": tcfg.diversity, "settings": point,
+                   "init": None if tcfg.init_from is None else "plain",
                    "val_acc": last["val_acc"], "val_n": last["val_n"],
                    **_proxies(ens, x, y, config), "n": n, "eps": config.eps,
                    "transfer_steps": config.transfer_steps, "apgd_steps": config.apgd_steps,

@@ -42,6 +42,11 @@ def test_the_grid_is_judged_on_held_out_training_images_and_the_rule_is_applied(
     # the trained grid points are ordinary run folders with their validation split recorded
     saved = json.loads((tmp_path / "t" / "gal-1" / "config.json").read_text())
     assert saved["lam"] == 0.5 and saved["val_fraction"] == 0.1
+    assert saved["init_from"] is None and records[1]["init"] is None
+    # DVERGE fine-tunes the trained plain ensemble, as its paper does, not a fresh one
+    saved = json.loads((tmp_path / "t" / "dverge-0" / "config.json").read_text())
+    assert saved["init_from"] == str(tmp_path / "t" / "plain") and saved["init_weights"]
+    assert records[4]["init"] == "plain"
 
 
 def test_a_killed_tuning_resumes_with_the_points_it_lacks(tmp_path, monkeypatch, one_thread):
