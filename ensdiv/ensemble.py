@@ -38,7 +38,7 @@ from torch.func import functional_call, vmap
 
 from ensdiv._version import __version__
 from ensdiv.aggregation import majority_vote, mean_log_softmax
-from ensdiv.errors import EnsdivError, check_choice, check_shape, model_input_spec
+from ensdiv.errors import EnsdivError, check_choice, check_range, check_shape, model_input_spec
 from ensdiv.io import atomic_torch_save, first_sentence, read_torch
 from ensdiv.models import Member, build_model
 
@@ -62,6 +62,13 @@ class Ensemble(nn.Module):
 
     ``forward`` returns ``log(mean_m softmax(logits_m))`` [B, K], so ``cross_entropy(ens(x), y)``
     is the ensemble's negative log-likelihood and any attack expecting logits works on it.
+
+    Input range: :meth:`predict` and :meth:`vote` (the entry points for class decisions) refuse
+    pixels outside [0, 1] — ``ens.predict(x * 255)`` is one clear error, not wrong classes.
+    ``forward`` and :meth:`member_logits` check shape and dtype only (no device sync): they are
+    the module interface that Gaussian-noise training and randomized smoothing feed ``x + noise``
+    outside [0, 1] on purpose; the attacks, ``fit`` and every evaluation check their images
+    before calling them.
 
     Example:
         >>> ens = Ensemble([nn.Linear(4, 3), nn.Linear(4, 3)])
@@ -216,13 +223,15 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        """Ensemble class [B]: argmax of the mean member softmax."""
+        """Ensemble class [B]: argmax of the mean member softmax; ``x`` in [0, 1]."""
+        check_range(x)
         return self(x).argmax(-1)
 
     @torch.no_grad()
     def vote(self, x: Tensor) -> Tensor:
         """Majority vote of the members' argmax classes [B]; ties go to the class with the
-        higher mean softmax."""
+        higher mean softmax. ``x`` in [0, 1]."""
+        check_range(x)
         return majority_vote(self.member_logits(x))
 
     # ------------------------------------------------------------------ persistence

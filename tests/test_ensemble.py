@@ -44,6 +44,19 @@ def test_forward_is_log_mean_softmax():
     torch.testing.assert_close(mean_log_softmax(big), torch.full((1, 2), math.log(0.5)))
 
 
+def test_class_decisions_refuse_pixels_outside_the_unit_range():
+    ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=1)
+    x = torch.rand(4, 1, 8, 8)
+    for decide in (ens.predict, ens.vote):
+        with pytest.raises(EnsdivError, match=r"x must lie in \[0, 1\].*e\.g\. "):
+            decide(x * 255)  # images never divided by 255
+        with pytest.raises(EnsdivError, match=r"\[0, 1\]"):
+            decide(x - 0.5)  # normalized outside the model
+        decide(x)
+    # the module interface takes noised inputs, as noise training and smoothing feed it
+    assert torch.isfinite(ens(x + torch.randn_like(x))).all()
+
+
 def test_vote_majority_and_tie_break():
     class Fixed(nn.Module):
         def __init__(self, logits):
