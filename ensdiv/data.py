@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -42,6 +44,10 @@ IDX_FILES: tuple[str, ...] = (
     "t10k-labels-idx1-ubyte",
 )
 """The uncompressed IDX files of ``mnist`` and ``fashion-mnist``, in ``ROOT/<Folder>/raw/``."""
+FETCH_RECORD = "ensdiv-fetch.json"
+"""Written beside the IDX files by ``ensdiv data fetch``: the SHA-256 (:func:`idx_digest`) of
+the arrays it verified, which :func:`load_dataset` checks once per process and file change."""
+_VERIFIED: set[tuple[object, ...]] = set()  # (folder, its files' sizes and mtimes, digest)
 _CIFAR_FILES: tuple[str, ...] = (
     *(f"data_batch_{i}" for i in range(1, 6)),
     "test_batch",
@@ -283,9 +289,57 @@ def _idx_dataset(
                 f"{name}: images {tuple(data.shape)} and labels {tuple(targets.shape)} in {raw} "
                 "do not match (expected (N, H, W) images and N labels)"
             )
+    if not legacy:
+        _check_fetched(name, raw, dict(zip(IDX_FILES, (
+            t.numpy() for s in splits for t in (s.data, s.targets.to(torch.uint8))), strict=True)),
+            fetch)
+    for split in splits:
+        data, targets = split.data, split.targets
         tensors += [data.unsqueeze(1).to(torch.float32).div_(255.0), targets.to(torch.int64)]
     class_names = _DIGIT_NAMES if name == "mnist" else tuple(FashionMNIST.classes)
     return tensors[0], tensors[1], tensors[2], tensors[3], class_names
+
+
+def idx_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the uint8 arrays of the four IDX files (images [N, 28, 28], labels [N]),
+    their bytes in :data:`IDX_FILES` order, headers left out.
+
+    Example:
+        >>> a = {f: np.zeros(1, np.uint8) for f in IDX_FILES}
+        >>> idx_digest(a)[:12]
+        'df3f619804a9'
+    """
+    h = hashlib.sha256()
+    for name in IDX_FILES:
+        h.update(np.ascontiguousarray(arrays[name], dtype=np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def _check_fetched(name: str, raw: Path, arrays: dict[str, np.ndarray], fetch: str) -> None:
+    """If ``ensdiv data fetch`` recorded a digest in ``raw``, the loaded ``arrays`` must have
+    it (a same-size file with flipped bytes passes every header check). Checked once per
+    process for each state (size, mtime) of the files; copies placed by hand have no record
+    and are not checked."""
+    record = raw / FETCH_RECORD
+    if not record.is_file():
+        return
+    try:
+        want = json.loads(record.read_text())["sha256"]
+        if not isinstance(want, str):
+            raise TypeError("sha256 is not a string")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EnsdivError(f"{name}: {record} is damaged ({type(e).__name__}); fetch the data "
+                          f"set again with `{fetch}`") from None
+    key = (str(raw.resolve()), want,
+           *((f, (raw / f).stat().st_size, (raw / f).stat().st_mtime_ns) for f in IDX_FILES))
+    if key in _VERIFIED:
+        return
+    got = idx_digest(arrays)
+    if got != want:
+        raise EnsdivError(f"{name}: the files in {raw} are not those `ensdiv data fetch` wrote "
+                          f"and verified (SHA-256 {got[:16]}…, recorded {want[:16]}…): they "
+                          f"were changed or damaged; fetch them again with `{fetch}`")
+    _VERIFIED.add(key)
 
 
 def _idx_problem(path: Path) -> str | None:

