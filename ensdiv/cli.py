@@ -92,11 +92,12 @@ from ensdiv.runs.rundir import (
 )
 from ensdiv.runs.sweep import SweepConfig, run_sweep
 from ensdiv.runs.train import epoch_line, train_run
-from ensdiv.runs.tune import CHOSEN, TUNE_CONFIG, TuneConfig, tune_into
+from ensdiv.runs.tune import CHOSEN, TUNE_CONFIG, TuneConfig, read_chosen, tune_into
 from ensdiv.runtime import available_cores, resolve_device, set_threads
 from ensdiv.training import (
     TrainConfig,
 )
+from ensdiv.tuning import tuned_settings
 
 
 def _setup(args: argparse.Namespace) -> torch.device:
@@ -130,9 +131,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     given = given_options(args, TRAIN_OPTIONS)
     if args.amp:
         given["amp"] = True
+    if args.recipe is not None and args.tuned is not None:
+        raise EnsdivError("give --recipe (a paper's settings) or --tuned (a tuning's choice), "
+                          "not both")
     if args.recipe is not None:  # the recipe's values under the flags given
         given, overrides = apply_recipe(args.recipe, given)
         given["recipe_overrides"] = tuple(overrides)
+    if args.tuned is not None:  # the tuning's choice for --diversity under the flags given
+        if "diversity" not in given:
+            raise EnsdivError("--tuned needs --diversity: the method whose tuned settings to "
+                              "use (none for the plain ensemble)")
+        settings, note = tuned_settings(read_chosen(args.tuned), given["diversity"])
+        if note:
+            warnings.warn(note, EnsdivWarning, stacklevel=1)
+        given = {**settings, **given}
     config = resolve_config(TrainConfig, given, args.out, resume=args.resume,
                             config_name=CONFIG, command="ensdiv train").validate()
     if args.resume and args.threads is None and (Path(args.out) / CHECKPOINT).exists():
@@ -395,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, metavar=choices(tuple(RECIPES)),
                    help="fill every setting of a published recipe (`ensdiv recipes` lists "
                         "them); options given override its values (default: none)")
+    p.add_argument("--tuned", default=None, metavar="DIR",
+                   help="fill the settings that `ensdiv tune --out DIR` chose for --diversity "
+                        "(DIR/chosen.json; a method the rule rejected gets its stated "
+                        "fallback); options given override them (default: none)")
     add_config_options(p, TRAIN_OPTIONS, TrainConfig())
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for the loss (mixed precision, for GPUs; saved "

@@ -109,7 +109,10 @@ def select(records: Sequence[dict[str, Any]], *, tolerance: float = 0.01) -> dic
 
     Returns:
         ``{"plain_val_acc", "tolerance", "chosen": {method: record}, "rejected": {method:
-        reason}}``; a method none of whose points passes is rejected with the reason.
+        reason}, "fallback": {method: record}}``; a method none of whose points passes is
+        rejected with the reason, and its fallback is the point with the highest validation
+        accuracy (ties: lower transfer) — what a comparison that must include every method
+        runs, its clean-accuracy cost stated.
 
     Example:
         >>> recs = [{"method": "none", "settings": {}, "val_acc": 0.98, "transfer": 0.5,
@@ -128,6 +131,7 @@ def select(records: Sequence[dict[str, Any]], *, tolerance: float = 0.01) -> dic
     floor = plain[-1]["val_acc"] - tolerance
     chosen: dict[str, Any] = {}
     rejected: dict[str, str] = {}
+    fallback: dict[str, Any] = {}
     for method in dict.fromkeys(r["method"] for r in records if r["method"] != "none"):
         points = [r for r in records if r["method"] == method]
         ok = [r for r in points if r["val_acc"] >= floor - 1e-12 and _finite(r["transfer"])]
@@ -136,14 +140,44 @@ def select(records: Sequence[dict[str, Any]], *, tolerance: float = 0.01) -> dic
             rejected[method] = (f"no grid point keeps validation accuracy within "
                                 f"{tolerance:g} of plain ({plain[-1]['val_acc']:.4f}); best "
                                 f"{best:.4f}")
+            fallback[method] = min(points, key=lambda r: (-r["val_acc"], _key(r["transfer"])))
             continue
         chosen[method] = min(ok, key=lambda r: (r["transfer"], -_or(r["whitebox_acc"])))
     return {"plain_val_acc": plain[-1]["val_acc"], "tolerance": tolerance, "chosen": chosen,
-            "rejected": rejected}
+            "rejected": rejected, "fallback": fallback}
+
+
+def tuned_settings(choice: dict[str, Any], method: str) -> tuple[dict[str, Any], str | None]:
+    """The :class:`~ensdiv.training.TrainConfig` settings a tuning ``choice`` (its
+    ``chosen.json``) gives ``method`` (``"none"``: plain, nothing to set), and a note when
+    they are a rejected method's fallback rather than the rule's choice.
+
+    Example:
+        >>> c = {"chosen": {"gal": {"settings": {"diversity": "gal", "lam": 2.0}}},
+        ...      "rejected": {}, "fallback": {}}
+        >>> tuned_settings(c, "gal")
+        ({'diversity': 'gal', 'lam': 2.0}, None)
+    """
+    if method == "none":
+        return {"diversity": "none"}, None
+    if method in choice.get("chosen", {}):
+        return dict(choice["chosen"][method]["settings"]), None
+    if method in choice.get("fallback", {}):
+        pick = choice["fallback"][method]
+        return dict(pick["settings"]), (
+            f"the tuning rule chose no {method} setting ({choice['rejected'][method]}); using "
+            f"its fallback, the grid point {pick['point']} of highest validation accuracy")
+    tuned = sorted({*choice.get("chosen", {}), *choice.get("fallback", {})})
+    raise EnsdivError(f"the tuning holds no setting for {method}; it tuned: "
+                      f"{', '.join(tuned) or 'nothing'} (and plain: none)")
 
 
 def _finite(v: float | None) -> bool:
     return v is not None and math.isfinite(v)
+
+
+def _key(v: float | None) -> float:
+    return v if _finite(v) else math.inf  # type: ignore[return-value]
 
 
 def _or(v: float | None) -> float:

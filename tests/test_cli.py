@@ -2,6 +2,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -485,3 +486,33 @@ def test_suggested_commands_are_shell_quoted_and_keep_the_data_root(tmp_path, ca
     hint = _hint(argparse.Namespace(out=str(out), data_root="/d a/t"), "detect", "run x")
     assert shlex.split(hint) == ["ensdiv", "detect", "run x", "--out", str(out), "--resume",
                                  "--data-root", "/d a/t"]
+
+
+def test_train_tuned_reads_the_tunings_choice_or_its_stated_fallback(capsys, tmp_path):
+    tuned = tmp_path / "tune"
+    tuned.mkdir()
+    (tuned / "chosen.json").write_text(json.dumps({
+        "chosen": {"gal": {"point": "gal-2", "settings": {"diversity": "gal", "lam": 2.0}}},
+        "rejected": {"drt": "no grid point keeps validation accuracy within 0.01 of plain"},
+        "fallback": {"drt": {"point": "drt-0", "settings": {"diversity": "drt", "lam": 0.1,
+                                                            "noise_sigma": 0.25}}}}))
+    base = ("train", "--arch", "mlp", "--members", "2", "--epochs", "1", "--quiet",
+            "--tuned", str(tuned))
+    code, _, err = run_cli(capsys, *base, "--diversity", "gal", "--out", tmp_path / "g")
+    assert code == 0 and not err
+    assert json.loads((tmp_path / "g" / CONFIG).read_text())["lam"] == 2.0
+    code, _, err = run_cli(capsys, *base, "--diversity", "drt", "--lam", "0.3",
+                           "--out", tmp_path / "d")  # a flag given overrides the tuning
+    saved = json.loads((tmp_path / "d" / CONFIG).read_text())
+    assert code == 0 and (saved["lam"], saved["noise_sigma"]) == (0.3, 0.25)
+    assert err.count("ensdiv: warning: the tuning rule chose no drt setting") == 1
+    for extra, words in ((("--out", tmp_path / "x"), "--tuned needs --diversity"),
+                         (("--diversity", "trs", "--out", tmp_path / "x"),
+                          "holds no setting for trs; it tuned: drt, gal"),
+                         (("--diversity", "gal", "--recipe", "gal-cifar10", "--out",
+                           tmp_path / "x"), "--recipe .* or --tuned .*, not both")):
+        code, _, err = run_cli(capsys, *base, *extra)
+        assert code == 2 and re.search(words, err) and not (tmp_path / "x").exists()
+    code, _, err = run_cli(capsys, "train", "--tuned", str(tmp_path), "--diversity", "gal",
+                           "--out", tmp_path / "x")
+    assert code == 2 and "chosen.json" in err and "ensdiv tune" in err

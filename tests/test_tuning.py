@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ensdiv.errors import EnsdivError
-from ensdiv.tuning import GRIDS, METHODS, grid_points, scaled_radius, select
+from ensdiv.tuning import GRIDS, METHODS, grid_points, scaled_radius, select, tuned_settings
 
 
 def test_radii_keep_each_papers_ratio_of_training_radius_to_evaluation_eps():
@@ -45,7 +45,24 @@ def test_the_rule_picks_the_least_transfer_within_a_point_of_plain():
     assert out["chosen"]["gal"]["settings"] == {"lam": 0.1}
     assert out["chosen"]["trs"]["settings"] == {"lam": 40}  # tie on transfer: more robust
     assert "adp" not in out["chosen"] and "best 0.9000" in out["rejected"]["adp"]
+    assert out["fallback"]["adp"]["settings"] == {"lam": 1.0} and "gal" not in out["fallback"]
     assert "cos" in out["rejected"]  # an undefined transfer never wins
     assert select(recs, tolerance=0.02)["chosen"]["gal"]["settings"] == {"lam": 2.0}
     with pytest.raises(EnsdivError, match="needs the plain ensemble's record"):
         select(recs[1:])
+
+
+def test_the_final_runs_read_the_choice_or_a_stated_fallback():
+    recs = [_rec("none", 0.980, 0.50), _rec("gal", 0.975, 0.20, lam=0.5),
+            _rec("drt", 0.90, 0.1, lam=0.1), _rec("drt", 0.95, 0.3, lam=0.5),
+            _rec("drt", 0.95, 0.2, lam=2.0)]
+    choice = select(recs)
+    choice["chosen"] = {m: {"point": "x", **r} for m, r in choice["chosen"].items()}
+    choice["fallback"] = {m: {"point": "drt-2", **r} for m, r in choice["fallback"].items()}
+    assert tuned_settings(choice, "gal") == ({"lam": 0.5}, None)
+    assert tuned_settings(choice, "none") == ({"diversity": "none"}, None)
+    settings, note = tuned_settings(choice, "drt")
+    assert settings == {"lam": 2.0}  # highest validation accuracy, then lower transfer
+    assert "chose no drt setting" in note and "drt-2" in note
+    with pytest.raises(EnsdivError, match="holds no setting for trs; it tuned: drt, gal"):
+        tuned_settings(choice, "trs")

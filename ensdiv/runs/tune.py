@@ -188,7 +188,12 @@ def tune_into(config: TuneConfig, out_dir: str | os.PathLike, *, resume: bool = 
                                  "val_acc": r["val_acc"], "transfer": r["transfer"],
                                  "whitebox_acc": r["whitebox_acc"]}
                              for m, r in picked["chosen"].items()},
-                  "rejected": picked["rejected"], "tuning": settings}
+                  "rejected": picked["rejected"],
+                  "fallback": {m: {"point": r["point"], "settings": r["settings"],
+                                   "val_acc": r["val_acc"], "transfer": r["transfer"],
+                                   "whitebox_acc": r["whitebox_acc"]}
+                               for m, r in picked["fallback"].items()},
+                  "tuning": settings}
         atomic_write_json(out / CHOSEN, chosen)
     return chosen
 

@@ -39,6 +39,7 @@ def test_the_grid_is_judged_on_held_out_training_images_and_the_rule_is_applied(
         {m: c["point"] for m, c in chosen["chosen"].items()}
     assert read_chosen(tmp_path / "t") == json.loads(json.dumps(chosen))
     assert set(chosen["chosen"]) | set(chosen["rejected"]) == {"gal", "dverge"}
+    assert set(chosen["fallback"]) == set(chosen["rejected"])  # each with its best point
     # the trained grid points are ordinary run folders with their validation split recorded
     saved = json.loads((tmp_path / "t" / "gal-1" / "config.json").read_text())
     assert saved["lam"] == 0.5 and saved["val_fraction"] == 0.1
