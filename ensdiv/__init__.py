@@ -2,8 +2,8 @@
 
 Inputs are float images in [0, 1], NCHW; every model normalizes inside itself. The names
 below are the ones a user reaches for first; each lives in a small library module (shown in
-brackets). ``import ensdiv`` loads the library (torch's import dominates its time), never the
-drivers or matplotlib.
+brackets). ``import ensdiv`` is quick: each name loads its module on first use (the first
+one waits for torch), never the drivers or matplotlib.
 
 Data and models
     load_dataset [data]          (train, test, info) of digits, mnist5k, mnist, fashion-mnist
@@ -55,25 +55,23 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ensdiv._version import __version__
-from ensdiv.adaptive import agreement_pgd, penalized_pgd
-from ensdiv.attack_suite import whitebox_entry
-from ensdiv.attacks import apgd, fgsm, mifgsm, mora, pgd, square
-from ensdiv.card import Card
-from ensdiv.card_stages import robustness_card
-from ensdiv.data import load_dataset
-from ensdiv.disagreement import DisagreementDetector
-from ensdiv.ensemble import Ensemble
-from ensdiv.errors import EnsdivError
-from ensdiv.gdr import ensemble_gdr
-from ensdiv.gradients import input_gradients
-from ensdiv.loop import fit
-from ensdiv.models import build_model
-from ensdiv.objective import TransferLoss, ensemble_loss
-from ensdiv.optim import Optim
-from ensdiv.smoothing import Smooth
-from ensdiv.training import TrainConfig
-from ensdiv.transferability import transfer_matrix
+
+_HOMES: dict[str, str] = {
+    "agreement_pgd": "adaptive", "penalized_pgd": "adaptive", "whitebox_entry": "attack_suite",
+    "apgd": "attacks", "fgsm": "attacks", "mifgsm": "attacks", "mora": "attacks",
+    "pgd": "attacks", "square": "attacks", "Card": "card", "robustness_card": "card_stages",
+    "load_dataset": "data", "DisagreementDetector": "disagreement", "Ensemble": "ensemble",
+    "EnsdivError": "errors", "ensemble_gdr": "gdr", "input_gradients": "gradients",
+    "fit": "loop", "build_model": "models", "TransferLoss": "objective",
+    "ensemble_loss": "objective", "Optim": "optim", "Smooth": "smoothing",
+    "TrainConfig": "training", "transfer_matrix": "transferability",
+}
+"""Each top-level name's module: loaded on first use (PEP 562), so ``import ensdiv`` and the
+command line's argument parsing do not wait for torch."""
 
 __all__ = [
     "__version__", "load_dataset", "build_model", "Ensemble", "TrainConfig", "fit", "Optim",
@@ -83,3 +81,36 @@ __all__ = [
     "agreement_pgd", "penalized_pgd", "Smooth", "EnsdivError",
 ]
 
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ensdiv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ensdiv.{home}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from ensdiv.adaptive import agreement_pgd, penalized_pgd
+    from ensdiv.attack_suite import whitebox_entry
+    from ensdiv.attacks import apgd, fgsm, mifgsm, mora, pgd, square
+    from ensdiv.card import Card
+    from ensdiv.card_stages import robustness_card
+    from ensdiv.data import load_dataset
+    from ensdiv.disagreement import DisagreementDetector
+    from ensdiv.ensemble import Ensemble
+    from ensdiv.errors import EnsdivError
+    from ensdiv.gdr import ensemble_gdr
+    from ensdiv.gradients import input_gradients
+    from ensdiv.loop import fit
+    from ensdiv.models import build_model
+    from ensdiv.objective import TransferLoss, ensemble_loss
+    from ensdiv.optim import Optim
+    from ensdiv.smoothing import Smooth
+    from ensdiv.training import TrainConfig
+    from ensdiv.transferability import transfer_matrix

@@ -1,7 +1,7 @@
 """The machinery the attacks share: argument checks, the ball geometry (projection, ascent,
 random starts), the per-sample record of the best point (:class:`_Best`) and the APGD loop.
 
-Private to :mod:`ensdiv.attacks`, :mod:`ensdiv.mora` and :mod:`ensdiv.square`; users import
+Private to :mod:`ensdiv.attacks`, :mod:`ensdiv._mora` and :mod:`ensdiv._square`; users import
 the attacks, ``apgd_checkpoints`` and ``dlr_loss`` from :mod:`ensdiv.attacks`.
 """
 

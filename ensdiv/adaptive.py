@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +39,9 @@ from ensdiv.ensemble import Ensemble, mean_log_softmax
 from ensdiv.errors import EnsdivError, check_choice, check_input, check_real
 from ensdiv.gradients import runner_up
 
-AgreementTarget = Literal["runner_up", "all"]
-AGREEMENT_TARGETS: tuple[str, ...] = get_args(AgreementTarget)
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import AGREEMENT_TARGETS as AGREEMENT_TARGETS
+from ensdiv.vocab import AgreementTarget as AgreementTarget
 
 KAPPAS: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0)
 """Default penalty weights of :func:`penalized_pgd` (the score is in nats, the margin capped at

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from ensdiv.errors import EnsdivError, check_choice
 
-Aggregation = Literal["softmax", "logits", "vote"]
-AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import AGGREGATIONS as AGGREGATIONS
+from ensdiv.vocab import Aggregation as Aggregation
 
 StandIn = Literal["softmax", "logits"]
 STAND_INS: tuple[str, ...] = get_args(StandIn)

@@ -35,9 +35,8 @@ from ensdiv.transferability import (
     worst_case_success,
 )
 
-TRANSFER_ATTACKS: tuple[str, ...] = ("fgsm", "pgd", "mifgsm")
-"""Attacks that craft transfer examples (a sweep's ``--attacks``); white-box PGD is the worst
-case over PGD, APGD-CE and APGD-DLR (:func:`whitebox_suite`)."""
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import TRANSFER_ATTACKS as TRANSFER_ATTACKS
 
 HUGE_EPS = 1.0
 """L∞ radius of the sanity attack: at eps = 1 every input can become any image."""

@@ -66,9 +66,9 @@ from ensdiv._attack_core import (
     apgd_checkpoints,
     dlr_loss,
 )
+from ensdiv._mora import MORA_MIX, mora
+from ensdiv._square import square
 from ensdiv.errors import EnsdivError, check_choice
-from ensdiv.mora import MORA_MIX, mora
-from ensdiv.square import square
 
 __all__ = ["ATTACKS", "APGD_LOSSES", "KEEPS", "NORMS", "AttackObjective", "ApgdLoss", "Keep",
            "Norm", "apgd", "apgd_checkpoints", "default_step_size", "dlr_loss", "fgsm",

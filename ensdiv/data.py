@@ -33,8 +33,8 @@ from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
 from ensdiv.errors import EnsdivError, check_choice, check_real
 
-DATASETS: tuple[str, ...] = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10")
-"""Names accepted by :func:`load_dataset`; ``digits`` is the default that needs no files."""
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import DATASETS as DATASETS
 
 _DIGIT_NAMES: tuple[str, ...] = tuple(str(i) for i in range(10))
 IDX_FILES: tuple[str, ...] = (

@@ -35,7 +35,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,9 +47,9 @@ from ensdiv.ensemble import Ensemble, mean_log_softmax, weights_fingerprint
 from ensdiv.errors import EnsdivError, check_choice, check_input, check_int, check_real
 from ensdiv.io import atomic_torch_save, read_torch
 
-Score = Literal["vote_disagreement", "mean_kl_to_mean", "js_divergence", "prob_variance",
-                "max_prob_deficit"]
-SCORE_NAMES: tuple[str, ...] = get_args(Score)
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import SCORE_NAMES as SCORE_NAMES
+from ensdiv.vocab import Score as Score
 
 
 def _check_logits(logits: Tensor) -> None:

@@ -62,12 +62,13 @@ from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_int, check_real
 from ensdiv.models import Member
 
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import DVERGE_LAM as DVERGE_LAM
+
 DVERGE_EPS = 0.07
 """L∞ radius of the feature distillation (the authors' CIFAR-10 value)."""
 DVERGE_STEPS = 10
 """Sign steps of the feature distillation (the authors')."""
-DVERGE_LAM = 1.0
-"""Weight of the cross-training term (the authors' objective is that term alone)."""
 
 
 def check_dverge(*, eps: float, steps: int, lam: float = DVERGE_LAM, clean_weight: float = 0.0,

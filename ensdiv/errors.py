@@ -4,6 +4,9 @@ Every public function validates its arguments with these before any work starts,
 is one :class:`EnsdivError` line (the CLI prints it and exits 2), never a traceback from deep
 inside torch. The input contract (:func:`check_input`): float images [B, C, H, W] in [0, 1]
 whose [C, H, W] and dtype match what the model was built for.
+
+Importing this module does not import torch (the command line parses its arguments, and
+reports their errors, before torch loads); the tensor checks import it when called.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import Tensor, nn
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
 
 
 class EnsdivError(ValueError):
@@ -137,7 +142,8 @@ def check_choice(kind: str, value: str, choices: list[str] | tuple[str, ...]) ->
 
 
 def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
+    torch = sys.modules.get("torch")  # not loaded: value cannot be a tensor
+    if torch is not None and isinstance(value, torch.Tensor):
         return f"tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
     return repr(value)
 
@@ -150,6 +156,8 @@ def check_batch(x: Tensor, y: Tensor, num_classes: int | None = None) -> None:
         >>> import torch
         >>> check_batch(torch.rand(2, 1, 8, 8), torch.tensor([0, 9]), num_classes=10)
     """
+    import torch
+    from torch import Tensor
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
         raise EnsdivError("x must be a floating-point tensor of shape [B, ...] with ndim >= 2; "
                           f"got {_describe(x)}")
@@ -171,6 +179,7 @@ def model_input_spec(model: nn.Module) -> tuple[tuple[int, ...] | None, torch.dt
     no floating parameter).
 
     Example:
+        >>> import torch
         >>> model_input_spec(torch.nn.Linear(2, 3))
         (None, torch.float32)
     """
@@ -184,12 +193,14 @@ def check_shape(x: Tensor, in_shape: Sequence[int] | None, dtype: torch.dtype | 
     [B, *in_shape] of ``dtype``. Models call it on every forward.
 
     Example:
+        >>> import torch
         >>> check_shape(torch.rand(2, 1, 8, 8), (1, 8, 8), torch.float32)
         >>> check_shape(torch.rand(2, 1, 28, 28), (1, 8, 8), torch.float32)
         Traceback (most recent call last):
         ...
         ensdiv.errors.EnsdivError: x has shape (2, 1, 28, 28), but the model takes ...
     """
+    from torch import Tensor
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise EnsdivError(f"x must be a floating-point tensor [B, C, H, W]; got {_describe(x)}")
     if in_shape is not None:
@@ -211,6 +222,7 @@ def check_input(model: nn.Module, x: Tensor, y: Tensor | None = None) -> None:
     declared).
 
     Example:
+        >>> import torch
         >>> from ensdiv.models import build_model
         >>> net = build_model("mlp", in_shape=(1, 8, 8), num_classes=10)
         >>> check_input(net, torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 9]))
@@ -227,6 +239,7 @@ def check_range(x: Tensor) -> None:
     """Pixels must lie in [0, 1] (models normalize inside themselves).
 
     Example:
+        >>> import torch
         >>> check_range(torch.rand(2, 3))
     """
     inside = (x >= 0) & (x <= 1)

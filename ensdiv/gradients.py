@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +34,9 @@ from torch.func import functional_call, grad_and_value, vmap
 from ensdiv.ensemble import Ensemble, as_ensemble
 from ensdiv.errors import check_batch, check_choice, check_input
 
-GradMode = Literal["loss", "margin"]
-GRAD_MODES: tuple[str, ...] = get_args(GradMode)
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import GRAD_MODES as GRAD_MODES
+from ensdiv.vocab import GradMode as GradMode
 
 
 def runner_up(ensemble: Ensemble, x: Tensor, y: Tensor) -> Tensor:

@@ -47,17 +47,18 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import COMPILE_MODES as COMPILE_MODES
+from ensdiv.vocab import CompileMode as CompileMode
+
 _COMPILED: dict[str, Any] = {"enabled": False, "fn": None, "auto": False, "seconds": 0.0,
                              "shapes": set()}
-
-CompileMode = Literal["auto", "on", "off"]
-COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 def use_compiled_kernels(enabled: bool | CompileMode = True) -> None:

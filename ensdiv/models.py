@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,10 @@ from torch import Tensor, nn
 from ensdiv.errors import EnsdivError, check_choice, check_shape
 from ensdiv.layers import Conv2d, GroupNorm, MaxPool2d, ReLU
 
-Arch = Literal["mlp", "cnn", "cnn-nf", "resnet20", "resnet20-fixup"]
-ARCHS: tuple[str, ...] = get_args(Arch)
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import ARCHS as ARCHS
+from ensdiv.vocab import Arch as Arch
+
 LAYERS: dict[str, int] = {"mlp": 2, "cnn": 3, "cnn-nf": 3, "resnet20": 20, "resnet20-fixup": 20}
 """Hidden layers of each architecture that :meth:`Member.layer_features` can stop at."""
 

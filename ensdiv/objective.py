@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -45,8 +44,11 @@ from ensdiv.robust_transfer import (
     rrm_loss,
 )
 
-Diversity = Literal["none", "cos", "gal", "gdr", "drt", "adp", "trs", "dverge"]
-DIVERSITIES: tuple[str, ...] = get_args(Diversity)
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import DIVERSITIES as DIVERSITIES
+from ensdiv.vocab import OBJECTIVES as OBJECTIVES
+from ensdiv.vocab import Diversity as Diversity
+from ensdiv.vocab import TrainingObjective as TrainingObjective
 
 
 def ensemble_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, diversity: str = "gal",
@@ -169,11 +171,6 @@ def drt_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *,
     stats.update(reg=reg.detach(), drt_gd=gd.detach(), drt_cm=cm.detach())
     stats["train_cos"] = cosine_loss(torch.stack(grads).detach())
     return loss, stats
-
-
-TrainingObjective = Literal["standard", "adversarial"]
-"""What every member trains on: clean (or noisy) inputs, or its own PGD examples."""
-OBJECTIVES: tuple[str, ...] = get_args(TrainingObjective)
 
 
 def adversarial_loss(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float, steps: int = 7,

@@ -35,12 +35,11 @@ from torch import nn
 
 from ensdiv.errors import EnsdivError, check_choice, check_int, check_real
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
-SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
-UNITS: tuple[str, ...] = ("epoch", "step")
-SGD_MOMENTUM = 0.9
-"""SGD's momentum when none is given: every SGD recipe of the field (ResNet on CIFAR-10) uses
-it."""
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import OPTIMIZERS as OPTIMIZERS
+from ensdiv.vocab import SCHEDULES as SCHEDULES
+from ensdiv.vocab import SGD_MOMENTUM as SGD_MOMENTUM
+from ensdiv.vocab import UNITS as UNITS
 
 
 @dataclasses.dataclass(frozen=True)

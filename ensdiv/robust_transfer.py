@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -32,14 +31,10 @@ from torch import Tensor, nn
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
 
-Transfer = Literal["none", "rrm", "crt"]
-TRANSFERS: tuple[str, ...] = get_args(Transfer)
-
-DEFAULT_TRANSFER_WEIGHT = {"rrm": 0.01, "crt": 0.0}
-"""Default CE weight of each transfer loss: RRM's λ (its authors used 0.005 on CIFAR-10; small
-λ favours robustness — on digits, students with 0.01 resisted PGD better than with 0.05 or 0.1
-at the same clean accuracy) and CRT's 1 − α (its public code uses α = 1: no CE). RRM needs
-λ > 0: the students' heads learn only from the CE."""
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import DEFAULT_TRANSFER_WEIGHT as DEFAULT_TRANSFER_WEIGHT
+from ensdiv.vocab import TRANSFERS as TRANSFERS
+from ensdiv.vocab import Transfer as Transfer
 
 
 def rrm_loss(student_feats: Tensor, teacher_feats: Tensor) -> Tensor:

@@ -12,10 +12,12 @@ Example:
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from ensdiv.errors import EnsdivError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def available_cores() -> int:
@@ -57,6 +59,8 @@ def set_threads(n: int | None) -> int:
         n = default_threads()
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise EnsdivError(f"threads must be an integer >= 1; got {n!r}")
+    import torch  # here, not at the top: the command line imports this module before torch
+
     torch.set_num_threads(n)
     return n
 
@@ -71,6 +75,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         >>> resolve_device(None).type in ("cpu", "cuda")
         True
     """
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -34,7 +34,7 @@ from ensdiv import layers
 from ensdiv.adp import ADP_ALPHA, check_adp
 from ensdiv.augment import check_augment, compose, crop_flip, gaussian_noise
 from ensdiv.data import DATASETS, DatasetInfo, validation_split
-from ensdiv.dverge import DVERGE_EPS, DVERGE_LAM, DVERGE_STEPS, DvergeLoss, check_dverge
+from ensdiv.dverge import DVERGE_EPS, DVERGE_STEPS, DvergeLoss, check_dverge
 from ensdiv.ensemble import Ensemble, weights_fingerprint
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int, check_real
 from ensdiv.gdr import gradient_diversity
@@ -65,19 +65,17 @@ from ensdiv.optim import Optim
 from ensdiv.recipes import recipe
 from ensdiv.robust_transfer import DEFAULT_TRANSFER_WEIGHT, TRANSFERS, Teacher
 from ensdiv.runtime import resolve_device
-from ensdiv.trs import TRS_EPS, TRS_LAM, TRS_SMOOTH, TrsLoss, check_trs
+from ensdiv.trs import TRS_EPS, TRS_SMOOTH, TrsLoss, check_trs
+
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import ADVERSARIAL_ATTACKS as ADVERSARIAL_ATTACKS
+from ensdiv.vocab import COMPILE_MIN_STEPS as COMPILE_MIN_STEPS
+from ensdiv.vocab import DEFAULT_AT_STEPS as DEFAULT_AT_STEPS
+from ensdiv.vocab import DEFAULT_LAM as DEFAULT_LAM
+from ensdiv.vocab import DEFAULT_LR as DEFAULT_LR
+from ensdiv.vocab import METHOD_LAM as METHOD_LAM
 
 DIVERSITY_CHOICES: tuple[str, ...] = DIVERSITIES
-
-DEFAULT_LR = 3e-3
-"""The one default Adam learning rate of ``train``, ``demo`` and ``sweep``."""
-
-DEFAULT_LAM = 0.5
-"""Default regularizer weight λ when a diversity term is chosen (GAL's authors' value)."""
-
-METHOD_LAM: dict[str, float] = {"trs": TRS_LAM, "dverge": DVERGE_LAM}
-"""Default λ of the methods whose λ means something else: TRS's λ_a (the authors' 10),
-DVERGE's weight of the cross-training term (1: the authors' objective)."""
 
 OWN_OPTIONS: dict[str, tuple[str, ...]] = {
     "adp": ("adp_alpha",),
@@ -85,13 +83,6 @@ OWN_OPTIONS: dict[str, tuple[str, ...]] = {
     "dverge": ("dverge_eps", "dverge_steps", "dverge_layer", "dverge_clean"),
 }
 """Each method's own hyper-parameters (fields of :class:`TrainConfig`), None unless chosen."""
-
-DEFAULT_AT_STEPS = 7
-"""PGD steps of adversarial training when ``--steps`` is not given (Madry et al.'s CIFAR-10
-setting; step size 2.5·eps/steps)."""
-
-ADVERSARIAL_ATTACKS: tuple[str, ...] = ("pgd",)
-"""Attacks adversarial training can use."""
 
 MAX_PLAUSIBLE_SIGMA = 1.0
 """Noise std above which training inputs (pixels in [0, 1]) are mostly clamped noise."""
@@ -356,12 +347,6 @@ def make_loss(config: TrainConfig, ensemble: Ensemble | None = None,
                           clean_weight=config.dverge_clean or 0.0, layer=config.dverge_layer)
     return functools.partial(ensemble_loss, diversity=config.diversity, lam=config.lam)
 
-
-COMPILE_MIN_STEPS = 5_000
-"""Training steps from which ``--compile auto`` fuses GroupNorm's double backward on CPU: the
-compile (about 12 s per run on this project's 2-core CPU, one more for the last, smaller batch)
-is repaid after 300–340 GAL steps of a cnn at batch 128 or a resnet20 at batch 32, but after
-~2,400 of a cnn at batch 32 (``benchmarks/bench_compile.py``); 5,000 repays the worst case twice."""
 
 DOUBLE_BACKPROP: tuple[str, ...] = ("cos", "gal", "gdr", "drt", "trs")
 """Objectives that differentiate input gradients again: where a fused double backward helps."""

@@ -60,8 +60,9 @@ from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError, check_int, check_real
 from ensdiv.gradients import members_grad_and_value
 
-TRS_LAM = 10.0
-"""λ_a, the weight of the gradient similarity: the authors' code default scale·coeff = 5·2."""
+# names the command line also needs, defined torch-free in ensdiv.vocab; re-exported
+from ensdiv.vocab import TRS_LAM as TRS_LAM
+
 TRS_SMOOTH = 2 * 5.0 * 2.0 / 128**2
 """λ_b, the weight of the smoothness in ensdiv's per-sample units: the authors' code default
 (scale 5 · λ 2 on 2·‖∇ of the batch-mean CE‖²) at their batch size 128."""

@@ -73,6 +73,24 @@ def test_help_shows_every_default_and_every_closed_vocabulary():
     assert "(default: 0.003)" in helps["train"] and "(default: 0.003)" in helps["sweep"]
 
 
+def test_help_and_usage_errors_answer_before_torch_loads():
+    """`ensdiv --help` and a mistyped option never wait for torch (~2 s of the ~6 s a command
+    took to start); a command's own --help loads its config's defaults, and so the library."""
+    probe = ("import sys\n"
+             "from ensdiv.cli import main\n"
+             "for argv in (['--help'], ['train', '--epochs', 'x'], ['nope'], ['sweep', '--bad']):\n"
+             "    try:\n"
+             "        main(argv)\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "heavy = sorted(m for m in ('torch', 'numpy', 'sklearn', 'matplotlib')\n"
+             "               if m in sys.modules)\n"
+             "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert "invalid int value: 'x'" in proc.stderr and "invalid choice: 'nope'" in proc.stderr
+
+
 def test_one_default_learning_rate():
     from ensdiv.runs.sweep import SweepConfig
     from ensdiv.training import DEFAULT_LR

@@ -3,6 +3,7 @@ the command line on top — checked on the import graph of every module's import
 
 import ast
 import functools
+import importlib
 from pathlib import Path
 
 import pytest
@@ -40,13 +41,27 @@ SHARED = {"ensdiv.runs.rundir", "ensdiv.runs.records", "ensdiv.runs.report"}
 DRIVERS = {m for m in GRAPH if m.startswith("ensdiv.runs.")} - SHARED
 TOP = {"ensdiv", "ensdiv.cli", "ensdiv.cli_options", "ensdiv.__main__", "ensdiv.runs"}
 LIBRARY = set(GRAPH) - DRIVERS - TOP - SHARED
+# modules of names only (the version, the vocabulary the command line parses with): they import
+# nothing, so every module may use them without raising the building by a floor
+GROUND = {"ensdiv._version", "ensdiv.vocab"}
 
 
 @functools.cache
 def floor(module: str, path: tuple[str, ...] = ()) -> int:
+    if module in GROUND:
+        return 0
     if module in path:
         pytest.fail(f"import cycle: {' -> '.join(path + (module,))}")
     return 1 + max((floor(d, path + (module,)) for d in GRAPH[module]), default=0)
+
+
+def test_the_ground_modules_hold_names_only_and_import_nothing():
+    for module in GROUND:
+        tree = ast.parse((PACKAGE.parent / (module.replace(".", "/") + ".py")).read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert all(isinstance(n, ast.ImportFrom) and n.module in ("__future__", "typing")
+                   for n in imports), module
+        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body), module
 
 
 def test_no_cycles_and_at_most_nine_floors():
@@ -101,3 +116,13 @@ def test_the_curated_api():
             "DisagreementDetector", "TrainConfig", "fit"} <= set(ensdiv.__all__)
     import ensdiv.gdr
     assert callable(ensdiv.gdr.gdr)  # no top-level name shadows a module
+    # each name loads from the module that defines it, on first use; a module of the same
+    # name would take its place once imported (the import system sets the package attribute)
+    import pkgutil
+    assert not set(ensdiv._HOMES) & {m.name for m in pkgutil.iter_modules(ensdiv.__path__)}
+    assert set(ensdiv.__all__) == {"__version__", *ensdiv._HOMES}
+    for name, home in ensdiv._HOMES.items():
+        assert getattr(ensdiv, name) is getattr(importlib.import_module(f"ensdiv.{home}"),
+                                                name), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ensdiv.nope  # noqa: B018

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from ensdiv._mora import MORA_MIX, member_weights, mora_loss
 from ensdiv.aggregation import AGGREGATIONS, Aggregated
 from ensdiv.attacks import apgd, mora, pgd
 from ensdiv.ensemble import Ensemble
 from ensdiv.errors import EnsdivError
 from ensdiv.models import build_model
-from ensdiv.mora import MORA_MIX, member_weights, mora_loss
 
 
 def _identical(m=3, seed=0, dtype=torch.float32):

@@ -3,9 +3,9 @@ import torch
 import torchattacks
 from torch import nn
 
+from ensdiv._square import square_p
 from ensdiv.attacks import square
 from ensdiv.errors import EnsdivError
-from ensdiv.square import square_p
 
 
 def _success(model, x_adv, y):

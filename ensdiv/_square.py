@@ -1,6 +1,8 @@
 """The Square attack (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020, "Square Attack: a
 query-efficient black-box adversarial attack via random search"), L∞, untargeted.
 
+Private: users import :func:`square` from :mod:`ensdiv.attacks` (or ``ensdiv.square``).
+
 It never looks at a gradient, only at the model's scores, so it is the gradient-masking check of
 AutoAttack: if Square fools inputs that the white-box attacks could not, the gradients lie.
 

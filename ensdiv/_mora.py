@@ -1,6 +1,9 @@
 """MORA, the model-reweighing attack on ensembles (Yu, Gao & Xu, NeurIPS 2022, "MORA: Improving
 Ensemble Robustness Evaluation with Model Reweighing Attack").
 
+Private: users import :func:`mora` from :mod:`ensdiv.attacks` (or ``ensdiv.mora``); the
+module's name leaves ``ensdiv.mora`` to the function, which loads on first use.
+
 Why: an attack on the ensemble's averaged output follows the *sum* of the members' gradients,
 and diversity training makes those gradients point in different directions, so they cancel and
 the attack stalls although most members are easy to fool one at a time. MORA climbs a mix of
