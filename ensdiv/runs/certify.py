@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -156,7 +157,8 @@ def certify_run(run: str | os.PathLike, config: CertifyConfig, out_dir: str | os
                             overwrite=overwrite,
                             started=lambda p: (p / RECORDS).exists()
                             or bool(rank_parts(p / RECORDS)),
-                            kind="certification run", command=f"ensdiv certify {run}")
+                            kind="certification run",
+                            command=shlex.join(["ensdiv", "certify", str(run)]))
             atomic_write_json(out / CERTIFY_CONFIG, settings)
 
         broadcast_outcome(prepare)

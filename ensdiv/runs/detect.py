@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -243,7 +244,7 @@ def detect_into(ensemble_path: str | os.PathLike, config: DetectConfig,
                                    overwrite=overwrite,
                                    started=lambda p: (p / RECORDS).exists(),
                                    kind="detection run",
-                                   command=f"ensdiv detect {run.path}")
+                                   command=shlex.join(["ensdiv", "detect", str(run.path)]))
         atomic_write_json(out / DETECT_CONFIG, ident)
         records = read_jsonl(out / RECORDS, what="detection records file",
                              required=("score", "adversary"),

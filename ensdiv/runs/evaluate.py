@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,15 +137,17 @@ class EvaluateConfig(JsonConfig):
         check_int("--seed", self.seed, minimum=0)
         if self.sigma is not None:
             check_real("--sigma", self.sigma, minimum=0, strict=True)
-            if not self.radii:
-                raise EnsdivError("--radii needs at least one radius")
-            for r in self.radii:
-                check_real("radius", r, minimum=0)
-            for f in ("cert_n0", "cert_n", "cert_points"):
-                check_int("--" + f.replace("_", "-"), getattr(self, f))
-            check_real("--alpha", self.alpha, minimum=0, strict=True)
-            if not self.alpha < 1:
-                raise EnsdivError(f"--alpha must be in (0, 1); got {self.alpha!r}")
+        # the certificate settings are checked with or without --sigma: a saved card must not
+        # hold a value that would fail once certificates are asked for
+        if not self.radii:
+            raise EnsdivError("--radii needs at least one radius")
+        for r in self.radii:
+            check_real("radius", r, minimum=0)
+        for f in ("cert_n0", "cert_n", "cert_points"):
+            check_int("--" + f.replace("_", "-"), getattr(self, f))
+        check_real("--alpha", self.alpha, minimum=0, strict=True)
+        if not self.alpha < 1:
+            raise EnsdivError(f"--alpha must be in (0, 1); got {self.alpha!r}")
         return dataclasses.replace(self, aggregations=tuple(self.aggregations),
                                    radii=tuple(float(r) for r in self.radii))
 
@@ -235,7 +238,8 @@ def write_card(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: bo
         prepare_run_dir(out, settings, config_name=EVALUATE_CONFIG, resume=resume,
                         overwrite=overwrite,
                         started=lambda p: (p / PARTS).is_dir() and any((p / PARTS).iterdir()),
-                        kind="evaluation", command=f"ensdiv evaluate {config.run}")
+                        kind="evaluation",
+                        command=shlex.join(["ensdiv", "evaluate", str(config.run)]))
         atomic_write_json(out / EVALUATE_CONFIG, settings)
         if surrogate_cfg is not None:
             folder = plain_surrogate(surrogate_cfg, cache=cache or default_cache(),

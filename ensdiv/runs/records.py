@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,8 @@ def read_sweep_records(path: str | os.PathLike, *, missing_ok: bool = False,
     path = Path(path)
     path = path / RECORDS if path.is_dir() or path.suffix != ".jsonl" else path
     if not missing_ok and not path.exists():
-        raise EnsdivError(f"no sweep records at {path}; run `ensdiv sweep --out "
-                          f"{path.parent}` first")
+        raise EnsdivError(f"no sweep records at {path}; run "
+                          f"`{shlex.join(['ensdiv', 'sweep', '--out', str(path.parent)])}` first")
     records = read_jsonl(path, what="sweep records file", required=required,
                          fix="restore it, or delete its damaged lines and resume (those "
                              "ensembles are then evaluated again)")
@@ -103,7 +104,7 @@ def read_detection_records(folder: str | os.PathLike) -> list[dict[str, Any]]:
     path = path / RECORDS if path.is_dir() else path
     if not path.exists():
         raise EnsdivError(f"no detection records at {path}; run `ensdiv detect RUN --out "
-                          f"{folder}` first")
+                          f"{shlex.quote(str(folder))}` first")
     records = read_jsonl(path, what="detection records file", missing_ok=False,
                          required=("score", "adversary", "roc", "auroc"),
                          fix="restore it, or resume the detection run to rewrite it")
@@ -117,7 +118,7 @@ def read_certification(folder: str | os.PathLike) -> tuple[dict[str, Any], list[
     path = Path(folder)
     if not (path / RECORDS).exists():
         raise EnsdivError(f"no certification records at {path / RECORDS}; run "
-                          f"`ensdiv certify RUN --out {folder}` first")
+                          f"`ensdiv certify RUN --out {shlex.quote(str(folder))}` first")
     config = read_json(path / CERTIFY_CONFIG, what="certification config",
                        fix="restore it, or certify again into another --out")
     records = read_jsonl(path / RECORDS, what="certification records file",

@@ -141,7 +141,7 @@ def _entries(folder: Path) -> list[Path]:
 def prepare_run_dir(out_dir: str | os.PathLike, config: dict[str, Any], *, config_name: str,
                     resume: bool, overwrite: bool, started: Callable[[Path], bool],
                     resumable: frozenset[str] = frozenset(), kind: str = "run",
-                    command: str = "ensdiv train",
+                    command: str = "ensdiv train",  # its words before --out, shell-quoted
                     added: dict[str, Any] | None = None) -> bool:
     """Check (and with ``overwrite`` empty) a result folder identified by ``config``.
 
@@ -262,7 +262,7 @@ def resolve_config(cls: type[_C], given: dict[str, Any], out: str | os.PathLike,
         return dataclasses.replace(base, **given)  # type: ignore[type-var]
     if resume and not given:
         raise EnsdivError(f"{out} holds no {kind} to resume (no {config_name}); start one with "
-                          f"`{command} --out {out} [options]`")
+                          f"`{command} --out {shlex.quote(str(out))} [options]`")
     return cls(**given)
 
 

@@ -1,5 +1,7 @@
 """ensdiv.runs.records: reading the records runs leave."""
 
+import shlex
+
 import pytest
 
 from ensdiv.errors import EnsdivError
@@ -10,6 +12,22 @@ def test_missing_sweep_records_name_the_folder_given(tmp_path):
     from ensdiv.runs.records import read_sweep_records
     with pytest.raises(EnsdivError, match=f"--out {tmp_path / 'none'}` first"):
         read_sweep_records(tmp_path / "none")
+
+
+def test_the_commands_records_suggest_are_shell_quoted(tmp_path):
+    from ensdiv.runs.records import (
+        read_certification,
+        read_detection_records,
+        read_sweep_records,
+    )
+    odd = tmp_path / "my runs" / "it's"  # a space and a quote: one word each, pasted back
+    for read, command in ((read_sweep_records, "ensdiv sweep --out"),
+                          (read_detection_records, "ensdiv detect RUN --out"),
+                          (read_certification, "ensdiv certify RUN --out")):
+        with pytest.raises(EnsdivError) as e:
+            read(odd)
+        suggested = str(e.value).split("`")[1]
+        assert suggested.startswith(command) and shlex.split(suggested)[-1] == str(odd)
 
 
 def test_training_records_read_config_and_last_epoch(tmp_path):
