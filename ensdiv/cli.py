@@ -231,7 +231,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"  {method}: {c['point']} {c['settings']} (val acc {c['val_acc']:.4f}, transfer "
               f"{c['transfer']:.3f}, APGD-CE acc {c['whitebox_acc']:.3f})")
     for method, why in chosen["rejected"].items():
-        print(f"  {method}: none chosen — {why}")
+        fallback = chosen.get("fallback", {}).get(method)
+        print(f"  {method}: none chosen — {why}"
+              + (f"; fallback {fallback['point']} {fallback['settings']}" if fallback else ""))
     print(f"choice in {Path(args.out) / CHOSEN}")
     return 0
 

@@ -80,3 +80,18 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, capsys, extra, matc
     err = capsys.readouterr().err
     assert err.startswith("ensdiv: error:") and match in err and err.count("\n") == 1
     assert not (tmp_path / "t").exists()
+
+
+def test_the_command_prints_each_choice_and_each_rejected_methods_fallback(tmp_path, capsys,
+                                                                          one_thread):
+    args = ["tune", "--dataset", "digits", "--arch", "mlp", "--members", "2", "--methods",
+            "gal", "--epochs", "1", "--n", "20", "--transfer-steps", "2", "--apgd-steps", "2",
+            "--quiet", "--out", str(tmp_path / "t")]
+    assert main([*args, "--tolerance", "0"]) == 0
+    out = capsys.readouterr().out
+    chosen = read_chosen(tmp_path / "t")
+    for method, c in chosen["chosen"].items():
+        assert f"  {method}: {c['point']} " in out
+    for method, why in chosen["rejected"].items():
+        assert f"  {method}: none chosen — {why}; fallback " \
+               f"{chosen['fallback'][method]['point']}" in out
