@@ -362,21 +362,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    """``ensdiv plot gdr-vs-attack RUN`` (figures and correlations from a sweep's records) or
-    ``ensdiv plot detection DIR...`` (ROC curves from detection records)."""
+    """``ensdiv plot gdr-vs-attack RUN`` (figures and correlations from a sweep's records),
+    ``ensdiv plot detection DIR...`` (ROC curves from detection records), ``certified DIR...``
+    (certified accuracy) or ``methods CARD...`` (a comparison's cards, one point per seed)."""
     from ensdiv.runs.plots import (
         check_plot_options,
         figure_dir,
         plot_certified,
         plot_detection,
         plot_gdr_vs_attack,
+        plot_methods,
         plot_transfer_heatmaps,
     )
-    from ensdiv.runs.records import read_certification, read_detection_records, read_sweeps
+    from ensdiv.runs.records import (
+        read_card,
+        read_certification,
+        read_detection_records,
+        read_sweeps,
+    )
     from ensdiv.runs.report import (
         certified_table,
         detection_summary,
         detection_table,
+        method_table,
         sweep_summary,
         sweep_tables,
     )
@@ -389,6 +397,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
         if args.table:
             print()
             print(certified_table(runs))
+        return 0
+    if args.kind == "methods":
+        cards = [read_card(d) for d in args.run]
+        out = figure_dir(args.out_dir, Path(args.run[0]))
+        plot_methods(cards, out / "methods.png")
+        print(f"{len(cards)} cards of {len(set(c.run or c.name for c in cards))} runs in "
+              f"{out / 'methods.png'}")
+        if args.table:
+            print()
+            print(method_table(cards))
         return 0
     if args.kind == "detection":
         runs = [read_detection_records(d) for d in args.run]

@@ -407,13 +407,14 @@ def add_certify_flags(p: argparse.ArgumentParser) -> None:
 
 def add_plot_flags(p: argparse.ArgumentParser) -> None:
     """The options of ``ensdiv plot``."""
-    p.add_argument("kind", choices=["gdr-vs-attack", "detection", "certified"],
+    p.add_argument("kind", choices=["gdr-vs-attack", "detection", "certified", "methods"],
                    help="which figure")
     p.add_argument("run", nargs="+",
                    help="gdr-vs-attack: one or more sweep folders (or their records.jsonl), "
                         "drawn and tabled together; detection: one or more detection folders "
                         "(e.g. a plain and a diverse ensemble); certified: one or more "
-                        "certification folders (ensdiv certify --out)")
+                        "certification folders (ensdiv certify --out); methods: the card "
+                        "folders of a comparison (ensdiv evaluate --out), one per seed")
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="where the figures go (default: the first RUN/figures)")
     p.add_argument("--attack", default=None, metavar=choices(sorted(TRANSFER_ATTACKS)),

@@ -262,3 +262,55 @@ def plot_certified(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]],
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+
+
+def plot_methods(cards: Sequence[Any], path: str | os.PathLike) -> dict[str, int]:
+    """Each training method's price and gain, one point per card (seed), one colour per method
+    (:func:`ensdiv.runs.report.group_by_method`): clean accuracy against the card's robust
+    accuracy (its worst case, the member-aware attacks included) and against mean member →
+    member transfer. Cards of one evaluation setting (data set, n, ε). Returns the points
+    drawn per method.
+
+    Example:
+        >>> plot_methods([], "/dev/null")
+        Traceback (most recent call last):
+        ...
+        ensdiv.errors.EnsdivError: no robustness cards to draw
+    """
+    if not cards:
+        raise EnsdivError("no robustness cards to draw")
+    settings = {(c.dataset, c.n, c.eps) for c in cards}
+    if len(settings) > 1:
+        raise EnsdivError("one figure compares cards of one setting; these mix "
+                          + "; ".join(f"{d} n {n} ε {e:g}" for d, n, e in sorted(settings)))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ensdiv.runs.report import group_by_method, method_label
+
+    dataset, n, eps = settings.pop()
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9), sharey=True)
+    colours = plt.get_cmap("tab10")
+    drawn: dict[str, int] = {}
+    for i, (key, group) in enumerate(group_by_method(cards).items()):
+        clean = [c.evaluations[0]["clean_acc"] for c in group]
+        robust = [c.evaluations[0]["robust_acc"] for c in group]
+        transfer = [c.transfer["mean"] if c.transfer else math.nan for c in group]
+        style = dict(color=colours(i % 10), s=28, alpha=0.85,
+                     label=f"{method_label(key)} ({len(group)})")
+        axes[0].scatter(robust, clean, **style)
+        axes[1].scatter(transfer, clean, **style)
+        drawn[method_label(key)] = len(group)
+    axes[0].set_xlabel(f"robust accuracy, card worst case (L∞ ε = {eps:g})")
+    axes[1].set_xlabel("mean member → member transfer (PGD)")
+    axes[0].set_ylabel("clean accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{dataset}: one point per seed, n = {n}", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return drawn

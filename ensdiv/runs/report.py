@@ -613,25 +613,15 @@ def method_table(cards: Sequence[Card], step_cost: dict[str, float] | None = Non
     if twice:
         raise EnsdivError(f"{', '.join(map(str, twice))} is carded more than once: a method "
                           "table counts each trained ensemble (seed) once; give one card per run")
-    groups: dict[tuple[str, Any], list[Card]] = {}
-    for c in cards:
-        tr = c.training
-        div = tr.get("diversity") or "none"
-        groups.setdefault((div, tr.get("lam") if div != "none" else None), []).append(c)
-
-    def order(key: tuple[str, Any]) -> tuple[int, str, float]:
-        div, lam = key
-        rank = DIVERSITIES.index(div) if div in DIVERSITIES else len(DIVERSITIES)
-        return rank, div, lam or 0.0
+    groups = group_by_method(cards)
 
     lines = ["| method | seeds | clean acc | GDR | member → member transfer | surrogate "
              "transfer | robust acc (card) | robust acc (averaged output) | step / plain "
              "step | training min | warnings |", "|---" * 11 + "|"]
-    for key in sorted(groups, key=order):
-        div, lam = key
-        group = groups[key]
+    for key, group in groups.items():
+        div = key[0]
         heads = [c.evaluations[0] for c in group]
-        name = "plain" if div == "none" else f"{div} λ = {lam:g}"
+        name = method_label(key)
         cost = (step_cost or {}).get("plain" if div == "none" else div)
         minutes = [c.training["seconds"] / 60 if c.training.get("seconds") else None
                    for c in group]
@@ -645,6 +635,50 @@ def method_table(cards: Sequence[Card], step_cost: dict[str, float] | None = Non
             f"{cost:.2f}" if cost is not None else "—", mean_se(minutes, 1),
             str(sum(len(c.warnings) for c in group))]) + " |")
     return "\n".join(lines)
+
+
+MethodKey = tuple[str, Any, float]
+"""How a card's ensemble was trained, as a comparison groups it: (diversity term, λ, training
+noise σ)."""
+
+
+def method_key(training: dict[str, Any]) -> MethodKey:
+    """The :data:`MethodKey` of a card's ``training`` record (λ is None for plain).
+
+    Example:
+        >>> method_key({"diversity": "drt", "lam": 0.5, "noise_sigma": 0.25, "seed": 1})
+        ('drt', 0.5, 0.25)
+    """
+    div = training.get("diversity") or "none"
+    return div, training.get("lam") if div != "none" else None, \
+        float(training.get("noise_sigma") or 0.0)
+
+
+def method_label(key: MethodKey) -> str:
+    """A :data:`MethodKey` in words: ``plain``, ``gal λ = 2``, ``drt λ = 0.5, σ = 0.25``.
+
+    Example:
+        >>> method_label(("drt", 0.5, 0.25)), method_label(("none", None, 0.0))
+        ('drt λ = 0.5, σ = 0.25', 'plain')
+    """
+    div, lam, sigma = key
+    name = "plain" if div == "none" else f"{div} λ = {lam:g}"
+    return name + (f", σ = {sigma:g}" if sigma else "")
+
+
+def group_by_method(cards: Sequence[Card]) -> dict[MethodKey, list[Card]]:
+    """The cards of each training method (one per seed), methods in ensdiv's order (plain,
+    then each diversity term as :data:`ensdiv.vocab.DIVERSITIES` lists them, then λ, σ)."""
+    groups: dict[MethodKey, list[Card]] = {}
+    for c in cards:
+        groups.setdefault(method_key(c.training), []).append(c)
+
+    def order(key: MethodKey) -> tuple[int, str, float, float]:
+        div, lam, sigma = key
+        rank = DIVERSITIES.index(div) if div in DIVERSITIES else len(DIVERSITIES)
+        return rank, div, lam or 0.0, sigma
+
+    return {k: groups[k] for k in sorted(groups, key=order)}
 
 
 def _budget(card: Card) -> str:

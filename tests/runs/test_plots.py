@@ -1,9 +1,11 @@
+import json
 import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from ensdiv.errors import EnsdivError
 from ensdiv.runs.plots import plot_gdr_vs_attack, plot_transfer_heatmaps
 from ensdiv.sweep_stats import correlations
 
@@ -81,3 +83,40 @@ def test_null_values_from_strict_json_are_left_out(tmp_path):
     with pytest.raises(EnsdivError, match="no record has a defined GDR"):
         check_plot_options([{**r, "gdr": None} for r in back], attack="fgsm", eps=None)
     assert json.loads(json.dumps(back)) == back
+
+
+def _card(div, lam, seed, *, sigma=0.0, n=500, eps=0.1, clean=0.95, robust=0.3, transfer=0.2):
+    from ensdiv.card import Card
+    ev = {"aggregation": "softmax", "clean_acc": clean, "robust_acc": robust,
+          "averaged_output_robust_acc": robust}
+    return Card(name=f"{div}-s{seed}", run=f"runs/{div}-s{seed}", dataset="mnist5k", eps=eps,
+                n=n, aggregation="softmax", clean_acc=clean, robust_acc=robust,
+                robust_acc_se=0.02, evaluations=[ev], transfer={"mean": transfer},
+                training={"diversity": div, "lam": lam, "seed": seed, "noise_sigma": sigma})
+
+
+def test_the_methods_figure_has_one_point_per_seed_and_one_colour_per_method(tmp_path):
+    from ensdiv.runs.plots import plot_methods
+    cards = [_card("none", 0.0, s) for s in range(3)] + \
+        [_card("gal", 2.0, s, transfer=0.05) for s in range(3)] + \
+        [_card("drt", 0.5, s, sigma=0.25, robust=0.6) for s in range(2)]
+    drawn = plot_methods(cards, tmp_path / "m.png")
+    assert drawn == {"plain": 3, "gal λ = 2": 3, "drt λ = 0.5, σ = 0.25": 2}
+    assert list(drawn) == ["plain", "gal λ = 2", "drt λ = 0.5, σ = 0.25"]  # ensdiv's order
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+    with pytest.raises(EnsdivError, match="one figure compares cards of one setting"):
+        plot_methods(cards + [_card("gal", 2.0, 9, eps=0.05)], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_methods_from_card_folders(tmp_path, capsys):
+    from ensdiv.cli import main
+    folders = []
+    for c in (_card("none", 0.0, 0), _card("gal", 2.0, 0, transfer=0.05)):
+        folder = tmp_path / c.name
+        folder.mkdir()
+        (folder / "card.json").write_text(json.dumps(c.to_dict()))
+        folders.append(str(folder))
+    assert main(["plot", "methods", *folders, "--out-dir", str(tmp_path / "f"), "--table"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "f" / "methods.png").exists() and "| gal λ = 2 | 1 |" in out
