@@ -23,6 +23,8 @@ def test_every_grid_is_declared_and_expands_in_order():
         assert len(points) == math.prod(len(v) for v in GRIDS[method].values())
         assert all(p["diversity"] == method for p in points)
     assert all(p["noise_sigma"] == 0.25 for p in grid_points("drt", 0.1))  # DRT's own noise
+    for method in ("cos", "gal", "gdr"):  # the first tuning chose 2 for all three: its edge
+        assert max(p["lam"] for p in grid_points(method, 0.1)) > 2
     trs = grid_points("trs", 0.1)
     assert [(p["lam"], p["trs_eps"], p["trs_eps_start"]) for p in trs] == [
         (10.0, 0.05, round(0.05 / 3, 6)), (10.0, 0.1, round(0.1 / 3, 6)),

@@ -179,8 +179,8 @@ def tune_into(config: TuneConfig, out_dir: str | os.PathLike, *, resume: bool = 
                    "time": utc_now()}
             records.append(round_floats(rec))
             atomic_write_jsonl(path, records)
-            log(f"{name}: val acc {rec['val_acc']:.4f}, transfer {rec['transfer']:.3f}, "
-                f"APGD-CE acc {rec['whitebox_acc']:.3f}")
+            log(f"{name}: val acc {rec['val_acc']:.4f}, transfer {_num(rec['transfer'])}, "
+                f"APGD-CE acc {_num(rec['whitebox_acc'])}")
         picked = select(records, tolerance=config.tolerance)
         chosen = {"rule": RULE, "tolerance": config.tolerance,
                   "plain_val_acc": picked["plain_val_acc"],
@@ -211,6 +211,12 @@ def _proxies(ens: Any, x: torch.Tensor, y: torch.Tensor, config: TuneConfig) -> 
     n = len(y)
     return {"transfer": transfer, "whitebox_acc": (wc.union.total - wc.union.fooled) / n,
             "clean_proxy_acc": wc.union.total / n}
+
+
+def _num(v: float | None) -> str:
+    """A proxy as printed: undefined (no member classified a pair right, stored as null) is
+    said, not a crash."""
+    return "undefined" if v is None or v != v else f"{v:.3f}"
 
 
 def _shown(point: dict[str, Any]) -> str:
