@@ -138,14 +138,16 @@ def check_card_inputs(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
 
 def card_whitebox(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
                   aggregation: str = "softmax",
-                  budget: CardBudget = CardBudget()) -> dict[str, Any]:
+                  budget: CardBudget = CardBudget(),
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The white-box part of a card for one aggregation rule: the cascade of
     :data:`CARD_ATTACKS` on the aggregated ensemble, and its sanity checks (PGD at
     ε = :data:`~ensdiv.attack_suite.HUGE_EPS`, APGD-CE at half vs full budget, Square breaking
     what the gradient attacks could not).
 
     A single network (M = 1, e.g. a teacher in ``ensdiv compare``) is allowed here: MORA is then
-    APGD-CE with restarts, so it is left out (its entry is None).
+    APGD-CE with restarts, so it is left out (its entry is None). ``log`` gets one line per
+    attack as it finishes (the cascade can run for many minutes).
 
     Returns:
         ``n, eps, norm, aggregation, stand_in, number_forward_passes, members_count,
@@ -185,7 +187,11 @@ def card_whitebox(ensemble: Ensemble, x: Tensor, y: Tensor, *, eps: float,
     }
     if ensemble.num_members < 2:
         del attacks["mora"]
-    wc = worst_case_success(model, x, y, attacks=attacks, cascade=True)
+    def progress(name: str, s: Any, seconds: float) -> None:
+        if log is not None:
+            log(f"    {name}: {s.fooled} of the {s.total} inputs left broken ({seconds:.0f}s)")
+
+    wc = worst_case_success(model, x, y, attacks=attacks, cascade=True, on_attack=progress)
     total = wc.union.total  # correct clean under the rule
     first = wc.broken_first_by()
     robust = (total - wc.union.fooled) / n if n else float("nan")

@@ -264,7 +264,9 @@ class WorstCase:
 def worst_case_success(model: nn.Module, x: Tensor, y: Tensor, *,
                        attacks: Mapping[str, Attack] | None = None,
                        x_adv: Mapping[str, Tensor] | None = None,
-                       cascade: bool = False, skip: Tensor | None = None) -> WorstCase:
+                       cascade: bool = False, skip: Tensor | None = None,
+                       on_attack: Callable[[str, Success, float], None] | None = None,
+                       ) -> WorstCase:
     """Per-sample worst case over several attacks (AutoAttack's rule, Croce & Hein 2020).
 
     Args:
@@ -278,6 +280,8 @@ def worst_case_success(model: nn.Module, x: Tensor, y: Tensor, *,
             the inputs it was run on (``per_attack[a].total``).
         skip: [B] bool, inputs already broken elsewhere (e.g. by a cheaper stage): counted in
             the union, not attacked when ``cascade``.
+        on_attack: called after each attack with its name, its :class:`Success` and its
+            seconds (a long evaluation's progress).
 
     Returns:
         A :class:`WorstCase`; without ``cascade``, ``union.rate >= per_attack[a].rate`` for
@@ -316,6 +320,8 @@ def worst_case_success(model: nn.Module, x: Tensor, y: Tensor, *,
             if idx is not None and idx.numel() == 0:
                 per_attack[name] = Success(0, 0)
                 seconds[name] = 0.0
+                if on_attack is not None:
+                    on_attack(name, per_attack[name], 0.0)
                 continue
             with torch.enable_grad():
                 xa = attacks[name](model, x[idx], y[idx]) if idx is not None \
@@ -337,6 +343,8 @@ def worst_case_success(model: nn.Module, x: Tensor, y: Tensor, *,
         first_breaker[hit & rows & ~broken] = i
         broken |= hit & rows
         seconds[name] = time.perf_counter() - started
+        if on_attack is not None:
+            on_attack(name, per_attack[name], seconds[name])
     return WorstCase(Success(int(broken.sum()), total), per_attack, broken, first_breaker,
                      seconds)
 

@@ -106,3 +106,19 @@ def test_a_single_network_is_not_an_ensemble(setup):
     ens, x, y = setup
     with pytest.raises(EnsdivError, match="at least 2 members"):
         robustness_card(Ensemble([ens.members[0]]), x, y, eps=0.1)
+
+
+def test_the_white_box_cascade_says_each_attack_as_it_finishes():
+    from ensdiv.card_stages import card_whitebox
+    ens = Ensemble.build("mlp", 2, in_shape=(1, 8, 8), num_classes=10, seed=0).eval()
+    x = torch.rand(12, 1, 8, 8)
+    y = ens.predict(x)
+    lines = []
+    w = card_whitebox(ens, x, y, eps=0.1, budget=CardBudget(apgd_steps=3, mora_steps=1,
+                                                             square_queries=5,
+                                                             transfer_steps=1),
+                      log=lines.append)
+    assert [ln.split(":")[0].strip() for ln in lines] == list(CARD_ATTACKS)
+    for line, name in zip(lines, CARD_ATTACKS, strict=True):
+        a = w["attacks"][name]
+        assert f"{a['fooled']} of the {a['total']} inputs left" in line

@@ -215,3 +215,20 @@ def test_convergence_warning_fires_on_a_cut_attack_not_on_a_converged_one():
 class _PlusMinus(nn.Module):
     def forward(self, f):
         return torch.cat([f, -f], dim=1)
+
+
+def test_worst_case_reports_each_attack_as_it_finishes():
+    import functools
+
+    from ensdiv.attacks import fgsm, pgd
+    from ensdiv.transferability import worst_case_success
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x = torch.rand(16, 1, 8, 8)
+    y = net(x).argmax(-1)
+    seen = []
+    wc = worst_case_success(net, x, y, cascade=True, on_attack=lambda *a: seen.append(a),
+                            attacks={"fgsm": functools.partial(fgsm, eps=0.3),
+                                     "pgd": functools.partial(pgd, eps=0.3)})
+    assert [name for name, _, _ in seen] == ["fgsm", "pgd"]
+    assert all(s == wc.per_attack[name] and t >= 0 for name, s, t in seen)

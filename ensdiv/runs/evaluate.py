@@ -270,7 +270,7 @@ def write_card(config: EvaluateConfig, out_dir: str | os.PathLike, *, resume: bo
         members = stage("members", lambda: card_members(ens, x, y, eps=eps, budget=budget))
         transfer = stage("transfer", lambda: card_transfer(ens, x, y, eps=eps, budget=budget))
         white = {rule: stage(f"whitebox-{rule}", lambda rule=rule: card_whitebox(
-            ens, x, y, eps=eps, aggregation=rule, budget=budget))
+            ens, x, y, eps=eps, aggregation=rule, budget=budget, log=log))
             for rule in config.aggregations}
         black = None if surrogate is None else stage("surrogate", lambda: card_surrogate(
             surrogate, ens, x, y, eps=eps, aggregations=config.aggregations, budget=budget))
