@@ -56,6 +56,7 @@ from ensdiv.vocab import DATASETS
 if TYPE_CHECKING:
     import torch
 
+
 def _setup(args: argparse.Namespace) -> torch.device:
     """Threads, device and kernels from the common options, checked before any work."""
     from ensdiv import distributed

@@ -332,8 +332,8 @@ def _check_fetched(name: str, raw: Path, arrays: dict[str, np.ndarray], fetch: s
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EnsdivError(f"{name}: {record} is damaged ({type(e).__name__}); fetch the data "
                           f"set again with `{fetch}`") from None
-    key = (str(raw.resolve()), want,
-           *((f, (raw / f).stat().st_size, (raw / f).stat().st_mtime_ns) for f in IDX_FILES))
+    stats = [(raw / f).stat() for f in IDX_FILES]
+    key = (str(raw.resolve()), want, *((s.st_size, s.st_mtime_ns) for s in stats))
     if key in _VERIFIED:
         return
     got = idx_digest(arrays)

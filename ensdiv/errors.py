@@ -158,6 +158,7 @@ def check_batch(x: Tensor, y: Tensor, num_classes: int | None = None) -> None:
     """
     import torch
     from torch import Tensor
+
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
         raise EnsdivError("x must be a floating-point tensor of shape [B, ...] with ndim >= 2; "
                           f"got {_describe(x)}")
@@ -201,6 +202,7 @@ def check_shape(x: Tensor, in_shape: Sequence[int] | None, dtype: torch.dtype | 
         ensdiv.errors.EnsdivError: x has shape (2, 1, 28, 28), but the model takes ...
     """
     from torch import Tensor
+
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise EnsdivError(f"x must be a floating-point tensor [B, C, H, W]; got {_describe(x)}")
     if in_shape is not None:

@@ -184,15 +184,9 @@ def tune_into(config: TuneConfig, out_dir: str | os.PathLike, *, resume: bool = 
         picked = select(records, tolerance=config.tolerance)
         chosen = {"rule": RULE, "tolerance": config.tolerance,
                   "plain_val_acc": picked["plain_val_acc"],
-                  "chosen": {m: {"point": r["point"], "settings": r["settings"],
-                                 "val_acc": r["val_acc"], "transfer": r["transfer"],
-                                 "whitebox_acc": r["whitebox_acc"]}
-                             for m, r in picked["chosen"].items()},
+                  "chosen": {m: _summary(r) for m, r in picked["chosen"].items()},
                   "rejected": picked["rejected"],
-                  "fallback": {m: {"point": r["point"], "settings": r["settings"],
-                                   "val_acc": r["val_acc"], "transfer": r["transfer"],
-                                   "whitebox_acc": r["whitebox_acc"]}
-                               for m, r in picked["fallback"].items()},
+                  "fallback": {m: _summary(r) for m, r in picked["fallback"].items()},
                   "tuning": settings}
         atomic_write_json(out / CHOSEN, chosen)
     return chosen
@@ -211,6 +205,11 @@ def _proxies(ens: Any, x: torch.Tensor, y: torch.Tensor, config: TuneConfig) -> 
     n = len(y)
     return {"transfer": transfer, "whitebox_acc": (wc.union.total - wc.union.fooled) / n,
             "clean_proxy_acc": wc.union.total / n}
+
+
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What ``chosen.json`` keeps of a grid point's record: its name, settings and proxies."""
+    return {k: record[k] for k in ("point", "settings", "val_acc", "transfer", "whitebox_acc")}
 
 
 def _num(v: float | None) -> str:
